@@ -1,0 +1,292 @@
+"""Typed messages between the runtime's processes (DESIGN §3). One dataclass per kind of message.
+
+    HTTP / Engine --GenerateReqInput--> TokenizerManager
+    TokenizerManager --TokenizedGenerateReqInput / AbortReq / FlushCacheReq / GetInternalStateReq--> Controller
+    Controller --same messages--> instance leaders (Scheduler)
+    Scheduler --BatchTokenIDOut--> Detokenizer --BatchStrOut--> TokenizerManager
+    Scheduler --InstanceReport / FlushCacheReqOutput / GetInternalStateReqOutput--> Controller --> TokenizerManager
+
+All messages are pickled over ZMQ (ipc://). Tensors never travel in these messages; token ids are lists.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+
+def new_rid() -> str:
+    return uuid.uuid4().hex
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Requests as users send them (SGLang's /generate body and Engine.generate arguments)
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class GenerateReqInput:
+    # The prompt(s): one string, or a list for a batch. Exactly one of text / input_ids is given.
+    text: Optional[Union[str, List[str]]] = None
+    # Token ids of the prompt(s): a list of ints, or a list of lists for a batch.
+    input_ids: Optional[Union[List[int], List[List[int]]]] = None
+    # SGLang sampling parameters (dict), or one dict per prompt of a batch.
+    sampling_params: Optional[Union[Dict[str, Any], List[Dict[str, Any]]]] = None
+    # Request id(s); generated when missing.
+    rid: Optional[Union[str, List[str]]] = None
+    # Return logprobs of prompt tokens (from logprob_start_len) and of output tokens.
+    return_logprob: Optional[Union[bool, List[bool]]] = None
+    # First prompt position whose logprob is returned; -1 / None = only output logprobs.
+    logprob_start_len: Optional[Union[int, List[int]]] = None
+    # Number of top alternatives returned for each logprob position.
+    top_logprobs_num: Optional[Union[int, List[int]]] = None
+    # Add the decoded text of each token to the logprob tuples.
+    return_text_in_logprobs: bool = False
+    # Stream partial results (SSE on HTTP, a generator on Engine).
+    stream: bool = False
+    # Accepted for SGLang compatibility; these have no effect here.
+    log_metrics: bool = True
+    modalities: Optional[List[str]] = None
+    lora_path: Optional[Any] = None
+    image_data: Optional[Any] = None
+    custom_logit_processor: Optional[Any] = None
+    return_hidden_states: bool = False
+
+    # --- filled by normalize() -----------------------------------------------------------------------
+    is_single: bool = True  # the caller passed one prompt (response is a dict, not a list)
+    batch_size: int = 1  # number of prompts
+    parallel_sample_num: int = 1  # sampling_params["n"]
+
+    def normalize(self) -> None:
+        """Validate the shape of the input and broadcast per-prompt fields. Raises ValueError."""
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("exactly one of 'text' or 'input_ids' must be given")
+        if self.text is not None:
+            if isinstance(self.text, str):
+                self.is_single, self.batch_size = True, 1
+            elif isinstance(self.text, list) and all(isinstance(t, str) for t in self.text):
+                self.is_single, self.batch_size = False, len(self.text)
+            else:
+                raise ValueError("'text' must be a string or a list of strings")
+        else:
+            ids = self.input_ids
+            if isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                self.is_single, self.batch_size = True, 1
+            elif isinstance(ids, list) and all(
+                isinstance(s, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in s) for s in ids
+            ):
+                self.is_single, self.batch_size = False, len(ids)
+            else:
+                raise ValueError("'input_ids' must be a list of ints or a list of lists of ints")
+        if not self.is_single and self.batch_size == 0:
+            raise ValueError("a batch must hold at least one prompt")
+
+        sp = self.sampling_params
+        if sp is None:
+            sp = {}
+        if isinstance(sp, dict):
+            sp = [sp] * self.batch_size
+        elif not (isinstance(sp, list) and len(sp) == self.batch_size and all(isinstance(s, dict) for s in sp)):
+            raise ValueError("'sampling_params' must be an object or a list with one object per prompt")
+        self.sampling_params = [dict(s) for s in sp]
+        ns = {s.get("n", 1) for s in self.sampling_params}
+        if len(ns) != 1:
+            raise ValueError("'n' must be the same for every prompt of a batch")
+        n = ns.pop()
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"'n' must be a positive integer, got {n!r}")
+        self.parallel_sample_num = n
+
+        def per_prompt(value, default, name):
+            if value is None:
+                return [default] * self.batch_size
+            if isinstance(value, list):
+                if len(value) != self.batch_size:
+                    raise ValueError(f"'{name}' list must have one entry per prompt")
+                return value
+            return [value] * self.batch_size
+
+        self.return_logprob = [bool(v) for v in per_prompt(self.return_logprob, False, "return_logprob")]
+        self.logprob_start_len = per_prompt(self.logprob_start_len, -1, "logprob_start_len")
+        self.top_logprobs_num = per_prompt(self.top_logprobs_num, 0, "top_logprobs_num")
+        for v in self.logprob_start_len:
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"'logprob_start_len' must be an integer, got {v!r}")
+        for v in self.top_logprobs_num:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"'top_logprobs_num' must be a non-negative integer, got {v!r}")
+        total = self.batch_size * n
+        if self.rid is None:
+            self.rid = [new_rid() for _ in range(total)]
+        elif isinstance(self.rid, str):
+            self.rid = [self.rid] if total == 1 else [f"{self.rid}-{i}" for i in range(total)]
+        elif not (isinstance(self.rid, list) and len(self.rid) in (self.batch_size, total)):
+            raise ValueError("'rid' must be a string or a list with one id per prompt")
+        elif len(self.rid) != total:
+            self.rid = [f"{r}-{j}" for r in self.rid for j in range(n)]
+
+    def prompt(self, i: int) -> Union[str, List[int]]:
+        """Prompt i of the normalized request (text or token ids)."""
+        if self.text is not None:
+            return self.text if self.is_single else self.text[i]
+        return self.input_ids if self.is_single else self.input_ids[i]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TokenizerManager -> Controller -> Scheduler
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class TokenizedGenerateReqInput:
+    # Request id, unique in the server.
+    rid: str
+    # The prompt text ("" when the caller gave input_ids).
+    input_text: str
+    # The prompt's token ids.
+    input_ids: List[int]
+    # Validated sampling parameters (sglang.srt.sampling.sampling_params.SamplingParams).
+    sampling_params: Any
+    # Whether to compute logprobs.
+    return_logprob: bool
+    # First prompt position whose logprob is returned (-1: none).
+    logprob_start_len: int
+    # Number of top alternatives per logprob position.
+    top_logprobs_num: int
+    # Whether the client streams (the scheduler sends output every stream_interval tokens).
+    stream: bool
+    # time.time() when the TokenizerManager received the request.
+    arrival_time: float = 0.0
+
+
+@dataclass
+class AbortReq:
+    # Request id to abort; "" aborts every request.
+    rid: str
+
+
+@dataclass
+class FlushCacheReq:
+    # Id the reply carries back.
+    req_id: str
+
+
+@dataclass
+class FlushCacheReqOutput:
+    # Id of the FlushCacheReq this answers.
+    req_id: str
+    # False when requests were running (the cache is only flushed when idle).
+    success: bool
+    # Instance that answered.
+    instance_id: int = 0
+
+
+@dataclass
+class GetInternalStateReq:
+    # Id the reply carries back.
+    req_id: str
+
+
+@dataclass
+class GetInternalStateReqOutput:
+    # Id of the GetInternalStateReq this answers.
+    req_id: str
+    # Instance that answered.
+    instance_id: int
+    # Scheduler state: running/waiting counts, KV usage, capacity, page size, tp, devices...
+    state: Dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scheduler -> Detokenizer -> TokenizerManager
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ReqOutputDelta:
+    # Request id.
+    rid: str
+    # Output token ids produced since the previous delta of this request.
+    new_output_ids: List[int]
+    # None while running; when finished a dict like {"type": "stop", "matched": 2} or
+    # {"type": "length", "length": 16} or {"type": "abort", "message": "..."} (SGLang's finish_reason).
+    finish_reason: Optional[Dict[str, Any]]
+    # Prompt tokens (after tokenization).
+    prompt_tokens: int
+    # Output tokens so far.
+    completion_tokens: int
+    # Prompt tokens served from the prefix cache.
+    cached_tokens: int
+    # New input-token logprobs: (logprob or None, token id) per prompt position from logprob_start_len
+    # (sent once, with the first delta).
+    input_token_logprobs: Optional[List[Any]] = None
+    # Top alternatives for each of those positions: list of [(logprob, token id), ...] or None.
+    input_top_logprobs: Optional[List[Any]] = None
+    # (logprob, token id) of each new output token.
+    output_token_logprobs: Optional[List[Any]] = None
+    # Top alternatives for each new output token.
+    output_top_logprobs: Optional[List[Any]] = None
+    # Characters to cut from the end of the decoded text (a matched stop string is not returned).
+    trim_stop_str: Optional[str] = None
+
+
+@dataclass
+class BatchTokenIDOut:
+    # One delta per request that produced output this iteration.
+    outputs: List[ReqOutputDelta]
+
+
+@dataclass
+class ReqStrOut:
+    # Request id.
+    rid: str
+    # Full output text so far (cumulative).
+    text: str
+    # All output token ids so far (cumulative).
+    output_ids: List[int]
+    # The delta this text was made from (token ids, logprobs, finish reason, counts).
+    delta: ReqOutputDelta
+
+
+@dataclass
+class BatchStrOut:
+    # One entry per request that produced output.
+    outputs: List[ReqStrOut]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scheduler -> Controller, worker -> launcher
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class InstanceReport:
+    # Instance id (= rank of its leader device).
+    instance_id: int
+    # Requests decoding or prefilling.
+    running: int
+    # Requests queued.
+    waiting: int
+    # KV tokens held by requests and cache.
+    kv_used_tokens: int
+    # KV pool capacity in tokens.
+    kv_capacity_tokens: int
+    # Tokens the running requests may still need (max_new_tokens not yet generated).
+    tokens_in_flight: int
+
+
+@dataclass
+class WorkerReady:
+    # Global rank of the worker (= device index).
+    rank: int
+    # KV capacity in tokens of the instance this worker belongs to.
+    max_total_num_tokens: int
+    # Longest context a request may have on this instance.
+    max_req_len: int
+    # Bytes of weights held by this worker.
+    weight_bytes: int
+    # Bytes of KV pool held by this worker.
+    kv_pool_bytes: int
+    # Tokens per page.
+    page_size: int
+
+
+@dataclass
+class WorkerFailed:
+    # Global rank of the worker.
+    rank: int
+    # What went wrong (exception text).
+    error: str

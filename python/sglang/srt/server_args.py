@@ -1,0 +1,197 @@
+"""Every flag of the runtime, in one dataclass.
+
+`python -m sglang.launch_server --help` is generated from the fields below (name -> `--name-with-dashes`,
+help text from the field metadata), and `sglang.Engine(**kwargs)` takes the same names as keyword
+arguments. Nothing else configures the runtime: no environment variable changes behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+def _f(default, help: str, choices=None, **kw):
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'512MiB' -> 536870912, '1.5GB' -> 1500000000, '4096' -> 4096 bytes."""
+    m = _SIZE_RE.match(str(text))
+    if not m or (m.group(2) or "").lower() not in _SIZE_UNITS:
+        raise ValueError(f"cannot parse memory size {text!r}; use e.g. 512MiB, 2GiB, 1.5GB or a byte count")
+    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+
+
+@dataclass
+class ServerArgs:
+    # ---- model and tokenizer -------------------------------------------------------------------------
+    model_path: str = _f("", "Local directory of a HF checkpoint (config.json + *.safetensors + tokenizer).")
+    tokenizer_path: Optional[str] = _f(None, "Tokenizer directory; defaults to --model-path.")
+    skip_tokenizer_init: bool = _f(False, "Do not load a tokenizer; requests must pass input_ids.")
+    dtype: str = _f("auto", "Weight and activation dtype. 'auto' takes torch_dtype from config.json "
+                    "(float32 on CPU when the config says float16/bfloat16 is not set).",
+                    choices=["auto", "float32", "float16", "bfloat16"])
+    context_length: Optional[int] = _f(None, "Maximum context length; defaults to the model's "
+                                       "max_position_embeddings.")
+    served_model_name: Optional[str] = _f(None, "Model name reported by /v1/models and /get_model_info; "
+                                          "defaults to --model-path.")
+    chat_template: Optional[str] = _f(None, "Jinja chat template (a file path or the template text) used "
+                                      "instead of the tokenizer's own.")
+    trust_remote_code: bool = _f(False, "Accepted for compatibility; remote code is never executed.")
+    random_seed: int = _f(0, "Seed for requests that set no sampling_seed.")
+
+    # ---- HTTP ----------------------------------------------------------------------------------------
+    host: str = _f("127.0.0.1", "Address the HTTP server binds to.")
+    port: int = _f(30000, "HTTP port.")
+    api_key: Optional[str] = _f(None, "If set, every endpoint except /health and /metrics requires "
+                                "'Authorization: Bearer <key>'.")
+    log_level: str = _f("info", "Logging level of every process.",
+                        choices=["debug", "info", "warning", "error"])
+    enable_metrics: bool = _f(True, "Serve Prometheus metrics at /metrics.")
+    skip_warmup: bool = _f(False, "Report ready without running a warm-up request first.")
+
+    # ---- devices and parallelism ---------------------------------------------------------------------
+    device: str = _f("cpu", "Device kind for the workers.", choices=["cpu", "cuda"])
+    tp_size: int = _f(1, "Tensor-parallel degree of each instance.")
+    dp_size: int = _f(1, "Number of data-parallel instances; tp_size * dp_size devices are used.")
+    base_gpu_id: int = _f(0, "First CUDA device id to use.")
+    device_memory: Optional[str] = _f(None, "Per-device memory budget on CPU (e.g. 512MiB): weights + KV pool "
+                                      "must fit in it, as on a GPU. Default: 1GiB per CPU device.")
+    mem_fraction_static: float = _f(0.88, "Fraction of the device memory (budget on CPU, free memory on "
+                                    "CUDA) for weights + KV pool.")
+    max_total_tokens: Optional[int] = _f(None, "Cap on KV pool tokens per instance (for testing retraction).")
+    cpu_threads_per_worker: Optional[int] = _f(None, "Torch threads per CPU worker; default: the host's "
+                                               "cores divided among the workers (at least 1).")
+    dist_init_port: Optional[int] = _f(None, "TCP port for torch.distributed rendezvous; default: a free port.")
+
+    # ---- memory and caching --------------------------------------------------------------------------
+    page_size: int = _f(16, "Tokens per KV page.")
+    disable_radix_cache: bool = _f(False, "Turn prefix caching off.")
+
+    # ---- scheduling ----------------------------------------------------------------------------------
+    max_running_requests: Optional[int] = _f(None, "Most requests decoding at once per instance "
+                                             "(default: no limit beyond memory).")
+    max_prefill_tokens: int = _f(16384, "Most prompt tokens prefilled in one iteration.")
+    chunked_prefill_size: int = _f(512, "Longest prefill chunk of one request per iteration; -1 disables "
+                                   "chunking.")
+    schedule_policy: str = _f("fcfs", "Order of the waiting queue: first come first served, or longest "
+                              "cached prefix first.", choices=["fcfs", "lpm"])
+    schedule_conservativeness: float = _f(1.0, "Scales the decode tokens reserved when admitting requests; "
+                                          "lower admits more and retracts more.")
+    attention_backend: str = _f("torch_native", "Attention implementation.", choices=["torch_native"])
+    stream_interval: int = _f(1, "Send streamed output every this many tokens.")
+    watchdog_timeout: float = _f(300.0, "Seconds a forward iteration may take before the worker is "
+                                 "considered hung.")
+
+    # ---- constrained decoding ------------------------------------------------------------------------
+    grammar_backend: str = _f("xgrammar", "Backend for regex / json_schema / ebnf.", choices=["xgrammar"])
+
+    # ---- Gyges ---------------------------------------------------------------------------------------
+    enable_gyges: bool = _f(False, "Let the controller merge and split aligned instances at run time.")
+    gyges_max_tp: Optional[int] = _f(None, "Largest TP degree Gyges may form (default: all devices). Weights "
+                                     "are stored padded for every degree up to this one.")
+    gyges_policy: str = _f("manual", "Who decides transformations.", choices=["manual"])
+
+    # ------------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        if self.tokenizer_path is None:
+            self.tokenizer_path = self.model_path
+        if self.served_model_name is None:
+            self.served_model_name = self.model_path
+
+    @property
+    def num_devices(self) -> int:
+        return self.tp_size * self.dp_size
+
+    @property
+    def weight_shard_granularity(self) -> int:
+        """Finest TP degree the weight layout is padded for (DESIGN §5)."""
+        if self.enable_gyges:
+            return self.gyges_max_tp or self.num_devices
+        return self.tp_size
+
+    def device_memory_bytes(self) -> int:
+        return parse_size(self.device_memory) if self.device_memory else 2**30
+
+    def check(self) -> None:
+        """Raise ValueError naming the bad flag and what is allowed."""
+        if not self.model_path:
+            raise ValueError("--model-path is required (a local HF checkpoint directory)")
+        if not os.path.isdir(self.model_path):
+            raise ValueError(f"--model-path {self.model_path!r} is not a directory")
+        for name in ("tp_size", "dp_size", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("tp_size", "page_size"):
+            v = getattr(self, name)
+            if v & (v - 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be a power of two, got {v}")
+        if not 0.0 < self.mem_fraction_static <= 1.0:
+            raise ValueError(f"--mem-fraction-static must be in (0, 1], got {self.mem_fraction_static}")
+        if self.device_memory is not None:
+            parse_size(self.device_memory)
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            raise ValueError("--chunked-prefill-size must be positive or -1 (no chunking)")
+        if self.max_running_requests is not None and self.max_running_requests < 1:
+            raise ValueError("--max-running-requests must be >= 1")
+        g = self.weight_shard_granularity
+        if g & (g - 1) or g < self.tp_size:
+            raise ValueError(f"--gyges-max-tp must be a power of two >= --tp-size, got {g}")
+        if self.device == "cuda":
+            import torch
+
+            have = torch.cuda.device_count()
+            if self.base_gpu_id + self.num_devices > have:
+                raise ValueError(f"tp_size * dp_size = {self.num_devices} devices requested from GPU "
+                                 f"{self.base_gpu_id}, but only {have} CUDA devices are visible")
+
+    # ---- CLI -----------------------------------------------------------------------------------------
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(ServerArgs):
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f.metadata.get("help", "")
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action="store_true", default=default, help=help_text)
+                continue
+            typ = {"int": int, "float": float, "str": str}.get(
+                str(f.type).replace("Optional[", "").rstrip("]"), str)
+            parser.add_argument(flag, type=typ, default=default, choices=f.metadata.get("choices"),
+                                help=f"{help_text} (default: {default})", required=f.name == "model_path")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def server_args_from_kwargs(**kwargs) -> ServerArgs:
+    """Engine(**kwargs): reject unknown names with the list of allowed ones."""
+    names = {f.name for f in dataclasses.fields(ServerArgs)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"unknown Engine argument(s) {unknown}; allowed: {sorted(names)}")
+    return ServerArgs(**kwargs)
+
+
+def prepare_server_args(argv: Optional[List[str]] = None) -> ServerArgs:
+    parser = argparse.ArgumentParser(prog="python -m sglang.launch_server",
+                                     description="SGLang-compatible server with Gyges.")
+    ServerArgs.add_cli_args(parser)
+    return ServerArgs.from_cli_args(parser.parse_args(argv))
