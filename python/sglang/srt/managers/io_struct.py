@@ -221,8 +221,11 @@ class ReqOutputDelta:
     output_token_logprobs: Optional[List[Any]] = None
     # Top alternatives for each new output token.
     output_top_logprobs: Optional[List[Any]] = None
-    # Characters to cut from the end of the decoded text (a matched stop string is not returned).
+    # The matched stop string to cut from the decoded text (with everything after it), if any.
     trim_stop_str: Optional[str] = None
+    # Decoding options of the request (SamplingParams.skip_special_tokens / spaces_between_special_tokens).
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
 
 @dataclass

@@ -1,0 +1,109 @@
+"""A request as the scheduler tracks it: tokens, KV pages, sampling state, and what was already reported.
+
+Life of a Req on an instance leader:
+
+    waiting --admit (prefix match, pages)--> running: extend fill_ids[kv_len:] in chunks
+            --last prompt chunk--> first token sampled --> decode, one token per iteration
+            --stop / length / abort--> finished: KV inserted into the radix cache, pages released
+    running --retract (out of pages)--> waiting again, output kept; its KV goes to the radix cache so
+            re-admission usually re-uses it.
+
+Page ownership: page_table[:num_tree_pages] belong to the radix tree (pinned by `cache_node`'s lock);
+page_table[num_tree_pages:] belong to this request until it is released.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+def finish_stop_token(token_id: int) -> Dict[str, Any]:
+    return {"type": "stop", "matched": token_id}
+
+
+def finish_stop_str(stop: str) -> Dict[str, Any]:
+    return {"type": "stop", "matched": stop}
+
+
+def finish_length(length: int) -> Dict[str, Any]:
+    return {"type": "length", "length": length}
+
+
+def finish_abort(message: str, status_code: int = 500) -> Dict[str, Any]:
+    return {"type": "abort", "message": message, "status_code": status_code}
+
+
+@dataclass
+class Req:
+    rid: str
+    origin_input_ids: List[int]
+    sampling_params: Any  # SamplingParams
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    stream: bool = False
+    arrival_time: float = field(default_factory=time.time)
+
+    # ---- generation state -----------------------------------------------------------------------
+    output_ids: List[int] = field(default_factory=list)
+    sampling_state: Any = None  # sampler's per-request state (seed, penalties)
+    grammar: Any = None  # constrained-decoding matcher, None when unconstrained
+    finished_reason: Optional[Dict[str, Any]] = None
+    # Max new tokens after clipping to the context length.
+    max_new_tokens: int = 0
+
+    # ---- KV state ------------------------------------------------------------------------------------
+    page_table: List[int] = field(default_factory=list)  # page ids, token p lives in page_table[p // page_size]
+    kv_len: int = 0  # tokens of fill_ids whose K/V are in the pool
+    num_tree_pages: int = 0  # leading pages owned by the radix tree
+    cache_node: Any = None  # radix node locked by this request
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    admitted_once: bool = False
+    retractions: int = 0
+
+    # ---- logprobs not yet reported --------------------------------------------------------------------
+    input_logprobs_done: bool = False
+    input_token_logprobs: List[Any] = field(default_factory=list)  # [(logprob | None, token id)]
+    input_top_logprobs: List[Any] = field(default_factory=list)
+    output_token_logprobs: List[Any] = field(default_factory=list)  # pending (logprob, token id)
+    output_top_logprobs: List[Any] = field(default_factory=list)
+    sent_output_len: int = 0
+    trim_stop_str: Optional[str] = None
+
+    @property
+    def fill_ids(self) -> List[int]:
+        """Every token whose K/V the request needs: prompt + output so far."""
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    @property
+    def extend_remaining(self) -> int:
+        """Tokens still to be fed through the model before the next token can be sampled."""
+        return self.seq_len - self.kv_len
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.extend_remaining == 1 and len(self.output_ids) > 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    @property
+    def wants_input_logprobs(self) -> bool:
+        return self.return_logprob and self.logprob_start_len >= 0 and not self.input_logprobs_done
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return max(0, self.max_new_tokens - len(self.output_ids))
+
+    def reset_kv(self) -> None:
+        self.page_table = []
+        self.kv_len = 0
+        self.num_tree_pages = 0
+        self.cache_node = None

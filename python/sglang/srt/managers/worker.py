@@ -1,0 +1,83 @@
+"""Entry point of a worker process: one per device, alive for the whole life of the server.
+
+    init torch.distributed (world = every device) -> every aligned group's communicators, once
+    -> ModelRunner (weights in the padded shard-major layout, head-centric KV pool)
+    -> leader of its instance: Scheduler.event_loop();  other ranks: follower_loop()
+
+The worker reports WorkerReady (or WorkerFailed with the error) to the launcher through a pipe.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import traceback
+
+from sglang.srt.managers.io_struct import WorkerFailed, WorkerReady
+from sglang.srt.server_args import ServerArgs
+from sglang.srt.utils import PortArgs, configure_logger, cpu_share, die_with_parent
+
+logger = logging.getLogger(__name__)
+
+
+def run_worker_process(server_args: ServerArgs, port_args: PortArgs, rank: int, pipe_writer) -> None:
+    die_with_parent()
+    faulthandler.enable()
+    configure_logger(server_args.log_level, f" worker{rank}")
+    try:
+        import torch
+
+        from sglang.srt.configs.model_config import ModelConfig
+        from sglang.srt.distributed import parallel_state as ps
+        from sglang.srt.managers.scheduler import Scheduler, follower_loop
+        from sglang.srt.model_executor.model_runner import ModelRunner
+
+        world = server_args.num_devices
+        if server_args.device == "cpu":
+            cores = cpu_share(rank, world)
+            os.sched_setaffinity(0, cores)
+            torch.set_num_threads(server_args.cpu_threads_per_worker or len(cores))
+            device = torch.device("cpu")
+            backend = "gloo"
+        else:
+            device = torch.device("cuda", server_args.base_gpu_id + rank)
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        ps.init_distributed(world, rank, port_args.dist_init_method, backend)
+        ps.create_aligned_groups(world)
+        tp = server_args.tp_size
+        instance_id = rank // tp
+        ranks = list(range(instance_id * tp, instance_id * tp + tp))
+        tp_group = ps.get_tp_group(ranks)
+
+        model_config = ModelConfig.from_server_args(server_args)
+        runner = ModelRunner(server_args, model_config, tp_group, device)
+        ready = WorkerReady(
+            rank=rank,
+            max_total_num_tokens=runner.max_total_num_tokens,
+            max_req_len=min(model_config.context_len, runner.max_total_num_tokens) - 1,
+            weight_bytes=runner.weight_bytes,
+            kv_pool_bytes=runner.kv_pool_bytes,
+            page_size=server_args.page_size,
+        )
+        if rank == ranks[0]:
+            tokenizer = None
+            if not server_args.skip_tokenizer_init:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
+            scheduler = Scheduler(server_args, port_args, runner, tp_group, instance_id, tokenizer)
+            pipe_writer.send(ready)
+            scheduler.event_loop()
+        else:
+            pipe_writer.send(ready)
+            follower_loop(runner, tp_group)
+    except Exception as e:  # report to the launcher, then die: the TokenizerManager sees the exit
+        msg = f"{type(e).__name__}: {e}"
+        logger.error("worker %d failed: %s\n%s", rank, msg, traceback.format_exc())
+        try:
+            pipe_writer.send(WorkerFailed(rank, msg))
+        except Exception:
+            pass
+        os._exit(1)
