@@ -1,0 +1,1 @@
+"""OpenAI-compatible API: request/response models (protocol.py) and the serving logic (serving.py)."""

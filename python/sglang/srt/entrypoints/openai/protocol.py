@@ -1,0 +1,350 @@
+"""Pydantic models of the OpenAI-compatible API (requests as clients send them, responses as we answer).
+
+Data flow:
+    HTTP JSON body --pydantic validation--> CompletionRequest / ChatCompletionRequest
+        --serving.py maps to--> GenerateReqInput --TokenizerManager--> SGLang outputs
+        --serving.py formats--> CompletionResponse / ChatCompletionResponse / *StreamResponse chunks
+
+Field names follow the OpenAI API; SGLang's extra sampling fields (top_k, min_p, regex, json_schema, ebnf,
+ignore_eos, ...) are accepted in the body the way SGLang accepts them ("extra_body" in the openai client).
+Unknown fields are ignored (OpenAI clients send fields we have no use for), but every field we do use is
+type-checked and range-checked, and a violation is a 400 with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------------------
+class ErrorResponse(_Model):
+    """The body of every 4xx/5xx of this server: {"error": {"message", "type", "param", "code"}}."""
+
+    class Detail(_Model):
+        message: str
+        type: str
+        param: Optional[str] = None
+        code: int
+
+    error: Detail
+
+
+class StreamOptions(_Model):
+    include_usage: Optional[bool] = False
+    continuous_usage_stats: Optional[bool] = False
+
+
+class PromptTokensDetails(_Model):
+    cached_tokens: int = 0
+
+
+class UsageInfo(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
+
+
+class ModelCard(_Model):
+    id: str
+    object: str = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "sglang"
+    root: Optional[str] = None
+    max_model_len: Optional[int] = None
+
+
+class ModelList(_Model):
+    object: str = "list"
+    data: List[ModelCard] = Field(default_factory=list)
+
+
+class JsonSchemaResponseFormat(_Model):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    # "schema" shadows a BaseModel attribute in pydantic, hence the alias.
+    schema_: Optional[Dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = False
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaResponseFormat] = None
+
+
+class _SamplingFields(_Model):
+    """Sampling fields common to completions and chat completions (OpenAI + SGLang extras)."""
+
+    model: Optional[str] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: int = 1
+    stop: Optional[Union[str, List[str]]] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[Dict[str, float]] = None
+    user: Optional[str] = None
+    # ---- SGLang extras ----
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    min_tokens: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    stop_token_ids: Optional[List[int]] = None
+    ignore_eos: Optional[bool] = None
+    skip_special_tokens: Optional[bool] = None
+    no_stop_trim: Optional[bool] = None
+    regex: Optional[str] = None
+    json_schema: Optional[str] = None
+    ebnf: Optional[str] = None
+    rid: Optional[str] = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if v is not None and v < 0:
+            raise ValueError(f"temperature must be >= 0, got {v}")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, v):
+        if v is not None and not 0 < v <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v):
+        if v < 1:
+            raise ValueError(f"n must be >= 1, got {v}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if isinstance(v, list) and any(s == "" for s in v) or v == "":
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# /v1/completions
+# ----------------------------------------------------------------------------------------------------------
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, List[str], List[int], List[List[int]]]
+    max_tokens: Optional[int] = 16
+    logprobs: Optional[int] = None
+    echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens(cls, v):
+        if v is not None and v < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {v}")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v):
+        if v is not None and not 0 <= v <= 20:
+            raise ValueError(f"logprobs must be between 0 and 20, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self):
+        p = self.prompt
+        if p == "" or p == [] or (isinstance(p, list) and any(x == "" or x == [] for x in p)):
+            raise ValueError("prompt must not be empty")
+        if self.best_of is not None and self.best_of != self.n and self.best_of != 1:
+            raise ValueError("best_of is not supported (only best_of == n or 1)")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        return self
+
+
+class CompletionLogprobs(_Model):
+    text_offset: List[int] = Field(default_factory=list)
+    token_logprobs: List[Optional[float]] = Field(default_factory=list)
+    tokens: List[str] = Field(default_factory=list)
+    top_logprobs: List[Optional[Dict[str, float]]] = Field(default_factory=list)
+
+
+class CompletionChoice(_Model):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[str] = None
+    matched_stop: Union[None, int, str] = None
+
+
+class CompletionResponse(_Model):
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: str = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: List[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class CompletionStreamChoice(_Model):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[str] = None
+    matched_stop: Union[None, int, str] = None
+
+
+class CompletionStreamResponse(_Model):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: List[CompletionStreamChoice]
+    usage: Optional[UsageInfo] = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# /v1/chat/completions
+# ----------------------------------------------------------------------------------------------------------
+class ChatMessage(_Model):
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
+    # A string, or a list of content parts ({"type": "text", "text": ...}); null for tool-call turns.
+    content: Optional[Union[str, List[Dict[str, Any]]]] = None
+    name: Optional[str] = None
+    tool_calls: Optional[List[Dict[str, Any]]] = None
+    tool_call_id: Optional[str] = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):
+        if isinstance(v, list):
+            for part in v:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+        return v
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part["text"] for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: List[ChatMessage]
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Optional[Any] = None
+    # SGLang extras for chat: pass the rendered prompt through the template with these kwargs.
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
+    continue_final_message: bool = False
+
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _max_tokens(cls, v, info):
+        if v is not None and v < 0:
+            raise ValueError(f"{info.field_name} must be >= 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if not self.messages:
+            raise ValueError("messages must not be empty")
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= 20:
+                raise ValueError(f"top_logprobs must be between 0 and 20, got {self.top_logprobs}")
+            if self.top_logprobs > 0 and not self.logprobs:
+                raise ValueError("top_logprobs requires logprobs=true")
+        if self.response_format is not None and self.response_format.type == "json_schema":
+            if self.response_format.json_schema is None or self.response_format.json_schema.schema_ is None:
+                raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self
+
+
+class TopLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: Optional[List[int]] = None
+
+
+class ChatCompletionTokenLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: Optional[List[int]] = None
+    top_logprobs: List[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Model):
+    content: List[ChatCompletionTokenLogprob] = Field(default_factory=list)
+
+
+class ChatResponseMessage(_Model):
+    role: str = "assistant"
+    content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: Optional[List[Dict[str, Any]]] = None
+
+
+class ChatCompletionChoice(_Model):
+    index: int
+    message: ChatResponseMessage
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Optional[str] = None
+    matched_stop: Union[None, int, str] = None
+
+
+class ChatCompletionResponse(_Model):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
+    object: str = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: List[ChatCompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class DeltaMessage(_Model):
+    role: Optional[str] = None
+    content: Optional[str] = None
+
+
+class ChatCompletionStreamChoice(_Model):
+    index: int
+    delta: DeltaMessage
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Optional[str] = None
+    matched_stop: Union[None, int, str] = None
+
+
+class ChatCompletionStreamResponse(_Model):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: List[ChatCompletionStreamChoice]
+    usage: Optional[UsageInfo] = None
