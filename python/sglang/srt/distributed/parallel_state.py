@@ -1,0 +1,123 @@
+"""Process groups of the host: every aligned TP group is created once, at start-up, by every rank.
+
+Data flow:
+    init_distributed(world_size, rank, init_method, backend)      one world = all devices of the host
+    create_aligned_groups(world_size)                             every rank, same order: for each size
+        s in 2, 4, 8, ... <= world_size and each aligned offset o (o % s == 0), a device group (nccl on CUDA,
+        gloo on CPU) and a gloo CPU group over ranks [o, o + s), kept in a registry
+    get_tp_group(ranks) -> TPGroup                                looks a group up; never creates one, so a
+        Gyges merge/split never builds a communicator
+
+A TPGroup of size 1 needs no torch.distributed at all: its collectives are no-ops, so world_size == 1
+runs without init_distributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+# tuple of global ranks -> (device group, cpu group); filled by create_aligned_groups.
+_GROUPS: Dict[Tuple[int, ...], Tuple[Any, Any]] = {}
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def init_distributed(world_size: int, rank: int, init_method: str, backend: Optional[str] = None) -> None:
+    """Join the host-wide process group. backend: 'gloo' on CPU (default), 'nccl' on CUDA."""
+    if world_size <= 1 and not init_method:
+        return
+    if dist.is_initialized():
+        return
+    dist.init_process_group(backend=backend or "gloo", init_method=init_method, world_size=world_size,
+                            rank=rank)
+
+
+def aligned_rank_lists(world_size: int) -> List[List[int]]:
+    """[[0, 1], [2, 3], ..., [0, 1, 2, 3], ...]: every aligned group of size >= 2, in creation order."""
+    out, s = [], 2
+    while s <= world_size:
+        for offset in range(0, world_size - s + 1, s):
+            out.append(list(range(offset, offset + s)))
+        s *= 2
+    return out
+
+
+def create_aligned_groups(world_size: int) -> None:
+    """Create every aligned group's device + CPU communicators. Collective: every rank calls it."""
+    if world_size <= 1:
+        return
+    device_backend = dist.get_backend()
+    for ranks in aligned_rank_lists(world_size):
+        device_group = dist.new_group(ranks, backend=device_backend)
+        cpu_group = dist.new_group(ranks, backend="gloo")  # separate even on CPU: object broadcasts never
+        # interleave with the forward pass's collectives
+        _GROUPS[tuple(ranks)] = (device_group, cpu_group)
+
+
+def destroy_distributed() -> None:
+    _GROUPS.clear()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass
+class TPGroup:
+    """One tensor-parallel instance seen from one of its ranks."""
+
+    rank: int  # local rank within the group
+    size: int
+    ranks: List[int] = field(default_factory=lambda: [0])  # global ranks, ascending
+    device_group: Any = None
+    cpu_group: Any = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In place over the device group; returns the tensor."""
+        if self.size > 1:
+            dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.device_group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's tensor (same shape) along `dim`, in rank order."""
+        if self.size == 1:
+            return tensor
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(parts, tensor, group=self.device_group)
+        return torch.cat(parts, dim=dim)
+
+    def broadcast_object(self, obj: Any = None, src_local: int = 0) -> Any:
+        """Pickle `obj` from local rank src_local to every rank over the gloo CPU group."""
+        if self.size == 1:
+            return obj
+        box = [obj if self.rank == src_local else None]
+        dist.broadcast_object_list(box, src=self.ranks[src_local], group=self.cpu_group)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier(group=self.cpu_group)
+
+
+def get_tp_group(ranks: Sequence[int]) -> TPGroup:
+    """TPGroup for an aligned list of global ranks (this process must be one of them)."""
+    ranks = sorted(int(r) for r in ranks)
+    if len(ranks) == 1:
+        return TPGroup(rank=0, size=1, ranks=ranks)
+    key = tuple(ranks)
+    if key not in _GROUPS:
+        raise ValueError(f"no communicator for ranks {ranks}: only aligned groups created at start-up exist "
+                         f"({sorted(_GROUPS)}); call create_aligned_groups(world_size) on every rank first")
+    me = dist.get_rank()
+    if me not in ranks:
+        raise ValueError(f"rank {me} is not in TP group {ranks}")
+    device_group, cpu_group = _GROUPS[key]
+    return TPGroup(rank=ranks.index(me), size=len(ranks), ranks=ranks, device_group=device_group,
+                   cpu_group=cpu_group)
