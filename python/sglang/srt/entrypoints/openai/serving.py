@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Union
 
 import orjson
 from fastapi import Request
-from fastapi.responses import ORJSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from sglang.srt.entrypoints.openai.protocol import (
     ChatCompletionChoice,
@@ -55,6 +55,15 @@ from sglang.srt.managers.io_struct import GenerateReqInput
 logger = logging.getLogger(__name__)
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+class ORJSONResponse(Response):
+    """JSON response serialized with orjson (FastAPI's own ORJSONResponse is deprecated)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
 
 class APIError(Exception):
