@@ -317,3 +317,57 @@ def test_mixed_batch_and_no_nan():
     assert out.next_token_ids[1] in logits[1].topk(5).indices.tolist()
     assert out.next_token_ids[3] == 9
     assert all(math.isfinite(v) for v in out.next_token_logprobs)
+
+
+def test_normalize_then_verify_still_rejects_bad_values():
+    p = SamplingParams.from_dict({"temperature": -1.0, "logit_bias": {"x": 1}}).normalize(None)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        p.verify(VOCAB)
+    p = SamplingParams.from_dict({"logit_bias": {"x": 1}}).normalize(None)
+    with pytest.raises(ValueError, match="logit_bias key 'x' is not a token id"):
+        p.verify(VOCAB)
+    q = SamplingParams(stop="ab", logit_bias={"3": 2}).normalize(None)
+    q.verify(VOCAB)
+    assert q.stop_strs == ["ab"] and q.logit_bias == {3: 2.0}
+
+
+def test_repetition_penalty_uses_prompt_kept_in_state():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 5] = 3.0
+    logits[0, 6] = 2.9
+    p = SamplingParams(temperature=0, repetition_penalty=2.0).normalize(None)
+    state = SamplingState.from_params(p, [5, 1])
+    assert state.prompt_ids == [5, 1]
+    out = Sampler(VOCAB, eos_token_ids={EOS}).sample(logits, [state], output_ids=[[]])
+    assert out.next_token_ids == [6]  # 5 was in the prompt: 3.0 / 2 < 2.9
+    assert SamplingState.from_params(SamplingParams(), [5, 1]).prompt_ids is None  # not kept when unused
+
+
+@pytest.mark.parametrize("probe", [1024, 3])
+def test_fast_truncated_path_equals_dense_reference(monkeypatch, probe):
+    """sample_from_logits (topk candidates) picks exactly what the dense sort-based reference picks."""
+    import sglang.srt.sampling.sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "TOP_P_PROBE", probe)
+    torch.manual_seed(8)
+    configs = [dict(top_k=5), dict(top_p=0.8), dict(top_p=0.95, temperature=0.6), dict(top_k=10, top_p=0.5),
+               dict(top_k=7, min_p=0.1), dict(top_p=0.9, min_p=0.05, temperature=1.4), dict(min_p=0.2), dict()]
+    params = [SamplingParams(**c).normalize(None) for c in configs]
+    for trial in range(40):
+        x = torch.randn(len(params), VOCAB) * 2.5
+        u = [position_uniform(trial, j) for j in range(len(params))]
+        fast = sampler_mod.sample_from_logits(x, params, u)
+        dense = sampler_mod.inverse_cdf_sample(filtered_probs(x, params), u)
+        assert fast == dense, (trial, fast, dense)
+
+
+def test_top_k_top_p_distribution():
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1] + [1e-9] * (VOCAB - 4)))
+    N = 4000
+    sampler = Sampler(eos_token_ids=[])
+    states = [SamplingState.create(SamplingParams(top_k=3, top_p=0.75, sampling_seed=s).normalize(None))
+              for s in range(N)]
+    out = sampler.sample(logits.expand(N, VOCAB).contiguous(), states, [[] for _ in range(N)])
+    counts = torch.bincount(torch.tensor(out.next_token_ids), minlength=VOCAB)
+    assert counts[2:].sum() == 0
+    assert abs(counts[0].item() / N - 4 / 7) < 0.03

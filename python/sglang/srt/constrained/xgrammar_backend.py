@@ -146,6 +146,8 @@ class GrammarBackend:
         key = params.grammar_key
         return None if key is None else self.create(*key)
 
+    new_grammar = create_for_params  # alias
+
     def restore(self, state: dict) -> Grammar:
         """Rebuild a Grammar from Grammar.state_dict() (replays the accepted tokens)."""
         grammar = self.create(state["kind"], state["value"])

@@ -10,6 +10,7 @@ Data flow for one scheduler step (logits come from ModelRunner.forward, one row 
       -> min_new_tokens                                     -inf on EOS + stop_token_ids while too short
       -> greedy rows: argmax
          other rows: softmax(x / T) -> top_k -> top_p -> min_p (each renormalized) -> inverse-CDF draw
+         (truncated rows work on their top candidates from torch.topk, not a full-vocab sort)
       -> SampleOutput(next_token_ids, next_token_logprobs, top_logprobs)
 
 Reproducibility: the only randomness is one uniform number u per (request, output position), computed
@@ -23,7 +24,7 @@ Gyges transformation. SamplingState is plain python data (picklable) and moves w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -60,13 +61,19 @@ class SamplingState:
     seed: int  # params.sampling_seed, or the server's --random-seed when unset
     sample_index: int = 0  # index among the n parallel samples of one prompt (0 for n == 1)
     prompt_len: int = 0
+    # The prompt ids, kept only when the repetition penalty needs them and sample() gets no
+    # prompt_ids_lists (a reference to the request's list, not a copy).
+    prompt_ids: Optional[Sequence[int]] = None
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_ids: Optional[Sequence[int]] = None,
                default_seed: int = 0, sample_index: int = 0) -> "SamplingState":
         seed = params.sampling_seed if params.sampling_seed is not None else default_seed
+        keep = prompt_ids if (prompt_ids is not None and params.repetition_penalty != 1.0) else None
         return cls(params=params, seed=int(seed), sample_index=int(sample_index),
-                   prompt_len=len(prompt_ids) if prompt_ids is not None else 0)
+                   prompt_len=len(prompt_ids) if prompt_ids is not None else 0, prompt_ids=keep)
+
+    from_params = create  # alias
 
     def uniform(self, position: int) -> float:
         return position_uniform(self.seed, position, self.sample_index)
@@ -87,53 +94,68 @@ def logprobs_of(logits: torch.Tensor, token_ids: Sequence[int], top_num: int = 0
 
     Also for prompt logprobs: pass the logits of the prompt positions and the next prompt tokens.
     """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=logits.device)
-    chosen = logprobs.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+    x = logits if logits.dtype == torch.float32 else logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # no [N, V] log_softmax buffer
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=x.device)
+    chosen = (x.gather(1, ids.unsqueeze(1)) - lse).squeeze(1).tolist()
     if top_num <= 0:
         return chosen, None
-    vals, idx = logprobs.topk(min(top_num, logprobs.shape[1]), dim=-1)
+    vals, idx = x.topk(min(top_num, x.shape[1]), dim=-1)
+    vals = vals - lse
     return chosen, [list(zip(v, i)) for v, i in zip(vals.tolist(), idx.tolist())]
 
 
 class Sampler:
     """Samples one token per row of a logits batch; see the module docstring for the order of steps."""
 
-    def __init__(self, eos_token_ids: Sequence[int] = (), vocab_size: Optional[int] = None):
-        self.eos_token_ids = [int(t) for t in eos_token_ids]
+    def __init__(self, vocab_size: Optional[int] = None, eos_token_ids: Iterable[int] = ()):
         self.vocab_size = vocab_size
+        self.eos_token_ids = [int(t) for t in eos_token_ids]
 
     def sample(self, logits: torch.Tensor, states: Sequence[SamplingState],
-               output_ids_lists: Sequence[Sequence[int]],
+               output_ids_lists: Optional[Sequence[Sequence[int]]] = None,
                prompt_ids_lists: Optional[Sequence[Sequence[int]]] = None,
                grammars: Optional[Sequence[Optional[object]]] = None,
                top_logprobs_nums: Optional[Sequence[int]] = None,
-               eos_token_ids: Optional[Sequence[int]] = None) -> SampleOutput:
+               eos_token_ids: Optional[Iterable[int]] = None,
+               output_ids: Optional[Sequence[Sequence[int]]] = None) -> SampleOutput:
         """Sample next tokens. logits: float [B, V]; every list has one entry per row (request).
 
+        output_ids_lists (alias output_ids): tokens generated so far per request (the sampled token's
+        position is its length). prompt_ids_lists: per request prompt ids for the repetition penalty;
+        when None, SamplingState.prompt_ids is used. eos_token_ids overrides the constructor's.
         Does not advance grammars: the caller calls grammar.accept_token(token) afterwards.
         """
+        if output_ids_lists is None:
+            output_ids_lists = output_ids
+        if output_ids_lists is None:
+            raise ValueError("sample() needs output_ids_lists (the tokens generated so far per request)")
+        if prompt_ids_lists is None:
+            prompt_ids_lists = [s.prompt_ids if s.prompt_ids is not None else () for s in states]
         batch = logits.shape[0]
         if not (len(states) == len(output_ids_lists) == batch):
             raise ValueError(f"sample(): {batch} logit rows but {len(states)} states and "
                              f"{len(output_ids_lists)} output lists")
         eos = self.eos_token_ids if eos_token_ids is None else [int(t) for t in eos_token_ids]
-        raw = logits.float()
+        raw = logits if logits.dtype == torch.float32 else logits.float()
         params = [s.params for s in states]
+        has_grammar = grammars is not None and any(g is not None for g in grammars)
 
-        x = raw.clone()
-        self._apply_logit_bias(x, params)
-        if grammars is not None and any(g is not None for g in grammars):
-            from sglang.srt.constrained.xgrammar_backend import apply_masks
+        x = raw
+        if has_grammar or any(_edits_logits(p) for p in params):
+            x = raw.clone()
+            self._apply_logit_bias(x, params)
+            if has_grammar:
+                from sglang.srt.constrained.xgrammar_backend import apply_masks
 
-            apply_masks(x, grammars)
-        apply_penalties(x, params, output_ids_lists, prompt_ids_lists)
-        self._apply_min_new_tokens(x, params, output_ids_lists, eos)
-        self._fix_empty_rows(x, raw)
+                apply_masks(x, grammars)
+            apply_penalties(x, params, output_ids_lists, prompt_ids_lists)
+            self._apply_min_new_tokens(x, params, output_ids_lists, eos)
+            self._fix_empty_rows(x, raw)
 
         next_ids = self._choose(x, states, output_ids_lists)
 
-        nums = list(top_logprobs_nums) if top_logprobs_nums is not None else [0] * batch
+        nums = [int(k) for k in top_logprobs_nums] if top_logprobs_nums is not None else [0] * batch
         chosen, tops = logprobs_of(raw, next_ids, max(nums) if nums else 0)
         top_lists: List[Optional[List[Tuple[float, int]]]] = []
         for i, k in enumerate(nums):
@@ -184,13 +206,10 @@ class Sampler:
 
     @staticmethod
     def _fix_empty_rows(x: torch.Tensor, raw: torch.Tensor) -> None:
-        """A row with no allowed token (should not happen) falls back to its raw logits."""
-        empty = ~(x > float("-inf")).any(dim=1)
-        if bool(empty.any()):
-            x[empty] = raw[empty]
-        nan = torch.isnan(x).any(dim=1)
-        if bool(nan.any()):
-            x[nan] = raw[nan]
+        """A row with no allowed token or a NaN (should not happen) falls back to its raw logits."""
+        bad = ~(x.amax(dim=1) > float("-inf"))  # amax propagates NaN; NaN > -inf is False
+        if bool(bad.any()):
+            x[bad] = raw[bad]
 
     # ------------------------------------------------------------------ choosing tokens
     def _choose(self, x: torch.Tensor, states: Sequence[SamplingState],
@@ -201,65 +220,146 @@ class Sampler:
         greedy_set = set(greedy)
         random_rows = [i for i in range(batch) if i not in greedy_set]
         if greedy:
-            g = torch.tensor(greedy, device=x.device)
-            for i, t in zip(greedy, x.index_select(0, g).argmax(dim=-1).tolist()):
+            g = x if len(greedy) == batch else x[torch.tensor(greedy, device=x.device)]
+            for i, t in zip(greedy, g.argmax(dim=-1).tolist()):
                 next_ids[i] = t
         if random_rows:
-            r = torch.tensor(random_rows, device=x.device)
+            r = x if len(random_rows) == batch else x[torch.tensor(random_rows, device=x.device)]
             ps = [states[i].params for i in random_rows]
-            probs = filtered_probs(x.index_select(0, r), ps)
             u = [states[i].uniform(len(output_ids_lists[i])) for i in random_rows]
-            for i, t in zip(random_rows, inverse_cdf_sample(probs, u)):
+            for i, t in zip(random_rows, sample_from_logits(r, ps, u)):
                 next_ids[i] = t
         return next_ids
+
+
+def _edits_logits(p: SamplingParams) -> bool:
+    return bool(p.logit_bias) or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 \
+        or p.presence_penalty != 0.0 or p.min_new_tokens > 0
 
 
 def _is_greedy(p: SamplingParams) -> bool:
     return p.is_greedy or p.top_k == 1 or p.temperature < GREEDY_EPS
 
 
-def filtered_probs(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """softmax(x / T) with top_k, top_p and min_p applied in that order; rows sum to 1 (float32).
+# Candidates examined first for a top_p-only row; rows whose top_p mass is not inside them are sorted.
+TOP_P_PROBE = 1024
 
-    top_p is taken over the distribution renormalized after top_k; min_p is relative to the top token.
+
+def sample_from_logits(x: torch.Tensor, params: Sequence[SamplingParams], uniforms: Sequence[float]) -> List[int]:
+    """One token per row of processed logits x [R, V]: temperature, top_k, top_p, min_p, inverse CDF.
+
+    Gives the same token as inverse_cdf_sample(filtered_probs(x, params), uniforms) (the dense
+    reference) but works on the top candidates of truncated rows instead of sorting the vocabulary.
     """
     dev = x.device
-    temps = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=dev).unsqueeze(1)
-    probs = torch.softmax(x / temps, dim=-1)
     vocab = x.shape[1]
+    temps = [p.temperature for p in params]
+    if all(t == 1.0 for t in temps):
+        probs = torch.softmax(x, dim=-1)
+    else:
+        probs = torch.softmax(x / torch.tensor(temps, dtype=x.dtype, device=dev).unsqueeze(1), dim=-1)
+    out = [0] * len(params)
+    trunc = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    trunc_set = set(trunc)
+    dense = [i for i in range(len(params)) if i not in trunc_set]
+    if dense:
+        sub = probs if len(dense) == len(params) else probs[torch.tensor(dense, device=dev)]
+        min_ps = [params[i].min_p for i in dense]
+        if any(m > 0.0 for m in min_ps):
+            thr = sub.amax(dim=1, keepdim=True) * torch.tensor(min_ps, dtype=sub.dtype, device=dev).unsqueeze(1)
+            sub = sub * (sub >= thr)
+        for i, t in zip(dense, inverse_cdf_sample(sub, [uniforms[i] for i in dense])):
+            out[i] = t
+    if trunc:
+        rows = torch.tensor(trunc, device=dev)
+        toks = _sample_truncated(probs[rows], [params[i] for i in trunc], [uniforms[i] for i in trunc])
+        for i, t in zip(trunc, toks):
+            out[i] = t
+    return out
+
+
+def _sample_truncated(probs: torch.Tensor, params: Sequence[SamplingParams], uniforms: Sequence[float]) -> List[int]:
+    dev = probs.device
+    vocab = probs.shape[1]
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_ps = [p.top_p for p in params]
-    min_ps = [p.min_p for p in params]
-    if all(k == vocab for k in ks) and all(tp >= 1.0 for tp in top_ps) and all(mp <= 0.0 for mp in min_ps):
-        return probs
+    finite_ks = [k for k in ks if k < vocab]
+    if len(finite_ks) == len(ks):  # every row has a top_k: its candidates are exactly enough
+        width = max(finite_ks)
+    else:  # some rows are top_p-only: probe the best TOP_P_PROBE tokens first
+        width = min(vocab, max([TOP_P_PROBE] + finite_ks))
+    vals, ids = probs.topk(width, dim=-1)  # sorted, best first
+    kt = torch.tensor(ks, device=dev).unsqueeze(1)
+    keep = torch.arange(width, device=dev).unsqueeze(0) < kt
+    kept = vals * keep
+    # renormalize over the top_k set (rows without top_k: over the whole vocabulary)
+    denom = torch.where(kt < vocab, kept.sum(dim=1, keepdim=True), probs.sum(dim=1, keepdim=True))
+    kept = kept / denom
+    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=dev).unsqueeze(1)
+    cum = torch.cumsum(kept, dim=1)
+    keep &= (cum - kept) < top_p
+    keep &= vals >= vals[:, :1] * torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=dev).unsqueeze(1)
+    keep[:, 0] = True
+    # rows whose top_p prefix may extend past the probed candidates: sort their whole vocabulary
+    overflow = ((kt >= vocab) & (cum[:, -1:] < top_p)).squeeze(1)
+    if width < vocab and bool(overflow.any()):
+        full = torch.nonzero(overflow).flatten().tolist()
+        dense = filtered_probs_from_probs(probs[torch.tensor(full, device=dev)], [params[i] for i in full])
+        fixed = inverse_cdf_sample(dense, [uniforms[i] for i in full])
+    else:
+        full, fixed = [], []
+    weights = vals * keep
+    ids_sorted, perm = ids.sort(dim=1)  # vocab-id order, like the dense inverse CDF
+    w = weights.gather(1, perm)
+    result = inverse_cdf_sample(w, uniforms, ids_sorted)
+    for i, t in zip(full, fixed):
+        result[i] = t
+    return result
+
+
+def filtered_probs(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Dense reference: softmax(x / T), then top_k, top_p (renormalized after top_k) and min_p.
+
+    min_p is relative to the most likely token. Rows sum to 1.
+    """
+    temps = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=x.device).unsqueeze(1)
+    return filtered_probs_from_probs(torch.softmax(x / temps, dim=-1), params)
+
+
+def filtered_probs_from_probs(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    dev = probs.device
+    vocab = probs.shape[1]
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    positions = torch.arange(vocab, device=dev).unsqueeze(0)
-    keep = positions < torch.tensor(ks, device=dev).unsqueeze(1)
+    keep = torch.arange(vocab, device=dev).unsqueeze(0) < torch.tensor(ks, device=dev).unsqueeze(1)
     kept = sorted_p * keep
     kept = kept / kept.sum(dim=-1, keepdim=True)
     # top_p: keep the smallest prefix whose mass reaches top_p (the first token is always kept)
     exclusive = torch.cumsum(kept, dim=-1) - kept
-    keep &= exclusive < torch.tensor(top_ps, dtype=x.dtype, device=dev).unsqueeze(1)
+    keep &= exclusive < torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=dev).unsqueeze(1)
     # min_p: tokens at least min_p times as likely as the most likely one
-    keep &= sorted_p >= sorted_p[:, :1] * torch.tensor(min_ps, dtype=x.dtype, device=dev).unsqueeze(1)
+    min_ps = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=dev).unsqueeze(1)
+    keep &= sorted_p >= sorted_p[:, :1] * min_ps
     keep[:, 0] = True
-    sorted_p = sorted_p * keep
-    out = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+    out = torch.zeros_like(probs).scatter_(1, order, sorted_p * keep)
     return out / out.sum(dim=-1, keepdim=True)
 
 
-def inverse_cdf_sample(probs: torch.Tensor, uniforms: Sequence[float]) -> List[int]:
-    """Row i: first token id whose cumulative probability (vocab order, float64) exceeds u_i * total."""
-    cdf = torch.cumsum(probs.double(), dim=-1)
-    u = torch.tensor(list(uniforms), dtype=torch.float64, device=probs.device).unsqueeze(1)
-    target = u * cdf[:, -1:]
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    idx = idx.clamp_(max=probs.shape[1] - 1)
-    # guard against landing on a zero-probability token through rounding: step back to a positive one
-    out = idx.tolist()
-    bad = torch.nonzero(probs.gather(1, idx.unsqueeze(1)).squeeze(1) <= 0).flatten().tolist()
-    for j in bad:
-        nz = torch.nonzero(probs[j] > 0).flatten()
-        before = nz[nz <= out[j]]
-        out[j] = int(before[-1] if before.numel() else nz[0])
-    return out
+def inverse_cdf_sample(weights: torch.Tensor, uniforms: Sequence[float],
+                       token_ids: Optional[torch.Tensor] = None) -> List[int]:
+    """Row i: first column whose cumulative weight (float64) exceeds u_i * row total.
+
+    Columns are vocab ids in increasing order (token_ids [R, C] maps columns to ids when given).
+    """
+    cdf = torch.cumsum(weights.double(), dim=-1)
+    u = torch.tensor(list(uniforms), dtype=torch.float64, device=weights.device).unsqueeze(1)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=weights.shape[1] - 1)
+    # guard against landing on a zero-weight column through rounding: step back to a positive one
+    bad = torch.nonzero(weights.gather(1, idx) <= 0).flatten().tolist()
+    if bad:
+        for j in bad:
+            nz = torch.nonzero(weights[j] > 0).flatten()
+            before = nz[nz <= idx[j, 0]]
+            idx[j, 0] = before[-1] if before.numel() else nz[0]
+    if token_ids is not None:
+        idx = token_ids.gather(1, idx)
+    return idx.squeeze(1).tolist()

@@ -6,6 +6,7 @@ Data flow:
       -> SamplingParams.from_dict(d)        unknown keys / wrong types -> ValueError (HTTP 400)
       -> params.verify(vocab_size)          out-of-range values        -> ValueError (HTTP 400)
       -> params.normalize(tokenizer)        stop -> list[str], stop_str_max_len, greedy convention
+         (verify and normalize may run in either order; verify turns logit_bias keys into ints)
       -> TokenizedGenerateReqInput.sampling_params (pickled to the Controller and the instance leader)
       -> sglang.srt.sampling.sampler.SamplingState (per request, on the leader)
 
@@ -224,16 +225,19 @@ class SamplingParams:
                 max_tokens = max(max_tokens, len(s))
         self.stop_str_max_len = max_tokens
         self.stop_str_max_chars = max_chars
-        if self.temperature < GREEDY_EPS:
+        if 0.0 <= self.temperature < GREEDY_EPS:  # negative values are left for verify() to reject
             # SGLang: greedy = top_k 1 at temperature 1 (no division by ~0).
             self.is_greedy = True
             self.temperature = 1.0
             self.top_k = 1
         elif self.top_k == 1:
             self.is_greedy = True
-        if self.logit_bias:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         return self
+
+    @property
+    def stop_strs(self) -> List[str]:
+        """SGLang's internal name for the stop strings (always a list)."""
+        return _as_list(self.stop)
 
     @property
     def grammar_key(self) -> Optional[Tuple[str, str]]:
