@@ -27,7 +27,7 @@ def _parts(sizes, cols=5, seed=0):
     return [torch.randn(s, cols, generator=gen) for s in sizes]
 
 
-# (name, part sizes, whether padding is expected for some G)
+# (name, part sizes): plain, fused QKV, padded gate_up, padded vocab, transposed down_proj
 CASES = [
     ("column", [64]),
     ("qkv", [64, 16, 16]),
