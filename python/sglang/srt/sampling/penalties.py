@@ -4,6 +4,7 @@ Data flow (inside Sampler.sample, after logit_bias and grammar masks):
 
     per-row python token lists (prompt ids, output ids so far)
       -> flat (row, token) index tensors                  one torch.tensor() per batch, no vocab loop
+                                                          (sparse gather/scatter: O(tokens), not O(vocab))
       -> repetition penalty  on prompt+output tokens      HF's rule: logit<0 ? logit*p : logit/p
       -> frequency/presence  on output tokens             logit -= freq*count + presence*(count>0)
 
@@ -18,31 +19,36 @@ import torch
 
 
 def _flat_indices(rows: Sequence[int], token_lists: Sequence[Sequence[int]], device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(local_row_index, token_id) int64 tensors for the concatenation of token_lists."""
+    """(row, token_id) int64 tensors for every token of token_lists[j], row = rows[j]."""
     lengths = [len(t) for t in token_lists]
     flat: List[int] = []
     for toks in token_lists:
         flat.extend(toks)
-    row_idx = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths, dtype=torch.long))
+    row_idx = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.long),
+                                      torch.tensor(lengths, dtype=torch.long))
     tok_idx = torch.tensor(flat, dtype=torch.long)
     return row_idx.to(device), tok_idx.to(device)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[int], penalties: Sequence[float],
                              token_lists: Sequence[Sequence[int]]) -> None:
-    """In place on logits[rows]: HF RepetitionPenaltyLogitsProcessor over each row's token set."""
+    """In place on logits[rows]: HF RepetitionPenaltyLogitsProcessor over each row's token set.
+
+    Sparse: gathers and scatters only the listed (row, token) entries. A token listed twice is written
+    twice with the same value (computed from the unpenalized logit), so it is penalized once, like HF.
+    """
     if not rows:
         return
     device = logits.device
-    row_t = torch.tensor(list(rows), dtype=torch.long, device=device)
-    sub = logits.index_select(0, row_t)
-    seen = torch.zeros_like(sub, dtype=torch.bool)
     r_idx, t_idx = _flat_indices(rows, token_lists, device)
-    if t_idx.numel():
-        seen[r_idx, t_idx] = True
-    pen = torch.tensor(list(penalties), dtype=sub.dtype, device=device).unsqueeze(1)
-    penalized = torch.where(sub < 0, sub * pen, sub / pen)
-    logits.index_copy_(0, row_t, torch.where(seen, penalized, sub))
+    if not t_idx.numel():
+        return
+    pen_of_row = torch.ones(logits.shape[0], dtype=logits.dtype, device=device)
+    pen_of_row[torch.tensor(list(rows), dtype=torch.long, device=device)] = torch.tensor(
+        list(penalties), dtype=logits.dtype, device=device)
+    pen = pen_of_row[r_idx]
+    vals = logits[r_idx, t_idx]
+    logits[r_idx, t_idx] = torch.where(vals < 0, vals * pen, vals / pen)
 
 
 def apply_frequency_presence_penalty(logits: torch.Tensor, rows: Sequence[int], frequency: Sequence[float],
@@ -51,15 +57,20 @@ def apply_frequency_presence_penalty(logits: torch.Tensor, rows: Sequence[int], 
     if not rows:
         return
     device = logits.device
-    row_t = torch.tensor(list(rows), dtype=torch.long, device=device)
-    counts = torch.zeros((len(rows), logits.shape[1]), dtype=logits.dtype, device=device)
     r_idx, t_idx = _flat_indices(rows, output_lists, device)
-    if t_idx.numel():
-        counts.index_put_((r_idx, t_idx), torch.ones_like(t_idx, dtype=logits.dtype), accumulate=True)
-    freq = torch.tensor(list(frequency), dtype=logits.dtype, device=device).unsqueeze(1)
-    pres = torch.tensor(list(presence), dtype=logits.dtype, device=device).unsqueeze(1)
-    delta = freq * counts + pres * (counts > 0).to(logits.dtype)
-    logits.index_copy_(0, row_t, logits.index_select(0, row_t) - delta)
+    if not t_idx.numel():
+        return
+    row_t = torch.tensor(list(rows), dtype=torch.long, device=device)
+    freq_of_row = torch.zeros(logits.shape[0], dtype=logits.dtype, device=device)
+    pres_of_row = torch.zeros(logits.shape[0], dtype=logits.dtype, device=device)
+    freq_of_row[row_t] = torch.tensor(list(frequency), dtype=logits.dtype, device=device)
+    pres_of_row[row_t] = torch.tensor(list(presence), dtype=logits.dtype, device=device)
+    vocab = logits.shape[1]
+    keys = torch.unique(r_idx * vocab + t_idx)  # each (row, token) seen at least once
+    u_rows, u_toks = keys // vocab, keys % vocab
+    # count(token) occurrences of -freq, accumulated; then -presence once per distinct token
+    logits.index_put_((r_idx, t_idx), -freq_of_row[r_idx], accumulate=True)
+    logits.index_put_((u_rows, u_toks), -pres_of_row[u_rows], accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, params_list: Sequence, output_ids_lists: Sequence[Sequence[int]],
