@@ -44,8 +44,8 @@ class ServerArgs:
     model_path: str = _f("", "Local directory of a HF checkpoint (config.json + *.safetensors + tokenizer).")
     tokenizer_path: Optional[str] = _f(None, "Tokenizer directory; defaults to --model-path.")
     skip_tokenizer_init: bool = _f(False, "Do not load a tokenizer; requests must pass input_ids.")
-    dtype: str = _f("auto", "Weight and activation dtype. 'auto' takes torch_dtype from config.json "
-                    "(float32 on CPU when the config says float16/bfloat16 is not set).",
+    dtype: str = _f("auto", "Weight and activation dtype. 'auto' takes the dtype in config.json "
+                    "(torch_dtype / dtype), float32 when the config names none.",
                     choices=["auto", "float32", "float16", "bfloat16"])
     context_length: Optional[int] = _f(None, "Maximum context length; defaults to the model's "
                                        "max_position_embeddings.")

@@ -182,8 +182,11 @@ class Engine:
         self._closed = True
         self.tokenizer_manager.shutdown()
         _remove_ipc_files(self.tokenizer_manager.port_args)
+        self._run(self.tokenizer_manager.stop_background_tasks(), timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._loop.is_running():
+            self._loop.close()
 
     def __enter__(self):
         return self

@@ -115,6 +115,7 @@ class Scheduler:
         self.running: List[Req] = []  # admitted: prefilling (chunked) or decoding
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.forward_ct = 0
+        self.num_retractions = 0  # total retractions since start (reported in internal_state)
         self._last_report: Optional[InstanceReport] = None
 
         ctx = zmq.Context(2)
@@ -192,7 +193,9 @@ class Scheduler:
                 f"the prompt has {prompt_len} tokens; this instance serves at most {limit} "
                 f"(context length {ctx}, KV capacity {cap} tokens)", 400))
             return
-        req.max_new_tokens = min(sp.max_new_tokens, ctx - prompt_len, cap - prompt_len)
+        # None = up to the context / capacity limit (SGLang's meaning).
+        requested = sp.max_new_tokens if sp.max_new_tokens is not None else 1 << 62
+        req.max_new_tokens = min(requested, ctx - prompt_len, cap - prompt_len)
         if req.logprob_start_len >= prompt_len:
             req.logprob_start_len = prompt_len - 1 if prompt_len else -1
         req.sampling_state = SamplingState.from_params(sp, req.origin_input_ids)
@@ -314,6 +317,7 @@ class Scheduler:
             return
         self.kv.release(req)
         req.retractions += 1
+        self.num_retractions += 1
         self.waiting.insert(0, req)
         self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
         logger.info("retracted request %s (%d tokens) to free KV pages", req.rid, req.seq_len)
@@ -481,6 +485,7 @@ class Scheduler:
             "kv_used_tokens": self.kv.used_pages() * self.page_size,
             "kv_capacity_tokens": self.kv.num_pages * self.page_size,
             "forward_ct": self.forward_ct,
+            "num_retractions": self.num_retractions,
             "new_token_ratio": self.new_token_ratio,
         }
 

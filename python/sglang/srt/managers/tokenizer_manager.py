@@ -102,9 +102,8 @@ class TokenizerManager:
         self._send_to_controller = get_zmq_socket(self._zmq_ctx, zmq.PUSH, self.port_args.controller_input, bind=False)
         self._recv_outputs = get_zmq_socket(self._zmq_ctx, zmq.PULL, self.port_args.tokenizer_input, bind=True)
         self._recv_replies = get_zmq_socket(self._zmq_ctx, zmq.PULL, self.port_args.tokenizer_replies, bind=True)
-        loop.create_task(self._output_loop())
-        loop.create_task(self._reply_loop())
-        loop.create_task(self._watchdog_loop())
+        self._tasks = [loop.create_task(self._output_loop()), loop.create_task(self._reply_loop()),
+                       loop.create_task(self._watchdog_loop())]
 
     def is_healthy(self) -> bool:
         return self._healthy and not self._shutdown
@@ -115,6 +114,13 @@ class TokenizerManager:
 
         self._shutdown = True
         kill_processes(self.child_processes)
+
+    async def stop_background_tasks(self) -> None:
+        """Cancel the receiver / watchdog tasks (call from the loop that runs them)."""
+        tasks = getattr(self, "_tasks", [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---- requests ----------------------------------------------------------------------------------------
     async def generate_request(self, obj: GenerateReqInput, request=None) -> AsyncIterator[Any]:
