@@ -1,0 +1,46 @@
+"""gyges.costmodel arithmetic and JSON round trip."""
+
+import pytest
+
+from gyges.costmodel import StepTimeModel, TransformCost, transform_cost
+
+
+def test_transform_cost():
+    c = transform_cost(kv_bytes=3_000_000, weight_bytes=1_000_000, bandwidth_bytes_per_s=2e6, fixed_overhead_s=0.5)
+    assert c == TransformCost(3_000_000, 1_000_000, 2.5)
+    assert c.total_bytes == 4_000_000
+    with pytest.raises(ValueError):
+        transform_cost(1, 1, 0)
+    with pytest.raises(ValueError):
+        transform_cost(-1, 0, 1.0)
+
+
+def test_step_time_formula():
+    m = StepTimeModel(base_s=1.0, weight_s=8.0, per_token_s=0.5, per_context_token_s=0.25, allreduce_s=3.0,
+                      allreduce_per_token_s=0.25)
+    assert m.step_time(4, 8, 1) == 1.0 + 8.0 + 2.0 + 2.0
+    assert m.step_time(4, 8, 2) == 1.0 + 4.0 + 1.0 + 1.0 + (3.0 + 1.0)
+    assert m.step_time(4, 8, 4) == 1.0 + 2.0 + 0.5 + 0.5 + (3.0 + 1.0) * 1.5
+    with pytest.raises(ValueError):
+        m.step_time(1, 1, 0)
+    with pytest.raises(ValueError):
+        m.step_time(-1, 1, 1)
+
+
+def test_tp1_instances_outserve_one_tp_k_instance_by_default():
+    m = StepTimeModel()
+    # 4 TP1 instances, each with a quarter of the batch, against one TP4 instance with all of it
+    per_tp1 = m.step_time(64, 64 * 1000, 1)
+    tp4 = m.step_time(256, 256 * 1000, 4)
+    assert 256 / tp4 < 4 * 64 / per_tp1
+
+
+def test_json_round_trip(tmp_path):
+    m = StepTimeModel(base_s=0.1, weight_s=0.2, per_token_s=0.3, per_context_token_s=0.4, allreduce_s=0.5,
+                      allreduce_per_token_s=0.6)
+    path = tmp_path / "step.json"
+    m.save(str(path))
+    assert StepTimeModel.load(str(path)) == m
+    path.write_text('{"base_s": 1, "bogus": 2}')
+    with pytest.raises(ValueError, match="bogus"):
+        StepTimeModel.load(str(path))
