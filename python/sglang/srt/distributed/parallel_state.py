@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from gyges.topology import bitrev
+
 # tuple of global ranks -> (device group, cpu group); filled by create_aligned_groups.
 _GROUPS: Dict[Tuple[int, ...], Tuple[Any, Any]] = {}
 
@@ -78,6 +80,16 @@ class TPGroup:
     def is_leader(self) -> bool:
         return self.rank == 0
 
+    @property
+    def shard_rank(self) -> int:
+        """Which weight / KV-head shard this rank holds: the bit-reversed group rank (gyges.topology).
+
+        With this placement a merge keeps every device's new shard inside its old one and a split keeps the
+        old shard inside the new one, so transformations keep a slice in place (see gyges/plans.py).
+        For TP <= 2 it equals `rank`.
+        """
+        return bitrev(self.rank, self.size.bit_length() - 1)
+
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In place over the device group; returns the tensor."""
         if self.size > 1:
@@ -85,13 +97,14 @@ class TPGroup:
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """Concatenate every rank's tensor (same shape) along `dim`, in rank order."""
+        """Concatenate every rank's tensor (same shape) along `dim`, in shard order (see shard_rank)."""
         if self.size == 1:
             return tensor
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
         dist.all_gather(parts, tensor, group=self.device_group)
-        return torch.cat(parts, dim=dim)
+        bits = self.size.bit_length() - 1
+        return torch.cat([parts[bitrev(s, bits)] for s in range(self.size)], dim=dim)
 
     def broadcast_object(self, obj: Any = None, src_local: int = 0) -> Any:
         """Pickle `obj` from local rank src_local to every rank over the gloo CPU group."""

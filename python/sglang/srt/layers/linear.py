@@ -67,7 +67,7 @@ class ColumnParallelLinear(nn.Module):
     def weight_targets(self, hf_names: Sequence[str], bias_names: Optional[Sequence[str]] = None
                        ) -> Dict[str, WeightTarget]:
         out: Dict[str, WeightTarget] = {}
-        rank, tp = self.tp_group.rank, self.tp_group.size
+        rank, tp = self.tp_group.shard_rank, self.tp_group.size
         for j, name in enumerate(hf_names):
             copies = shard_copies(self.part_sizes, self.padded_sizes, j, self.granularity, rank, tp)
             out[name] = WeightTarget(self.weight, (self.part_sizes[j], self.in_features), copies)
@@ -129,7 +129,7 @@ class RowParallelLinear(nn.Module):
         return y
 
     def weight_targets(self, hf_name: str, bias_name: Optional[str] = None) -> Dict[str, WeightTarget]:
-        copies = shard_copies([self.in_features], [self.padded_in], 0, self.granularity, self.tp_group.rank,
+        copies = shard_copies([self.in_features], [self.padded_in], 0, self.granularity, self.tp_group.shard_rank,
                               self.tp_group.size)
         out = {hf_name: WeightTarget(self.weight_t, (self.out_features, self.in_features), copies, transpose=True)}
         if self.bias is not None and bias_name is not None:

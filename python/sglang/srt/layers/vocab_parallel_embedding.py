@@ -30,7 +30,7 @@ class VocabParallelEmbedding(nn.Module):
         self.tp_group = tp_group
         self.padded_vocab = padded_vocab_size(vocab_size, granularity)
         self.local_vocab = self.padded_vocab // tp_group.size
-        self.vocab_start = tp_group.rank * self.local_vocab
+        self.vocab_start = tp_group.shard_rank * self.local_vocab
         self.weight = new_param((self.local_vocab, hidden_size), dtype, device)  # [Vp/t, hidden]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp_group.all_reduce(out)
 
     def weight_targets(self, hf_name: str) -> Dict[str, WeightTarget]:
-        copies = shard_copies([self.vocab_size], [self.padded_vocab], 0, self.granularity, self.tp_group.rank,
+        copies = shard_copies([self.vocab_size], [self.padded_vocab], 0, self.granularity, self.tp_group.shard_rank,
                               self.tp_group.size)
         return {hf_name: WeightTarget(self.weight, (self.vocab_size, self.hidden_size), copies)}
 
