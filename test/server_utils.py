@@ -69,15 +69,15 @@ class ServerProcess:
             time.sleep(0.5)
         raise TimeoutError(f"server not healthy within {timeout:.0f} s:\n{self.log_tail()}")
 
-    def stop(self, check: bool = True) -> List[str]:
-        """SIGTERM the server; return descriptions of processes that outlived it (killed afterwards)."""
+    def stop(self, check: bool = True, sig: int = signal.SIGTERM) -> List[str]:
+        """Signal the server (SIGTERM or SIGINT); return the processes that outlived it (killed afterwards)."""
         try:
             self.children = list({p.pid: p for p in self.children + psutil.Process(
                 self.proc.pid).children(recursive=True)}.values())
         except psutil.Error:
             pass
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -133,8 +133,8 @@ class ServerProcess:
             time.sleep(0.2)
 
 
-def stop_and_check(server: ServerProcess) -> None:
-    orphans = server.stop()
+def stop_and_check(server: ServerProcess, sig: int = signal.SIGTERM) -> None:
+    orphans = server.stop(sig=sig)
     assert server.proc.returncode is not None
     assert not orphans, f"processes outlived the server: {orphans}"
 

@@ -7,6 +7,7 @@ The module is skipped only when the venv cannot be created (no package index rea
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -36,7 +37,7 @@ def venv_python():
 def server(test_model, venv_python):
     srv = ServerProcess(test_model("llama"), "--served-model-name", MODEL)
     yield srv
-    stop_and_check(srv)
+    stop_and_check(srv, sig=signal.SIGINT)  # Ctrl-C must stop every process too
 
 
 def run_client(venv_python, *args, timeout=600, cwd=COMPAT) -> str:

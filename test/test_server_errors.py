@@ -4,20 +4,54 @@ Every bad request must get its 4xx with a JSON error message that says what is w
 valid request must still be served. /health and /metrics stay open without the key; everything else is 401.
 """
 
+import subprocess
+import sys
+import time
+
+import psutil
 import pytest
 import requests
+from transformers import AutoTokenizer
 
 from server_utils import ServerProcess, stop_and_check
 
 KEY = "test-secret-key"
 GOOD = {"text": "Hello, world!", "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
+# A custom chat template given with --chat-template (a file), different from the tokenizer's own.
+CUSTOM_TEMPLATE = ("{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}[ASSISTANT] {% endif %}")
 
 
 @pytest.fixture(scope="module")
-def server(test_model):
-    srv = ServerProcess(test_model("llama"), "--served-model-name", "tiny", api_key=KEY)
+def server(test_model, tmp_path_factory):
+    template = tmp_path_factory.mktemp("tmpl") / "template.jinja"
+    template.write_text(CUSTOM_TEMPLATE)
+    srv = ServerProcess(test_model("llama"), "--served-model-name", "tiny", "--chat-template", str(template),
+                        api_key=KEY)
     yield srv
     stop_and_check(srv)
+
+
+def test_cli_rejects_bad_flags(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--model-path" in r.stderr and "not a directory" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", str(tmp_path),
+                        "--tp-size", "3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--tp-size" in r.stderr
+
+
+def test_custom_chat_template_file(server, test_model):
+    tok = AutoTokenizer.from_pretrained(test_model("llama"))
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = tok.encode("[USER] What is the capital of France?\n[ASSISTANT] ", add_special_tokens=False)
+    r = server.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 3,
+                                                  "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(expected)
+    ref = server.generate(input_ids=expected, sampling_params={"max_new_tokens": 3, "temperature": 0,
+                                                               "ignore_eos": True})
+    assert r.json()["choices"][0]["message"]["content"] == ref["text"]
 
 
 def assert_error(r: requests.Response, status: int, *fragments: str) -> dict:
@@ -165,3 +199,20 @@ def test_concurrent_good_and_bad(server):
     with ThreadPoolExecutor(10) as pool:
         codes = list(pool.map(lambda b: server.post("/generate", json=b).status_code, bodies))
     assert codes == [200 if i % 2 == 0 else 400 for i in range(10)]
+
+
+# ---- last: a child process dies ------------------------------------------------------------------------------
+def test_zz_worker_death_makes_server_unavailable(server):
+    """Runs last in this module: kill one child process; /health and generation must answer 503."""
+    children = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                if "resource_tracker" not in " ".join(p.cmdline())]
+    assert children, "the server has no child processes"
+    victim = children[-1]
+    victim.kill()
+    victim.wait(10)
+    deadline = time.time() + 15
+    while requests.get(server.url + "/health", timeout=10).status_code != 503:
+        assert time.time() < deadline, "/health still 200 after a child process died"
+        time.sleep(0.2)
+    assert_error(server.post("/generate", json=GOOD), 503)
+    assert_error(server.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1}), 503)
