@@ -25,6 +25,8 @@ TEST_MODEL_SPECS = {
     ),
     "qwen2": DemoModelSpec(arch="qwen2", seed=4, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
                            intermediate_size=150, num_hidden_layers=3),
+    # 4 KV heads: splits into TP4 (Gyges tests).
+    "llama_kv4": DemoModelSpec(arch="llama", seed=7, num_key_value_heads=4, intermediate_size=92),
     "qwen3": DemoModelSpec(arch="qwen3", seed=5, head_dim=32, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=130),
 }

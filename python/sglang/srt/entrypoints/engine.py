@@ -96,6 +96,10 @@ def launch_subprocesses(server_args: ServerArgs):
         raise
     max_tokens = max(i.max_total_num_tokens for i in infos)
     max_req_len = max(i.max_req_len for i in infos)
+    if server_args.enable_gyges:
+        # The largest instance Gyges can form holds (max_tp / tp) times the pages of one instance.
+        grow = (server_args.gyges_max_tp or world) // server_args.tp_size
+        max_req_len = min(model_config.context_len, max_tokens * grow) - 1
     logger.info("serving: %d instance(s) of TP%d, KV capacity %d tokens per instance, weights %.1f MiB per device",
                 server_args.dp_size, server_args.tp_size, max_tokens, infos[0].weight_bytes / 2**20)
     tm = TokenizerManager(server_args, port_args, model_config, max_tokens, max_req_len, procs)
@@ -175,6 +179,14 @@ class Engine:
 
     def abort_request(self, rid: str) -> None:
         self._run(self.tokenizer_manager.abort_request(rid))
+
+    def gyges_topology(self) -> Dict[str, Any]:
+        """Instances (devices, tp, load, KV) and the transformation history (needs --enable-gyges)."""
+        return self._run(self.tokenizer_manager.gyges_topology())
+
+    def gyges_transform(self, devices: List[int], tp: int) -> Dict[str, Any]:
+        """Merge `devices` into one TP instance (tp == len(devices)) or split them into TP `tp` instances."""
+        return self._run(self.tokenizer_manager.gyges_transform(devices, tp))
 
     def shutdown(self) -> None:
         if getattr(self, "_closed", True):

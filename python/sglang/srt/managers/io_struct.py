@@ -293,3 +293,71 @@ class WorkerFailed:
     rank: int
     # What went wrong (exception text).
     error: str
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gyges: transformations (TokenizerManager -> Controller -> instance leaders -> their followers)
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class GygesTransformReq:
+    # Id the reply carries back.
+    req_id: str
+    # Devices of the instance to form (merge) or to split.
+    devices: List[int]
+    # TP degree of the resulting instance(s): len(devices) merges them; smaller splits them.
+    tp: int
+
+
+@dataclass
+class GygesTransformReqOutput:
+    # Id of the GygesTransformReq this answers.
+    req_id: str
+    # True when the transformation happened.
+    success: bool
+    # Why it was refused or failed ("" on success).
+    message: str
+    # Breakdown: kind, devices, tp, running_requests, kv_bytes, kv_ms, weight_bytes, weight_ms, pause_ms,
+    # peak_extra_bytes, total_ms, planning_ms, ...
+    breakdown: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GygesTopologyReq:
+    # Id the reply carries back.
+    req_id: str
+
+
+@dataclass
+class GygesTopologyReqOutput:
+    # Id of the GygesTopologyReq this answers.
+    req_id: str
+    # One dict per instance: id, devices, tp, state, running, waiting, kv_capacity_tokens, kv_used_tokens.
+    instances: List[Dict[str, Any]]
+    # Past transformations, oldest first: kind, devices, tp, at, and the breakdown.
+    history: List[Dict[str, Any]]
+
+
+@dataclass
+class TransformCmd:
+    # Unique id of this transformation.
+    transform_id: str
+    # "merge" or "split".
+    kind: str
+    # Device lists of the instances that exist before (sorted by first device).
+    src_instances: List[List[int]]
+    # Device lists of the instances that exist after.
+    dst_instances: List[List[int]]
+    # time.time() when the controller issued it.
+    issued_at: float
+
+
+@dataclass
+class TransformDone:
+    # Id of the TransformCmd.
+    transform_id: str
+    # False when the transformation was refused by planning (nothing changed) or failed.
+    success: bool
+    # Reason when not successful.
+    message: str
+    # Measured breakdown (see GygesTransformReqOutput.breakdown).
+    breakdown: Dict[str, Any] = field(default_factory=dict)

@@ -95,3 +95,34 @@ class ReqKVManager:
 
     def flush(self) -> None:
         self.tree.reset()
+
+    # ---- Gyges: ownership after a transformation ----------------------------------------------------
+    def adopt(self, tree_paths, running: List[Req], ) -> None:
+        """Rebuild page ownership on a fresh manager from migrated state (page ids already re-based).
+
+        The cached paths go into the tree (where two instances cached the same tokens, one copy is kept and
+        the other's pages are duplicates); every running request re-points the cached part of its prefix to
+        the tree's pages and locks it; the pages nobody references any more are returned to the free list.
+        """
+        ps = self.page_size
+        used = set()
+        for _, pages in tree_paths:
+            used.update(pages)
+        for req in running:
+            used.update(req.page_table)
+        self.allocator.take(used)
+        duplicates = set(self.tree.import_(tree_paths))
+        to_free = set()
+        for req in running:
+            n_aligned = min(req.kv_len // ps, len(req.page_table)) * ps
+            match = self.tree.match_prefix(req.fill_ids[:n_aligned])
+            for i, page in enumerate(match.pages):
+                old = req.page_table[i]
+                if old != page and i >= req.num_tree_pages:
+                    to_free.add(old)  # the request's own copy of KV the tree also holds
+            req.page_table[: len(match.pages)] = match.pages
+            req.num_tree_pages = len(match.pages)
+            req.cache_node = match.last_node
+            self.tree.inc_lock_ref(match.last_node)
+        still_used = {p for r in running for p in r.page_table}
+        self.allocator.free(sorted((duplicates | to_free) - still_used))

@@ -107,3 +107,39 @@ class Req:
         self.kv_len = 0
         self.num_tree_pages = 0
         self.cache_node = None
+
+
+@dataclass
+class InstanceState:
+    """One instance's requests and prefix cache as plain data: what a Gyges transformation moves.
+
+    Requests keep their page tables (page ids of the source instance until re-based), sampling state and
+    grammar state (as a dict); radix locks are not part of it (the destination re-locks).
+    """
+
+    devices: List[int]
+    running: List[Req]
+    waiting: List[Req]
+    tree_paths: List[Any]  # [(token ids, page ids)] root-to-leaf paths of the radix tree
+    new_token_ratio: float = 0.5
+
+    def used_pages(self) -> set:
+        pages = set()
+        for _, ps in self.tree_paths:
+            pages.update(ps)
+        for r in self.running:
+            pages.update(r.page_table)
+        return pages
+
+
+def portable_req(req: Req) -> Req:
+    """A copy of `req` that pickles: grammar as its state dict, no radix node."""
+    import copy
+
+    out = copy.copy(req)
+    out.page_table = list(req.page_table)
+    out.output_ids = list(req.output_ids)
+    out.cache_node = None
+    if req.grammar is not None:
+        out.grammar = {"grammar_state": req.grammar.state_dict()}
+    return out

@@ -32,10 +32,13 @@ from sglang.srt.managers.io_struct import (
     InstanceReport,
     ReqOutputDelta,
     TokenizedGenerateReqInput,
+    TransformCmd,
 )
 from sglang.srt.managers.req_kv import ReqKVManager, pages_for
 from sglang.srt.managers.schedule_batch import (
+    InstanceState,
     Req,
+    portable_req,
     finish_abort,
     finish_length,
     finish_stop_str,
@@ -94,8 +97,8 @@ class StopChecker:
 
 
 class Scheduler:
-    def __init__(self, server_args: ServerArgs, port_args: PortArgs, runner, tp_group, instance_id: int,
-                 tokenizer):
+    def __init__(self, server_args: ServerArgs, channels: "WorkerChannels", runner, tp_group, instance_id: int,
+                 tokenizer, grammar_backend=None, migrated: Optional[InstanceState] = None):
         from sglang.srt.sampling.sampler import Sampler
 
         self.args = server_args
@@ -109,7 +112,7 @@ class Scheduler:
         self.sampler = Sampler(self.model_config.vocab_size)
         self.tokenizer = tokenizer
         self.stop_checker = StopChecker(tokenizer, self.model_config.eos_token_ids, self.model_config.context_len)
-        self._grammar_backend = None
+        self._grammar_backend = grammar_backend
 
         self.waiting: List[Req] = []
         self.running: List[Req] = []  # admitted: prefilling (chunked) or decoding
@@ -118,22 +121,29 @@ class Scheduler:
         self.num_retractions = 0  # total retractions since start (reported in internal_state)
         self._last_report: Optional[InstanceReport] = None
 
-        ctx = zmq.Context(2)
-        self.recv_from_controller = get_zmq_socket(ctx, zmq.PULL, port_args.worker_inputs[tp_group.ranks[0]], bind=True)
-        self.send_to_detokenizer = get_zmq_socket(ctx, zmq.PUSH, port_args.detokenizer_input, bind=False)
-        self.send_to_controller = get_zmq_socket(ctx, zmq.PUSH, port_args.controller_from_workers, bind=False)
-        self.poller = zmq.Poller()
-        self.poller.register(self.recv_from_controller, zmq.POLLIN)
+        self.recv_from_controller = channels.recv_from_controller
+        self.send_to_detokenizer = channels.send_to_detokenizer
+        self.send_to_controller = channels.send_to_controller
+        self.poller = channels.poller
+        self._pending_transform: Optional[TransformCmd] = None
+        if migrated is not None:
+            self.adopt_state(migrated)
 
     # ======================================================================================================
     # main loop
     # ======================================================================================================
-    def event_loop(self) -> None:
-        while True:
+    def event_loop(self) -> TransformCmd:
+        """Serve until the controller orders a transformation; return that order (between iterations)."""
+        self.report_load()
+        while self._pending_transform is None:
             busy = bool(self.running or self.waiting)
             self.process_input(block_ms=0 if busy else 200)
+            if self._pending_transform is not None:
+                break
             self.step()
             self.report_load()
+        cmd, self._pending_transform = self._pending_transform, None
+        return cmd
 
     def step(self) -> bool:
         """One scheduling iteration. Returns whether a forward pass ran."""
@@ -149,7 +159,7 @@ class Scheduler:
     def process_input(self, block_ms: int) -> None:
         if block_ms and not self.poller.poll(block_ms):
             return
-        while True:
+        while self._pending_transform is None:
             try:
                 msg = self.recv_from_controller.recv_pyobj(zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -164,6 +174,8 @@ class Scheduler:
         elif isinstance(msg, FlushCacheReq):
             ok = self.flush_cache()
             self.send_to_controller.send_pyobj(FlushCacheReqOutput(msg.req_id, ok, self.instance_id))
+        elif isinstance(msg, TransformCmd):
+            self._pending_transform = msg
         elif isinstance(msg, GetInternalStateReq):
             self.send_to_controller.send_pyobj(
                 GetInternalStateReqOutput(msg.req_id, self.instance_id, self.internal_state()))
@@ -489,6 +501,29 @@ class Scheduler:
             "new_token_ratio": self.new_token_ratio,
         }
 
+    # ======================================================================================================
+    # Gyges: moving this instance's state
+    # ======================================================================================================
+    def export_state(self) -> InstanceState:
+        """Plain-data copy of the requests and the cache (page ids of this instance)."""
+        return InstanceState(
+            devices=list(self.tp.ranks),
+            running=[portable_req(r) for r in self.running],
+            waiting=[portable_req(r) for r in self.waiting],
+            tree_paths=self.kv.tree.export(),
+            new_token_ratio=self.new_token_ratio,
+        )
+
+    def adopt_state(self, state: InstanceState) -> None:
+        """Take over migrated requests and cache (page ids already re-based to this instance)."""
+        for req in state.running + state.waiting:
+            if isinstance(req.grammar, dict):
+                req.grammar = self.grammar_backend().restore(req.grammar["grammar_state"])
+        self.kv.adopt(state.tree_paths, state.running)
+        self.running = list(state.running)
+        self.waiting = sorted(state.waiting, key=lambda r: r.arrival_time)
+        self.new_token_ratio = state.new_token_ratio
+
     def report_load(self) -> None:
         report = InstanceReport(
             instance_id=self.instance_id,
@@ -503,10 +538,23 @@ class Scheduler:
             self.send_to_controller.send_pyobj(report)
 
 
-def follower_loop(runner, tp_group) -> None:
-    """Non-leader TP ranks: compute every batch the leader broadcasts, until it broadcasts None."""
+def follower_loop(runner, tp_group) -> Optional[TransformCmd]:
+    """Non-leader TP ranks: compute every batch the leader broadcasts, until it broadcasts a
+    transformation order (returned) or None (shutdown)."""
     while True:
-        fb = tp_group.broadcast_object(None)
-        if fb is None:
-            return
-        runner.forward(fb)
+        msg = tp_group.broadcast_object(None)
+        if msg is None or isinstance(msg, TransformCmd):
+            return msg
+        runner.forward(msg)
+
+
+class WorkerChannels:
+    """ZMQ sockets of one worker, created once: a worker may lead an instance, follow, and lead again."""
+
+    def __init__(self, port_args: PortArgs, rank: int):
+        ctx = zmq.Context(2)
+        self.recv_from_controller = get_zmq_socket(ctx, zmq.PULL, port_args.worker_inputs[rank], bind=True)
+        self.send_to_detokenizer = get_zmq_socket(ctx, zmq.PUSH, port_args.detokenizer_input, bind=False)
+        self.send_to_controller = get_zmq_socket(ctx, zmq.PUSH, port_args.controller_from_workers, bind=False)
+        self.poller = zmq.Poller()
+        self.poller.register(self.recv_from_controller, zmq.POLLIN)

@@ -32,6 +32,8 @@ from sglang.srt.managers.io_struct import (
     FlushCacheReqOutput,
     GenerateReqInput,
     GetInternalStateReq,
+    GygesTopologyReq,
+    GygesTransformReq,
     ReqStrOut,
     TokenizedGenerateReqInput,
 )
@@ -340,6 +342,22 @@ class TokenizerManager:
     async def get_internal_state(self) -> List[Dict]:
         replies = await self._ask(GetInternalStateReq(uuid.uuid4().hex))
         return [r.state for r in replies]
+
+    # ---- Gyges admin -------------------------------------------------------------------------------------
+    async def gyges_topology(self) -> Dict:
+        reply = await self._ask(GygesTopologyReq(uuid.uuid4().hex))
+        return {"instances": reply.instances, "history": reply.history}
+
+    async def gyges_transform(self, devices: List[int], tp: int, timeout: float = 600.0) -> Dict:
+        """Merge or split by hand. Raises ValueError (HTTP 400) when refused, with the reason."""
+        if not isinstance(devices, list) or not devices or not all(isinstance(d, int) for d in devices):
+            raise ValueError("'devices' must be a non-empty list of device ids")
+        if not isinstance(tp, int) or tp < 1:
+            raise ValueError("'tp' must be a positive integer")
+        reply = await self._ask(GygesTransformReq(uuid.uuid4().hex, devices, tp), timeout=timeout)
+        if not reply.success:
+            raise ValueError(reply.message)
+        return reply.breakdown
 
     # ---- background loops ------------------------------------------------------------------------------
     async def _output_loop(self) -> None:

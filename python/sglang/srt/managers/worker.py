@@ -30,7 +30,7 @@ def run_worker_process(server_args: ServerArgs, port_args: PortArgs, rank: int, 
 
         from sglang.srt.configs.model_config import ModelConfig
         from sglang.srt.distributed import parallel_state as ps
-        from sglang.srt.managers.scheduler import Scheduler, follower_loop
+        from sglang.srt.managers.scheduler import WorkerChannels
         from sglang.srt.model_executor.model_runner import ModelRunner
 
         world = server_args.num_devices
@@ -47,8 +47,7 @@ def run_worker_process(server_args: ServerArgs, port_args: PortArgs, rank: int, 
         ps.init_distributed(world, rank, port_args.dist_init_method, backend)
         ps.create_aligned_groups(world)
         tp = server_args.tp_size
-        instance_id = rank // tp
-        ranks = list(range(instance_id * tp, instance_id * tp + tp))
+        ranks = list(range(rank // tp * tp, rank // tp * tp + tp))
         tp_group = ps.get_tp_group(ranks)
 
         model_config = ModelConfig.from_server_args(server_args)
@@ -61,18 +60,14 @@ def run_worker_process(server_args: ServerArgs, port_args: PortArgs, rank: int, 
             kv_pool_bytes=runner.kv_pool_bytes,
             page_size=server_args.page_size,
         )
-        if rank == ranks[0]:
-            tokenizer = None
+        tokenizer = None
+        if rank == ranks[0] or server_args.enable_gyges:
             if not server_args.skip_tokenizer_init:
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
-            scheduler = Scheduler(server_args, port_args, runner, tp_group, instance_id, tokenizer)
-            pipe_writer.send(ready)
-            scheduler.event_loop()
-        else:
-            pipe_writer.send(ready)
-            follower_loop(runner, tp_group)
+        channels = WorkerChannels(port_args, rank)
+        serve(server_args, rank, runner, tp_group, tokenizer, channels, lambda: pipe_writer.send(ready))
     except Exception as e:  # report to the launcher, then die: the TokenizerManager sees the exit
         msg = f"{type(e).__name__}: {e}"
         logger.error("worker %d failed: %s\n%s", rank, msg, traceback.format_exc())
@@ -81,3 +76,45 @@ def run_worker_process(server_args: ServerArgs, port_args: PortArgs, rank: int, 
         except Exception:
             pass
         os._exit(1)
+
+
+def serve(server_args: ServerArgs, rank: int, runner, tp_group, tokenizer, channels, on_ready) -> None:
+    """A worker's life: lead or follow its instance; between iterations, take part in transformations."""
+    from sglang.srt.distributed.parallel_state import get_tp_group
+    from sglang.srt.managers.gyges_transform import execute_transform
+    from sglang.srt.managers.io_struct import TransformDone
+    from sglang.srt.managers.scheduler import Scheduler, follower_loop
+
+    scheduler = None
+    migrated = None
+    grammar_backend = None
+    while True:
+        leader = tp_group.ranks[0] == rank
+        if leader:
+            if scheduler is None:
+                scheduler = Scheduler(server_args, channels, runner, tp_group, rank, tokenizer,
+                                      grammar_backend=grammar_backend, migrated=migrated)
+            if on_ready is not None:
+                on_ready()
+                on_ready = None
+            cmd = scheduler.event_loop()
+            tp_group.broadcast_object(cmd)  # wakes this instance's followers
+            my_state = scheduler.export_state()
+            grammar_backend = scheduler._grammar_backend
+        else:
+            if on_ready is not None:
+                on_ready()
+                on_ready = None
+            cmd = follower_loop(runner, tp_group)
+            if cmd is None:
+                return
+            my_state = None
+        outcome = execute_transform(cmd, rank, runner, my_state)
+        devices = sorted({d for inst in cmd.src_instances + cmd.dst_instances for d in inst})
+        if rank == devices[0]:
+            channels.send_to_controller.send_pyobj(
+                TransformDone(cmd.transform_id, outcome.ok, outcome.message, outcome.breakdown))
+        if not outcome.ok:
+            continue  # refused before anything moved: the same instance and scheduler go on
+        tp_group = get_tp_group(outcome.ranks)
+        scheduler, migrated = None, outcome.state

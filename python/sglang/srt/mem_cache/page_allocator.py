@@ -84,6 +84,20 @@ class PageAllocator:
         # Push in reverse so that the next alloc hands these back in the order they were given.
         self._free_stack.extend(reversed(pages))
 
+    def take(self, pages: Iterable[int]) -> None:
+        """Mark specific free pages as used (rebuilding ownership after a Gyges transformation)."""
+        wanted = set()
+        for p in pages:
+            p = self._as_id(p)
+            if not self._is_free[p]:
+                raise ValueError(f"page {p} is already in use")
+            wanted.add(p)
+        if not wanted:
+            return
+        for p in wanted:
+            self._is_free[p] = 0
+        self._free_stack = [p for p in self._free_stack if p not in wanted]
+
     def clear(self) -> None:
         """Every page free again (the pool is flushed)."""
         self._free_stack: List[int] = list(range(self._num_total - 1, -1, -1))

@@ -99,6 +99,18 @@ class ModelRunner:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         return int(self.tp_group.all_reduce(t, op="min").item())
 
+    # ---- Gyges ---------------------------------------------------------------------------------------
+    def rebind(self, model, tp_group: TPGroup, model_config: ModelConfig, kv_pool: HeadCentricKVPool) -> None:
+        """Adopt a regrouped model and re-viewed KV pool after a transformation (model_executor/regroup.py)."""
+        self.model = model
+        self.tp_group = tp_group
+        self.model_config = model_config
+        self.kv_pool = kv_pool
+        self.num_pages = kv_pool.num_pages
+        self.max_total_num_tokens = self.num_pages * self.page_size
+        self.weight_bytes = module_bytes(model)
+        self.kv_pool_bytes = kv_pool.total_bytes
+
     # ---- forward -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

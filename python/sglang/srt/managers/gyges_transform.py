@@ -1,0 +1,272 @@
+"""A Gyges transformation as the workers run it, between two forward iterations.
+
+    controller --TransformCmd--> leaders of the source instances --broadcast--> their followers
+    every device of the transformation (the aligned group D covering it), together:
+      1. gather     each source leader's InstanceState (requests, page tables, radix paths)   [cpu group]
+      2. plan       gyges.plans: page renumbering / split assignment, KV moves, weight rows   [pure, same
+                    on every device; a plan that cannot work (a split that does not fit) is refused here,
+                    before anything moved, and the source instances continue unchanged]
+      3. KV         execute the KV plan over the device group (model_executor/regroup.py)
+      4. weights    keep the slice in place, receive the missing rows, rebuild the model on the new group
+      5. resume     new leaders adopt their re-based requests and cache; followers follow
+      6. report     D's first device sends TransformDone with the measured breakdown to the controller
+
+Nothing is recomputed: requests keep their KV, output, sampling seed and grammar state.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from gyges.plans import (
+    KVLayout,
+    KVPlan,
+    kv_merge_plan,
+    kv_split_plan,
+    merge_page_mapping,
+    split_page_assignment,
+    split_page_id,
+    weight_regroup_plan,
+)
+from gyges.topology import Instance
+from sglang.srt.distributed.parallel_state import TPGroup, get_tp_group
+from sglang.srt.managers.io_struct import TransformCmd
+from sglang.srt.managers.schedule_batch import InstanceState, Req
+from sglang.srt.model_executor import regroup
+
+logger = logging.getLogger(__name__)
+
+# KV bytes moved per round at most (per device): bounds the staging memory of a transformation.
+MAX_STAGING_BYTES = 64 << 20
+
+
+@dataclass
+class TransformPlan:
+    kv_plan: KVPlan
+    states: Dict[int, InstanceState]  # new instance base device -> its re-based state
+    running_requests: int
+
+
+@dataclass
+class TransformOutcome:
+    ok: bool
+    message: str = ""
+    ranks: List[int] = field(default_factory=list)  # this device's instance after the transformation
+    state: Optional[InstanceState] = None  # for the new leaders
+    breakdown: Dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------------
+# planning (pure: the same on every device)
+# ------------------------------------------------------------------------------------------------------
+def _rebase(req: Req, mapping) -> Req:
+    req.page_table = [mapping(p) for p in req.page_table]
+    return req
+
+
+def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: KVLayout,
+                   buffer_bytes: int) -> TransformPlan:
+    src = [Instance.of(d) for d in cmd.src_instances]
+    dst = [Instance.of(d) for d in cmd.dst_instances]
+    running = sum(len(s.running) for s in states.values())
+    if cmd.kind == "merge":
+        merged = dst[0]
+        used = [sorted(states[p.base].used_pages()) for p in src]
+        kv_plan = kv_merge_plan(layout, buffer_bytes, src, used, MAX_STAGING_BYTES)
+        out = InstanceState(devices=list(merged.devices), running=[], waiting=[], tree_paths=[])
+        for part in src:
+            st = states[part.base]
+            f = merge_page_mapping(part, merged)
+            out.running.extend(_rebase(r, f) for r in st.running)
+            out.waiting.extend(st.waiting)
+            out.tree_paths.extend((toks, [f(p) for p in pages]) for toks, pages in st.tree_paths)
+            out.new_token_ratio = max(out.new_token_ratio, st.new_token_ratio)
+        return TransformPlan(kv_plan, {merged.base: out}, running)
+    if cmd.kind == "split":
+        merged = src[0]
+        st = states[merged.base]
+        groups = _page_groups(st)
+        targets = _assign_groups(groups, merged, dst, layout, buffer_bytes)
+        assignment = split_page_assignment(layout, buffer_bytes, merged, dst,
+                                           [(targets[i], g.pages) for i, g in enumerate(groups)])
+        kv_plan = kv_split_plan(layout, buffer_bytes, merged, dst, assignment=assignment, max_staging_bytes=MAX_STAGING_BYTES)
+        outs = {p.base: InstanceState(devices=list(p.devices), running=[], waiting=[], tree_paths=[],
+                                      new_token_ratio=st.new_token_ratio) for p in dst}
+
+        def f(page: int) -> int:
+            return assignment[page][1]
+
+        for i, g in enumerate(groups):
+            out = outs[dst[targets[i]].base]
+            out.running.extend(_rebase(r, f) for r in g.reqs)
+            out.tree_paths.extend((toks, [f(p) for p in pages]) for toks, pages in g.paths)
+        for j, req in enumerate(sorted(st.waiting, key=lambda r: r.arrival_time)):
+            # Waiting requests hold no KV: spread them, the least loaded part first.
+            part = min(dst, key=lambda p: (len(outs[p.base].running) + len(outs[p.base].waiting), p.base))
+            outs[part.base].waiting.append(req)
+        return TransformPlan(kv_plan, outs, running)
+    raise ValueError(f"unknown transformation kind {cmd.kind!r}")
+
+
+@dataclass
+class _PageGroup:
+    """Requests and cached paths that share pages: they must end on the same instance after a split."""
+
+    pages: List[int] = field(default_factory=list)
+    reqs: List[Req] = field(default_factory=list)
+    paths: List[Tuple[List[int], List[int]]] = field(default_factory=list)
+
+
+def _page_groups(st: InstanceState) -> List[_PageGroup]:
+    parent: Dict[int, int] = {}
+
+    def find(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    items: List[Tuple[str, object, List[int]]] = [("req", r, r.page_table) for r in st.running]
+    items += [("path", p, p[1]) for p in st.tree_paths]
+    for _, _, pages in items:
+        for a, b in zip(pages, pages[1:]):
+            parent[find(a)] = find(b)
+        for a in pages:
+            find(a)
+    groups: Dict[int, _PageGroup] = {}
+    order: List[int] = []
+    for kind, obj, pages in items:
+        if not pages:
+            key = -1 - len(order)  # a request without pages yet (admitted, nothing computed): its own group
+        else:
+            key = find(pages[0])
+        if key not in groups:
+            groups[key] = _PageGroup()
+            order.append(key)
+        g = groups[key]
+        (g.reqs if kind == "req" else g.paths).append(obj)
+    for key in order:
+        g = groups[key]
+        g.pages = sorted({p for r in g.reqs for p in r.page_table} | {p for _, ps in g.paths for p in ps})
+    return [groups[k] for k in order]
+
+
+def _assign_groups(groups: List[_PageGroup], merged: Instance, parts: List[Instance], layout: KVLayout,
+                   buffer_bytes: int) -> List[int]:
+    """Target part of each group: balance running requests and pages, prefer where pages already lie."""
+    load = [[0, 0] for _ in parts]  # per part: [running requests, pages]
+    targets = [0] * len(groups)
+    order = sorted(range(len(groups)), key=lambda i: -len(groups[i].pages))
+    for i in order:
+        g = groups[i]
+        natural = [0] * len(parts)
+        for p in g.pages:
+            natural[split_page_id(p, merged, parts)[0]] += 1
+        best = min(range(len(parts)), key=lambda j: (load[j][0], load[j][1], -natural[j], j))
+        targets[i] = best
+        load[best][0] += len(g.reqs)
+        load[best][1] += len(g.pages)
+    return targets
+
+
+# ------------------------------------------------------------------------------------------------------
+# execution (every device of the transformation)
+# ------------------------------------------------------------------------------------------------------
+def _all_gather_object(obj, group: TPGroup) -> list:
+    out = [None] * group.size
+    dist.all_gather_object(out, obj, group=group.cpu_group)
+    return out
+
+
+def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[InstanceState]) -> TransformOutcome:
+    """Run this device's part of `cmd`. Every device of the transformation calls it at the same point."""
+    t_start = time.time()
+    devices = sorted({d for inst in cmd.src_instances + cmd.dst_instances for d in inst})
+    group = get_tp_group(devices)
+    blobs = _all_gather_object(pickle.dumps(my_state) if my_state is not None else None, group)
+    states = {}
+    for blob in blobs:
+        if blob is not None:
+            st: InstanceState = pickle.loads(blob)
+            states[st.devices[0]] = st
+
+    cfg = runner.model_config
+    pool = runner.kv_pool
+    flat = regroup.kv_flat_bytes(pool)
+    layout = KVLayout(cfg.num_kv_heads, cfg.num_layers, pool.page_size, cfg.head_dim,
+                      torch.empty((), dtype=cfg.dtype).element_size())
+    t_plan0 = time.perf_counter()
+    try:
+        check_model_can_take(cmd, cfg)
+        plan = plan_transform(cmd, states, layout, flat.numel())
+    except ValueError as e:
+        msg = f"{cmd.kind} of devices {devices} refused: {e}"
+        logger.warning(msg)
+        return TransformOutcome(ok=False, message=msg, ranks=_old_ranks(cmd, me))
+    planning_s = time.perf_counter() - t_plan0
+
+    stats = regroup.RegroupStats()
+    src = [Instance.of(d) for d in cmd.src_instances]
+    dst = [Instance.of(d) for d in cmd.dst_instances]
+    regroup.execute_kv_plan(plan.kv_plan, me, flat, group.device_group, stats)
+
+    new_inst = next(i for i in dst if me in i.devices)
+    new_group = get_tp_group(list(new_inst.devices))
+    new_cfg = regroup.new_model_config(cfg, new_inst.tp)
+    old_model = runner.model
+    new_model = regroup.build_model_on_meta(type(old_model), new_cfg, new_group)
+    specs = regroup.param_specs(old_model, new_model, cfg.tp_size)
+    weight_plan = weight_regroup_plan(specs, cfg.weight_granularity, src, dst)
+    regroup.regroup_weights(weight_plan, me, old_model, new_model, group.device_group, stats)
+    regroup.adopt_buffers(old_model, new_model)
+    new_pool = regroup.reshape_pool(pool, cfg.num_kv_heads // new_inst.tp)
+    runner.rebind(new_model, new_group, new_cfg, new_pool)
+    t_end = time.time()
+
+    mine = {"t_start": t_start, "t_end": t_end, "kv_s": stats.kv_seconds, "weight_s": stats.weight_seconds,
+            "kv_staging": stats.kv_staging_peak_bytes, "weight_transient": stats.weight_transient_peak_bytes,
+            "weight_recv": stats.weight_bytes_received, "weight_freed": stats.weight_bytes_freed}
+    everyone = _all_gather_object(mine, group)
+    breakdown = {
+        "kind": cmd.kind,
+        "devices": devices,
+        "tp": max(i.tp for i in dst) if cmd.kind == "merge" else min(i.tp for i in dst),
+        "running_requests": plan.running_requests,
+        "planning_ms": planning_s * 1e3,
+        "kv_bytes": plan.kv_plan.kv_bytes_moved,
+        "kv_bytes_in_place": plan.kv_plan.kv_bytes_in_place,
+        "kv_ms": max(e["kv_s"] for e in everyone) * 1e3,
+        "weight_bytes": sum(e["weight_recv"] for e in everyone),
+        "weight_bytes_freed": sum(e["weight_freed"] for e in everyone),
+        "weight_ms": max(e["weight_s"] for e in everyone) * 1e3,
+        "peak_extra_bytes": max(max(e["kv_staging"], e["weight_transient"]) for e in everyone),
+        "pause_ms": (max(e["t_end"] for e in everyone) - min(e["t_start"] for e in everyone)) * 1e3,
+        "total_ms": (max(e["t_end"] for e in everyone) - cmd.issued_at) * 1e3,
+        "kv_capacity_tokens": runner.max_total_num_tokens,
+    }
+    state = plan.states.get(me) if new_inst.leader == me else None
+    return TransformOutcome(ok=True, ranks=list(new_inst.devices), state=state, breakdown=breakdown)
+
+
+def _old_ranks(cmd: TransformCmd, me: int) -> List[int]:
+    return next(list(i) for i in cmd.src_instances if me in i)
+
+
+def check_model_can_take(cmd: TransformCmd, cfg) -> None:
+    """Refuse shapes the model cannot be split into (no KV-head replication)."""
+    for inst in cmd.dst_instances:
+        tp = len(inst)
+        if cfg.num_kv_heads % tp or cfg.num_attention_heads % tp:
+            raise ValueError(f"TP{tp} needs the head counts to be divisible by {tp}; the model has "
+                             f"{cfg.num_attention_heads} attention heads and {cfg.num_kv_heads} KV heads "
+                             f"(KV-head replication is not supported)")
+        if cfg.weight_granularity % tp:
+            raise ValueError(f"TP{tp} exceeds the weight layout's granularity {cfg.weight_granularity} "
+                             f"(--gyges-max-tp)")

@@ -1,0 +1,145 @@
+"""Gyges live transformations on the real multi-process engine (CPU workers, tiny float32 models).
+
+Requests keep decoding while their instances are merged and split; their tokens must equal a run
+without transformations and their logprobs must agree within 1e-4.
+"""
+
+import threading
+
+import pytest
+import torch
+
+import sglang
+
+PARAMS = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
+
+
+def _prompts(n):
+    g = torch.Generator().manual_seed(11)
+    return [[1] + torch.randint(3, 500, (4 + 9 * i,), generator=g).tolist() for i in range(n)]
+
+
+def _run_with_transforms(engine, prompts, schedule):
+    """Run `prompts` together; when the first (streamed) request has produced k tokens, apply schedule[k]."""
+    results = {}
+
+    def rest():
+        results["rest"] = engine.generate(input_ids=prompts[1:], sampling_params=PARAMS, return_logprob=True)
+
+    t = threading.Thread(target=rest)
+    t.start()
+    breakdowns = []
+    last = None
+    pending = dict(schedule)
+    for chunk in engine.generate(input_ids=prompts[0], sampling_params=PARAMS, return_logprob=True, stream=True):
+        last = chunk
+        done = chunk["meta_info"]["completion_tokens"]
+        for step in sorted(k for k in pending if k <= done):
+            devices, tp = pending.pop(step)
+            breakdowns.append(engine.gyges_transform(devices, tp))
+    t.join()
+    assert not pending, f"transformations not applied: {pending}"
+    return [last] + results["rest"], breakdowns
+
+
+def _assert_same(outs, refs):
+    for o, r in zip(outs, refs):
+        assert o["output_ids"] == r["output_ids"]
+        a = [x[0] for x in o["meta_info"]["output_token_logprobs"]]
+        b = [x[0] for x in r["meta_info"]["output_token_logprobs"]]
+        assert len(a) == len(b) == PARAMS["max_new_tokens"]
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+
+
+def _assert_all_pages_free(engine):
+    assert engine.flush_cache()
+    for st in engine.get_internal_state():
+        assert st["free_pages"] == st["num_pages"], st
+
+
+@pytest.fixture(scope="module")
+def two_devices(test_model):
+    eng = sglang.Engine(model_path=test_model("llama_kv4"), dp_size=2, enable_gyges=True, device="cpu",
+                        dtype="float32", page_size=4, log_level="warning")
+    yield eng
+    eng.shutdown()
+
+
+def test_merge_split_merge_while_decoding(two_devices):
+    eng = two_devices
+    prompts = _prompts(8)
+    reference = eng.generate(input_ids=prompts, sampling_params=PARAMS, return_logprob=True)
+    _assert_all_pages_free(eng)
+    outs, bds = _run_with_transforms(eng, prompts, {10: ([0, 1], 2), 20: ([0, 1], 1), 30: ([0, 1], 2)})
+    _assert_same(outs, reference)
+    assert [b["kind"] for b in bds] == ["merge", "split", "merge"]
+    assert all(b["running_requests"] > 0 for b in bds), bds
+    assert all(b["kv_bytes"] > 0 for b in bds)
+    topo = eng.gyges_topology()
+    assert [i["devices"] for i in topo["instances"]] == [[0, 1]]
+    assert [h["kind"] for h in topo["history"]][-3:] == ["merge", "split", "merge"]
+    eng.gyges_transform([0, 1], 1)
+    assert [i["tp"] for i in eng.gyges_topology()["instances"]] == [1, 1]
+    _assert_all_pages_free(eng)
+
+
+def test_cached_prefix_survives_merge_and_split(two_devices):
+    eng = two_devices
+    prompt = _prompts(6)[5]  # 50 tokens
+    first = eng.generate(input_ids=prompt, sampling_params={"max_new_tokens": 4, "temperature": 0})
+    eng.gyges_transform([0, 1], 2)
+    after_merge = eng.generate(input_ids=prompt, sampling_params={"max_new_tokens": 4, "temperature": 0})
+    assert after_merge["meta_info"]["cached_tokens"] >= 40
+    eng.gyges_transform([0, 1], 1)
+    after_split = eng.generate(input_ids=prompt, sampling_params={"max_new_tokens": 4, "temperature": 0})
+    assert after_split["meta_info"]["cached_tokens"] >= 40
+    assert first["output_ids"] == after_merge["output_ids"] == after_split["output_ids"]
+    _assert_all_pages_free(eng)
+
+
+def test_bad_transformations_are_refused(two_devices):
+    eng = two_devices
+    with pytest.raises(ValueError, match="align|instance|devices"):
+        eng.gyges_transform([1, 2], 2)
+    with pytest.raises(ValueError):
+        eng.gyges_transform([0, 1], 1)  # already two TP1 instances: nothing to split
+    out = eng.generate("still serving", {"max_new_tokens": 3})
+    assert out["meta_info"]["completion_tokens"] == 3
+
+
+def test_long_request_refused_then_served_after_merge(test_model):
+    prompt = _prompts(12)[11][:90]
+    params = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    static = sglang.Engine(model_path=test_model("llama_kv4"), tp_size=2, device="cpu", dtype="float32",
+                           page_size=4, max_total_tokens=128, log_level="warning")
+    try:
+        expected = static.generate(input_ids=prompt, sampling_params=params)["output_ids"]
+    finally:
+        static.shutdown()
+    eng = sglang.Engine(model_path=test_model("llama_kv4"), dp_size=2, enable_gyges=True, device="cpu",
+                        dtype="float32", page_size=4, max_total_tokens=64, log_level="warning")
+    try:
+        with pytest.raises(ValueError, match="KV capacity.*64 tokens.*merge"):
+            eng.generate(input_ids=prompt, sampling_params=params)
+        eng.gyges_transform([0, 1], 2)
+        assert eng.gyges_topology()["instances"][0]["kv_capacity_tokens"] == 128
+        assert eng.generate(input_ids=prompt, sampling_params=params)["output_ids"] == expected
+    finally:
+        eng.shutdown()
+
+
+def test_four_devices_tp4_then_two_tp2_then_four_tp1(test_model):
+    eng = sglang.Engine(model_path=test_model("llama_kv4"), dp_size=4, enable_gyges=True, device="cpu",
+                        dtype="float32", page_size=4, log_level="warning")
+    try:
+        prompts = _prompts(6)
+        reference = eng.generate(input_ids=prompts, sampling_params=PARAMS, return_logprob=True)
+        _assert_all_pages_free(eng)
+        outs, bds = _run_with_transforms(eng, prompts, {8: ([0, 1, 2, 3], 4), 18: ([0, 1, 2, 3], 2),
+                                                        28: ([0, 1], 1), 29: ([2, 3], 1)})
+        _assert_same(outs, reference)
+        assert [b["tp"] for b in bds] == [4, 2, 1, 1]
+        assert [i["tp"] for i in eng.gyges_topology()["instances"]] == [1, 1, 1, 1]
+        _assert_all_pages_free(eng)
+    finally:
+        eng.shutdown()
