@@ -3,7 +3,10 @@
 Data flow: `gyges.plans` gives the bytes a transformation moves; `transform_cost` turns them into
 seconds with a link bandwidth. `StepTimeModel.step_time` predicts one forward iteration of an instance of
 TP tp; the simulator advances time with it and the policy compares options with it. Parameters are fitted
-offline (benchmark/) and saved with `save` / loaded with `load`.
+offline (benchmark/) and saved with `save` / loaded with `load`. `TransformCostModel` estimates what a
+merge or a split moves (KV bytes from the members' used tokens, weight bytes from the model size) and how
+long it pauses the instances involved; the Gyges policy ranks candidate merges with it and the simulator
+pauses instances for its estimate.
 
 Step-time model (seconds), per forward iteration of an instance of TP tp:
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from typing import Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -89,3 +93,39 @@ class StepTimeModel:
     def load(cls, path: str) -> "StepTimeModel":
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+@dataclass(frozen=True)
+class TransformCostModel:
+    """Bytes and seconds of a merge or split, from token counts (what the controller knows).
+
+    KV: a part of TP t merged into TP T keeps 1/stride of each used page's bytes in place (stride = T/t,
+    gyges.plans) and moves the rest; a split moves the same fraction back. Weights: a merge keeps each
+    device's new (smaller) shard in place and moves nothing; a split to TP t re-gathers, on each of the T
+    devices, the rows of its larger shard it lacks: weight_bytes * (T/t - 1) in all. Moves run on all the
+    devices' links at once, so the time is bytes / (link bandwidth * devices) plus a fixed overhead.
+    """
+
+    kv_bytes_per_token: float = 131072.0  # all KV heads, all layers, one token (8B model: 32*8*128*2*2)
+    weight_bytes: float = 16e9  # the whole model's sharded weights
+    link_bandwidth_bytes_per_s: float = 50e9  # per device (P2P copy bandwidth)
+    fixed_overhead_s: float = 0.05  # planning, synchronisation, page-table rewrites
+
+    def _cost(self, kv_bytes: float, weight_bytes: float, devices: int) -> TransformCost:
+        return transform_cost(int(kv_bytes), int(weight_bytes), self.link_bandwidth_bytes_per_s * max(1, devices),
+                              self.fixed_overhead_s)
+
+    def merge_cost(self, parts: Sequence[Tuple[int, int]], tp: int) -> TransformCost:
+        """parts: (tp, used KV tokens) of each source instance; tp: the merged instance's TP."""
+        if sum(t for t, _ in parts) != tp:
+            raise ValueError(f"parts of TP {[t for t, _ in parts]} do not make one instance of TP {tp}")
+        kv = sum(used * self.kv_bytes_per_token * (1.0 - t / tp) for t, used in parts)
+        return self._cost(kv, 0.0, tp)
+
+    def split_cost(self, tp: int, new_tp: int, used_tokens: int) -> TransformCost:
+        """Split an instance of TP tp holding used_tokens of KV into instances of TP new_tp."""
+        if new_tp < 1 or new_tp >= tp or tp % new_tp:
+            raise ValueError(f"cannot split TP {tp} into TP {new_tp}")
+        kv = used_tokens * self.kv_bytes_per_token * (1.0 - new_tp / tp)
+        weights = self.weight_bytes * (tp / new_tp - 1.0)
+        return self._cost(kv, weights, tp)

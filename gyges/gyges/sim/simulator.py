@@ -1,0 +1,548 @@
+"""Discrete-event simulator: a host of N devices serving a trace under a gyges.policy.Policy.
+
+Data flow. Requests (gyges.traces.TraceRequest) arrive at their trace times. The simulator plays the
+live controller: on each arrival it describes the instances in a policy.ClusterState and applies the
+policy's Place / Hold / Reject; every `tick_s` it calls on_tick and applies its placements, rejects and
+transformations. Each instance runs continuous batching: one iteration takes every decoding request (one
+token each) plus prefill chunks of the others up to `chunk_tokens`, and lasts
+costmodel.StepTimeModel.step_time(batch tokens, context tokens, tp). A request's KV reservation is
+prompt + output tokens (the policy sees max_new_tokens = the trace's output length), so admitted work
+never runs out of memory. Capacity: `kv_tokens_per_device` per device at any TP (an instance of TP t
+holds t times that). A transformation waits for the current iteration of each instance involved, pauses
+them for costmodel.TransformCostModel's estimate, then the requests continue on the new instances (a
+merge pools them; a split deals them over the parts, which must have room: otherwise the policy was
+wrong and SimulationError is raised, like any other invalid decision).
+
+Results (SimResult): TTFT / TPOT percentiles, throughput, SLO attainment, rejected and unfinished
+requests, merges / splits and a timeline of instance shapes; per trace source as well.
+
+CLI: python -m gyges.sim.simulator --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from gyges.costmodel import StepTimeModel, TransformCostModel
+from gyges.policy import (ClusterState, Hold, InstanceLoad, Place, Policy, Reject, RequestInfo, Transform,
+                          make_policy, validate_transform)
+from gyges.topology import Instance, Topology
+from gyges.traces import (TraceRequest, load_trace, mix_traces, sample, scale_trace, synthetic_trace,
+                          window)
+
+
+class SimulationError(RuntimeError):
+    """A policy decision the live controller would also refuse (overcommit, bad transform, ...)."""
+
+
+@dataclass
+class SimConfig:
+    num_devices: int = 4
+    max_tp: int = 4
+    kv_tokens_per_device: int = 16384
+    chunk_tokens: int = 4096  # prefill + decode tokens per iteration of one instance
+    tick_s: float = 0.1  # how often the policy's on_tick runs
+    slo_ttft_s: float = 5.0
+    slo_tpot_s: float = 0.1
+    settle_s: float = 30.0  # keep ticking this long after the last request (lets splits happen)
+    drain_s: float = 3600.0  # give up this long after the last arrival (requests left: unfinished)
+    step_model: StepTimeModel = field(default_factory=StepTimeModel)
+    transform_model: TransformCostModel = field(default_factory=TransformCostModel)
+
+
+# =====================================================================================================
+# State
+# =====================================================================================================
+@dataclass
+class SimRequest:
+    rid: str
+    arrival: float
+    prompt: int
+    output: int
+    source: str
+    prefilled: int = 0
+    generated: int = 0
+    first_token_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    rejected: Optional[str] = None
+
+    @property
+    def need(self) -> int:
+        return self.prompt + self.output
+
+    @property
+    def context(self) -> int:
+        return self.prefilled + self.generated
+
+    @property
+    def remaining(self) -> int:
+        return self.prompt - self.prefilled + self.output - self.generated
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled >= self.prompt
+
+    def info(self) -> RequestInfo:
+        return RequestInfo(self.rid, self.prompt, self.output, self.arrival)
+
+
+@dataclass
+class SimInstance:
+    instance: Instance
+    capacity: int
+    requests: List[SimRequest] = field(default_factory=list)
+    busy: bool = False  # an iteration is running
+    paused: bool = False  # part of a transformation (no new iterations)
+    idle_since: Optional[float] = 0.0
+
+    @property
+    def base(self) -> int:
+        return self.instance.base
+
+    def load(self) -> InstanceLoad:
+        used = sum(r.context for r in self.requests)
+        in_flight = sum(r.remaining for r in self.requests)
+        running = sum(1 for r in self.requests if r.decoding)
+        return InstanceLoad(self.instance.devices, self.instance.tp, running, len(self.requests) - running,
+                            self.capacity, used, 0, in_flight, self.paused,
+                            None if self.requests else self.idle_since)
+
+    def free(self) -> int:
+        return self.capacity - sum(r.need for r in self.requests)
+
+    def next_batch(self, chunk_tokens: int) -> List[Tuple[SimRequest, int]]:
+        """(request, new tokens) of the next iteration: all decodes, then prefill chunks, FCFS."""
+        batch = [(r, 1) for r in self.requests if r.decoding]
+        budget = chunk_tokens - len(batch)
+        for r in self.requests:
+            if budget <= 0:
+                break
+            if not r.decoding:
+                n = min(r.prompt - r.prefilled, budget)
+                batch.append((r, n))
+                budget -= n
+        return batch
+
+
+@dataclass
+class PendingTransform:
+    decision: Transform
+    sources: List[SimInstance]
+    started: bool = False
+
+
+@dataclass
+class SimResult:
+    policy: str
+    requests: int
+    completed: int
+    rejected: int
+    unfinished: int
+    ttft_p50: float
+    ttft_p99: float
+    tpot_p50: float
+    tpot_p99: float
+    throughput_tok_s: float  # output tokens of completed requests / time from first arrival to last finish
+    throughput_req_s: float
+    slo_attainment: float  # share of all requests (rejected and unfinished count as misses)
+    merges: int
+    splits: int
+    transform_pause_s: float  # sum of the transformations' pauses
+    makespan_s: float
+    timeline: List[Tuple[float, Tuple[int, ...]]]  # (time, TP of each instance by first device)
+    by_source: Dict[str, dict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (q in [0, 100]); nan for no data."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+# =====================================================================================================
+# The simulator
+# =====================================================================================================
+class Simulator:
+    """One run of one policy over one trace. `run()` returns the SimResult."""
+
+    def __init__(self, policy: Policy, trace: Sequence[TraceRequest], config: Optional[SimConfig] = None):
+        self.policy = policy
+        self.cfg = config or SimConfig()
+        self.reqs = [SimRequest(f"r{i}", t.arrival_s, t.prompt_tokens, max(1, t.output_tokens), t.source or "all")
+                     for i, t in enumerate(sorted(trace, key=lambda t: t.arrival_s))]
+        groups = policy.initial_instances(self.cfg.num_devices, self.cfg.max_tp)
+        self.topology = Topology(self.cfg.num_devices, tuple(Instance.of(g) for g in groups), self.cfg.max_tp)
+        self.instances: Dict[int, SimInstance] = {
+            i.base: SimInstance(i, self.cfg.kv_tokens_per_device * i.tp) for i in self.topology.instances}
+        self.held: List[SimRequest] = []
+        self.transform: Optional[PendingTransform] = None
+        self.now = 0.0
+        self._events: List[tuple] = []
+        self._seq = itertools.count()
+        self.merges = self.splits = 0
+        self.pause_s = 0.0
+        self.timeline: List[Tuple[float, Tuple[int, ...]]] = [(0.0, self._shapes())]
+
+    # -- events ----------------------------------------------------------------------------------------
+    def _at(self, t: float, kind: str, data=None) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), kind, data))
+
+    def run(self) -> SimResult:
+        for r in self.reqs:
+            self._at(r.arrival, "arrival", r)
+        self._at(0.0, "tick")
+        last_arrival = self.reqs[-1].arrival if self.reqs else 0.0
+        give_up = last_arrival + self.cfg.drain_s
+        done_at: Optional[float] = None
+        while self._events:
+            t, _, kind, data = heapq.heappop(self._events)
+            if t > give_up:
+                break
+            self.now = t
+            if kind == "arrival":
+                self._on_arrival(data)
+            elif kind == "step":
+                self._on_step_done(*data)
+            elif kind == "transform":
+                self._on_transform_done()
+            elif kind == "tick":
+                self._on_tick()
+                if self._all_done():
+                    done_at = self.now if done_at is None else done_at
+                else:
+                    done_at = None
+                if done_at is None or self.now - done_at < self.cfg.settle_s:
+                    self._at(self.now + self.cfg.tick_s, "tick")
+        return self._result()
+
+    def _all_done(self) -> bool:
+        return (all(r.finished_at is not None or r.rejected is not None for r in self.reqs)
+                and self.transform is None)
+
+    # -- policy interaction ----------------------------------------------------------------------------
+    def state(self) -> ClusterState:
+        loads = tuple(self.instances[b].load() for b in sorted(self.instances))
+        return ClusterState(self.cfg.num_devices, self.cfg.max_tp, loads, self.now,
+                            tuple(r.info() for r in self.held))
+
+    def _on_arrival(self, req: SimRequest) -> None:
+        d = self.policy.on_request(req.info(), self.state())
+        if isinstance(d, Place):
+            self._place(req, d.instance)
+        elif isinstance(d, Hold):
+            self.held.append(req)
+        elif isinstance(d, Reject):
+            req.rejected = d.message
+        else:
+            raise SimulationError(f"{self.policy.name}: on_request returned {d!r}")
+
+    def _on_tick(self) -> None:
+        decisions = self.policy.on_tick(self.state())
+        held = {r.rid: r for r in self.held}
+        transforms = [d for d in decisions if isinstance(d, Transform)]
+        if len(transforms) > 1:
+            raise SimulationError(f"{self.policy.name}: several transformations in one tick: {transforms}")
+        for d in decisions:
+            if isinstance(d, Transform):
+                self._start_transform(d)
+                continue
+            req = held.pop(d.rid, None)
+            if req is None:
+                raise SimulationError(f"{self.policy.name}: {d!r} names no held request")
+            self.held.remove(req)
+            if isinstance(d, Place):
+                self._place(req, d.instance)
+            elif isinstance(d, Reject):
+                req.rejected = d.message
+            else:
+                raise SimulationError(f"{self.policy.name}: on_tick returned {d!r}")
+
+    def _place(self, req: SimRequest, base: int) -> None:
+        inst = self.instances.get(base)
+        if inst is None:
+            raise SimulationError(f"{self.policy.name}: placed {req.rid} on device {base}, which leads no instance")
+        if inst.paused:
+            raise SimulationError(f"{self.policy.name}: placed {req.rid} on transforming instance {base}")
+        if req.need > inst.free():
+            raise SimulationError(f"{self.policy.name}: placed {req.rid} ({req.need} tokens) on instance {base} "
+                                  f"with {inst.free()} free")
+        inst.requests.append(req)
+        inst.idle_since = None
+        self._kick(inst)
+
+    # -- iterations ------------------------------------------------------------------------------------
+    def _kick(self, inst: SimInstance) -> None:
+        if inst.busy or inst.paused or not inst.requests:
+            return
+        batch = inst.next_batch(self.cfg.chunk_tokens)
+        tokens = sum(n for _, n in batch)
+        context = sum(r.context + n for r, n in batch)
+        dt = self.cfg.step_model.step_time(tokens, context, inst.instance.tp)
+        inst.busy = True
+        self._at(self.now + dt, "step", (inst, batch))
+
+    def _on_step_done(self, inst: SimInstance, batch: List[Tuple[SimRequest, int]]) -> None:
+        inst.busy = False
+        for r, n in batch:
+            if r.decoding:
+                r.generated += 1
+            else:
+                r.prefilled += n
+                if r.decoding:  # the prefill's last chunk samples the first token
+                    r.generated += 1
+                    r.first_token_at = self.now
+            if r.generated >= r.output:
+                r.finished_at = self.now
+        inst.requests = [r for r in inst.requests if r.finished_at is None]
+        if not inst.requests:
+            inst.idle_since = self.now
+        if inst.paused:
+            self._maybe_begin_transform()
+        else:
+            self._kick(inst)
+
+    # -- transformations -------------------------------------------------------------------------------
+    def _start_transform(self, t: Transform) -> None:
+        if self.transform is not None:
+            raise SimulationError(f"{self.policy.name}: {t} while another transformation is in flight")
+        if t.tp > self.cfg.max_tp:
+            raise SimulationError(f"{self.policy.name}: {t} above max_tp={self.cfg.max_tp}")
+        try:
+            validate_transform(t, self.state())
+        except ValueError as e:
+            raise SimulationError(f"{self.policy.name}: invalid transformation {t}: {e}") from None
+        sources = [self.instances[i.base] for i in self.topology.instances if set(i.devices) <= set(t.devices)]
+        if not t.is_merge:
+            sources = [self.instances[t.devices[0]]]
+        for s in sources:
+            s.paused = True
+        self.transform = PendingTransform(t, sources)
+        self._maybe_begin_transform()
+
+    def _maybe_begin_transform(self) -> None:
+        pt = self.transform
+        if pt is None or pt.started or any(s.busy for s in pt.sources):
+            return
+        pt.started = True
+        tm = self.cfg.transform_model
+        if pt.decision.is_merge:
+            cost = tm.merge_cost([(s.instance.tp, sum(r.context for r in s.requests)) for s in pt.sources],
+                                 pt.decision.tp)
+        else:
+            src = pt.sources[0]
+            cost = tm.split_cost(src.instance.tp, pt.decision.tp, sum(r.context for r in src.requests))
+        self.pause_s += cost.est_seconds
+        self._at(self.now + cost.est_seconds, "transform")
+
+    def _on_transform_done(self) -> None:
+        pt, self.transform = self.transform, None
+        t = pt.decision
+        if t.is_merge:
+            self.topology = self.topology.merge(t.devices)
+            merged = Instance.of(t.devices)
+            inst = SimInstance(merged, sum(s.capacity for s in pt.sources),
+                               sorted((r for s in pt.sources for r in s.requests), key=lambda r: r.arrival))
+            new = [inst]
+            self.merges += 1
+        else:
+            src = pt.sources[0]
+            self.topology = self.topology.split(t.devices, t.tp)
+            parts = [SimInstance(i, src.capacity * t.tp // src.instance.tp) for i in self.topology.instances
+                     if set(i.devices) <= set(t.devices)]
+            for r in sorted(src.requests, key=lambda r: -r.need):  # largest first into the emptiest part
+                part = max(parts, key=lambda p: (p.free(), -p.base))
+                if r.need > part.free():
+                    raise SimulationError(f"{self.policy.name}: split of {list(t.devices)} leaves {r.rid} "
+                                          f"({r.need} tokens) no room in any part")
+                part.requests.append(r)
+            for p in parts:
+                p.requests.sort(key=lambda r: r.arrival)
+            new = parts
+            self.splits += 1
+        for s in pt.sources:
+            del self.instances[s.base]
+        for inst in new:
+            inst.idle_since = None if inst.requests else self.now
+            self.instances[inst.base] = inst
+        self.timeline.append((self.now, self._shapes()))
+        self._on_tick()
+        for inst in new:
+            self._kick(inst)
+
+    def _shapes(self) -> Tuple[int, ...]:
+        return tuple(i.tp for i in self.topology.instances)
+
+    # -- results ---------------------------------------------------------------------------------------
+    def _result(self) -> SimResult:
+        summary = self._summarise(self.reqs)
+        by_source = {}
+        sources = sorted({r.source for r in self.reqs})
+        if len(sources) > 1:
+            by_source = {s: self._summarise([r for r in self.reqs if r.source == s]) for s in sources}
+        return SimResult(self.policy.name, len(self.reqs), summary["completed"], summary["rejected"],
+                         summary["unfinished"], summary["ttft_p50"], summary["ttft_p99"], summary["tpot_p50"],
+                         summary["tpot_p99"], summary["throughput_tok_s"], summary["throughput_req_s"],
+                         summary["slo_attainment"], self.merges, self.splits, self.pause_s,
+                         summary["makespan_s"], self.timeline, by_source)
+
+    def _summarise(self, reqs: Sequence[SimRequest]) -> dict:
+        done = [r for r in reqs if r.finished_at is not None]
+        ttft = [r.first_token_at - r.arrival for r in done]
+        tpot = [(r.finished_at - r.first_token_at) / (r.output - 1) for r in done if r.output > 1]
+        if done:
+            span = max(r.finished_at for r in done) - min(r.arrival for r in reqs)
+        else:
+            span = 0.0
+        ok = sum(1 for r in done if r.first_token_at - r.arrival <= self.cfg.slo_ttft_s
+                 and (r.output <= 1 or (r.finished_at - r.first_token_at) / (r.output - 1) <= self.cfg.slo_tpot_s))
+        rejected = sum(1 for r in reqs if r.rejected is not None)
+        return {
+            "completed": len(done), "rejected": rejected, "unfinished": len(reqs) - len(done) - rejected,
+            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+            "tpot_p50": percentile(tpot, 50), "tpot_p99": percentile(tpot, 99),
+            "throughput_tok_s": sum(r.output for r in done) / span if span > 0 else 0.0,
+            "throughput_req_s": len(done) / span if span > 0 else 0.0,
+            "slo_attainment": ok / len(reqs) if reqs else float("nan"),
+            "makespan_s": span,
+        }
+
+
+def simulate(policy: Policy, trace: Sequence[TraceRequest], config: Optional[SimConfig] = None) -> SimResult:
+    return Simulator(policy, trace, config).run()
+
+
+def compare(policy_specs: Sequence[str], trace: Sequence[TraceRequest], config: Optional[SimConfig] = None
+            ) -> List[SimResult]:
+    """Run each policy ('name' or 'name:key=value,...') on the same trace and config."""
+    return [simulate(build_policy(spec), trace, config) for spec in policy_specs]
+
+
+# =====================================================================================================
+# CLI
+# =====================================================================================================
+def _parse_kv(text: str) -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key.strip()] = val
+    return out
+
+
+def build_policy(spec: str) -> Policy:
+    """'gyges' or 'gyges:split_delay=2' or 'static-hybrid:big_tp=2,long_threshold_tokens=8000'."""
+    name, _, args = spec.partition(":")
+    return make_policy(name.strip(), **_parse_kv(args))
+
+
+TRACE_OPTIONS = ("start", "duration", "sample", "seed", "time_scale", "length_scale", "output_scale",
+                 "max_prompt", "max_output", "offset")
+
+
+def load_trace_spec(spec: str) -> List[TraceRequest]:
+    """'PATH' or 'PATH@start=0,duration=60,length_scale=0.25,time_scale=2,max_prompt=30000,sample=200'."""
+    path, _, opts = spec.partition("@")
+    kv = _parse_kv(opts)
+    unknown = set(kv) - set(TRACE_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown trace options {sorted(unknown)}; known: {', '.join(TRACE_OPTIONS)}")
+    reqs = load_trace(path)
+    if "start" in kv or "duration" in kv:
+        reqs = window(reqs, float(kv.get("start", 0.0)), float(kv.get("duration", float("inf"))))
+    if "sample" in kv:
+        reqs = sample(reqs, int(kv["sample"]), int(kv.get("seed", 0)))
+    reqs = scale_trace(reqs, float(kv.get("time_scale", 1.0)), float(kv.get("length_scale", 1.0)),
+                       kv.get("max_prompt"), kv.get("max_output"),
+                       float(kv["output_scale"]) if "output_scale" in kv else None)
+    if "offset" in kv:
+        reqs = mix_traces(reqs, offsets_s=[float(kv["offset"])])
+    return reqs
+
+
+def format_table(results: Sequence[SimResult]) -> str:
+    cols = [("policy", "{}"), ("done", "{}"), ("rejected", "{}"), ("unfinished", "{}"),
+            ("tok/s", "{:.0f}"), ("req/s", "{:.2f}"), ("TTFT p50", "{:.2f}"), ("TTFT p99", "{:.2f}"),
+            ("TPOT p50", "{:.3f}"), ("TPOT p99", "{:.3f}"), ("SLO %", "{:.1f}"), ("merges", "{}"),
+            ("splits", "{}")]
+    rows = []
+    for r in results:
+        vals = [r.policy, r.completed, r.rejected, r.unfinished, r.throughput_tok_s, r.throughput_req_s,
+                r.ttft_p50, r.ttft_p99, r.tpot_p50, r.tpot_p99, 100 * r.slo_attainment, r.merges, r.splits]
+        rows.append([fmt.format(v) for (_, fmt), v in zip(cols, vals)])
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, (c, _) in enumerate(cols)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+    out = [line([c for c, _ in cols]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in rows]
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m gyges.sim.simulator",
+        description="Simulate a host of devices serving request traces under Gyges and static policies, "
+                    "and print a comparison table.")
+    p.add_argument("--trace", action="append", default=[], metavar="PATH[@opts]",
+                   help="trace file (.csv Azure, .jsonl Mooncake); repeat to mix by arrival. Options after @, "
+                        f"comma separated: {', '.join(o + '=' for o in TRACE_OPTIONS)}")
+    p.add_argument("--synthetic", type=int, default=0, metavar="N",
+                   help="without --trace: N synthetic requests (see --rate, --long-fraction)")
+    p.add_argument("--rate", type=float, default=20.0, help="synthetic arrival rate (req/s)")
+    p.add_argument("--long-fraction", type=float, default=0.05, help="synthetic share of long requests")
+    p.add_argument("--policies", default="gyges,static-dp-ll,static-dp-rr,static-tp,static-hybrid",
+                   help="comma-separated policies; arguments as name:key=value;... use ';' between arguments")
+    p.add_argument("--devices", type=int, default=4)
+    p.add_argument("--max-tp", type=int, default=4)
+    p.add_argument("--kv-tokens-per-device", type=int, default=16384)
+    p.add_argument("--chunk-tokens", type=int, default=4096)
+    p.add_argument("--slo-ttft", type=float, default=5.0, help="seconds")
+    p.add_argument("--slo-tpot", type=float, default=0.1, help="seconds per output token")
+    p.add_argument("--step-model", metavar="JSON", help="StepTimeModel parameters (costmodel.StepTimeModel.save)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--timeline", action="store_true", help="also print each policy's instance shapes over time")
+    args = p.parse_args(argv)
+
+    if args.trace:
+        trace = mix_traces(*(load_trace_spec(s) for s in args.trace))
+    elif args.synthetic:
+        trace = synthetic_trace(args.synthetic, args.rate, long=(args.kv_tokens_per_device * 2, 64),
+                                long_fraction=args.long_fraction)
+    else:
+        p.error("give --trace or --synthetic")
+    cfg = SimConfig(num_devices=args.devices, max_tp=args.max_tp, kv_tokens_per_device=args.kv_tokens_per_device,
+                    chunk_tokens=args.chunk_tokens, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot,
+                    step_model=StepTimeModel.load(args.step_model) if args.step_model else StepTimeModel())
+    specs = [s.strip().replace(";", ",") for s in args.policies.split(",") if s.strip()]
+    # 'name:a=1;b=2' keeps its own arguments; a bare comma separates policies
+    results = compare(specs, trace, cfg)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return 0
+    print(f"{len(trace)} requests, {args.devices} devices (max TP {args.max_tp}), "
+          f"{args.kv_tokens_per_device} KV tokens per device")
+    print(format_table(results))
+    if args.timeline:
+        for r in results:
+            print(f"{r.policy}: " + "  ".join(f"{t:.1f}s:{list(s)}" for t, s in r.timeline))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
