@@ -243,3 +243,24 @@ def test_chat_content_parts(client):
                                        max_tokens=4, temperature=0, extra_body=GREEDY_EXTRA)
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.usage.prompt_tokens == b.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": MESSAGES}),
+    ("/v1/completions", {"prompt": PROMPT, "n": 2}),
+])
+def test_stream_disconnect_aborts(server, path, body):
+    r = server.post(path, json={"model": MODEL, "max_tokens": 3000, "stream": True, "ignore_eos": True, **body},
+                    stream=True)
+    assert r.status_code == 200
+    seen = 0
+    for line in r.iter_lines():
+        if line.startswith(b"data:"):
+            seen += 1
+            if seen == 4:
+                break
+    r.close()  # the client goes away mid-stream
+    states = server.wait_idle(timeout=30)
+    assert sum(s["running"] for s in states) == 0
+    assert server.post("/flush_cache").status_code == 200
+    assert sum(s["kv_used_tokens"] for s in server.internal_states()) == 0
