@@ -1,0 +1,393 @@
+"""gyges.policy: the Gyges policy's invariants on random cluster states (hypothesis), its hysteresis and
+merge choice, and the static baselines.
+
+The random states have one KV capacity per device (C tokens at any TP), so the oracles here are
+independent of the policy's own helpers: an aligned group of s devices holds C*s tokens, and the largest
+formable instance holds C * (largest power of two <= min(num_devices, max_tp)).
+"""
+
+from typing import Dict, List, Tuple
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gyges.costmodel import TransformCostModel
+from gyges.policy import (ClusterState, GygesPolicy, Hold, InstanceLoad, Place, Reject, RequestInfo,
+                          StaticDPLeastLoad, StaticDPRoundRobin, StaticHybrid, StaticTP, Transform,
+                          make_policy, validate_transform)
+from gyges.topology import Instance, Topology, is_aligned
+
+SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# -- state generation ----------------------------------------------------------------------------------
+def largest_group(num_devices: int, max_tp: int) -> int:
+    s = 1
+    while s * 2 <= min(num_devices, max_tp):
+        s *= 2
+    return s
+
+
+def size_class(need: int, per_device: int) -> int:
+    s = 1
+    while per_device * s < need:
+        s *= 2
+    return s
+
+
+@st.composite
+def partitions(draw, base: int, size: int, max_tp: int) -> List[Tuple[int, ...]]:
+    """A random aligned partition of [base, base+size) into instances of TP <= max_tp."""
+    if size == 1 or (size <= max_tp and draw(st.booleans())):
+        return [tuple(range(base, base + size))]
+    half = size // 2
+    return draw(partitions(base, half, max_tp)) + draw(partitions(base + half, half, max_tp))
+
+
+@st.composite
+def instance_loads(draw, devices: Tuple[int, ...], per_device: int, transforming: bool) -> InstanceLoad:
+    cap = per_device * len(devices)
+    used = draw(st.integers(0, cap))
+    evictable = draw(st.integers(0, used))
+    in_flight = draw(st.integers(0, cap - used + evictable))
+    running = draw(st.integers(0, 8)) if used - evictable + in_flight else 0
+    waiting = draw(st.integers(0, 4)) if running else 0
+    return InstanceLoad(devices, len(devices), running, waiting, cap, used, evictable, in_flight, transforming,
+                        None if running + waiting else 0.0)
+
+
+@st.composite
+def requests(draw, per_device: int, num_devices: int, prefix: str = "q", n: int = 0, now: float = 100.0):
+    need_hi = per_device * num_devices * 2
+    prompt = draw(st.integers(1, need_hi))
+    max_new = draw(st.integers(0, max(0, need_hi - prompt)))
+    return RequestInfo(f"{prefix}{n}", prompt, max_new, draw(st.floats(0, now)))
+
+
+@st.composite
+def cluster_states(draw, allow_transforming: bool = True):
+    num_devices = draw(st.sampled_from([1, 2, 4, 8]))
+    max_tp = draw(st.sampled_from([t for t in (1, 2, 4, 8) if t <= num_devices]))
+    per_device = draw(st.integers(64, 4096))
+    groups = draw(partitions(0, num_devices, max_tp))
+    busy = -1
+    if allow_transforming and draw(st.booleans()):
+        busy = draw(st.integers(0, len(groups) - 1))  # one transformation in flight (its sources)
+    insts = tuple(draw(instance_loads(g, per_device, transforming=(k == busy))) for k, g in enumerate(groups))
+    # Mostly short held requests with some long ones: lengths skewed to below one device.
+    held = []
+    for k in range(draw(st.integers(0, 6))):
+        if draw(st.booleans()):
+            held.append(RequestInfo(f"h{k}", draw(st.integers(1, per_device // 2)), draw(st.integers(0, 32)),
+                                    float(k)))
+        else:
+            held.append(draw(requests(per_device, num_devices, "h", k)))
+    return ClusterState(num_devices, max_tp, insts, 100.0, tuple(held)), per_device
+
+
+def fits(need: int, inst: InstanceLoad, extra: int = 0) -> bool:
+    return need <= inst.kv_capacity_tokens - inst.kv_used_tokens + inst.kv_evictable_tokens \
+        - inst.tokens_in_flight - extra
+
+
+def by_base(state: ClusterState) -> Dict[int, InstanceLoad]:
+    return {i.base: i for i in state.instances}
+
+
+def needs_merge(req: RequestInfo, state: ClusterState) -> bool:
+    return all(req.need_tokens > i.kv_capacity_tokens for i in state.instances)
+
+
+# -- Gyges: on_request ---------------------------------------------------------------------------------
+@SETTINGS
+@given(cluster_states(), st.data())
+def test_on_request_places_only_where_it_fits_and_rejects_exactly_the_unformable(sc, data):
+    state, per_device = sc
+    req = data.draw(requests(per_device, state.num_devices))
+    d = GygesPolicy().on_request(req, state)
+    limit = per_device * largest_group(state.num_devices, state.max_tp)
+    assert isinstance(d, Reject) == (req.need_tokens > limit)
+    if isinstance(d, Reject):
+        assert str(limit) in d.message and str(req.need_tokens) in d.message
+    if isinstance(d, Place):
+        inst = by_base(state)[d.instance]
+        assert not inst.transforming and fits(req.need_tokens, inst)
+
+
+@SETTINGS
+@given(cluster_states(), st.data())
+def test_on_request_without_held_places_whenever_something_fits(sc, data):
+    state, per_device = sc
+    state = ClusterState(state.num_devices, state.max_tp, state.instances, state.now, ())
+    req = data.draw(requests(per_device, state.num_devices))
+    d = GygesPolicy().on_request(req, state)
+    fitting = [i for i in state.instances if not i.transforming and fits(req.need_tokens, i)]
+    if isinstance(d, Reject):
+        return
+    assert isinstance(d, Place) == bool(fitting), d
+    if fitting:  # the smallest instance that fits
+        assert by_base(state)[d.instance].tp == min(i.tp for i in fitting)
+
+
+# -- Gyges: on_tick ------------------------------------------------------------------------------------
+def check_tick(state: ClusterState, per_device: int, decisions) -> None:
+    insts = by_base(state)
+    held = {h.rid: h for h in state.held}
+    limit = per_device * largest_group(state.num_devices, state.max_tp)
+    extra: Dict[int, int] = {}
+    placed, rejected = [], set()
+    for d in decisions:
+        if isinstance(d, Place):
+            h = held[d.rid]
+            inst = insts[d.instance]
+            assert not inst.transforming, "placed on a transforming instance"
+            assert fits(h.need_tokens, inst, extra.get(d.instance, 0)), "placed where it does not fit"
+            extra[d.instance] = extra.get(d.instance, 0) + h.need_tokens
+            placed.append(d.rid)
+        elif isinstance(d, Reject):
+            rejected.add(d.rid)
+        else:
+            assert isinstance(d, Transform)
+    assert len(placed) == len(set(placed)) and not set(placed) & rejected
+    assert rejected == {h.rid for h in state.held if h.need_tokens > limit}
+
+    # FIFO within a size class: the placed requests of a class are a prefix of its held requests.
+    by_class: Dict[int, List[str]] = {}
+    for h in state.held:
+        if h.rid not in rejected:
+            by_class.setdefault(size_class(h.need_tokens, per_device), []).append(h.rid)
+    for rids in by_class.values():
+        flags = [r in placed for r in rids]
+        assert flags == sorted(flags, reverse=True), f"held requests of one class placed out of order: {rids}"
+
+    transforms = [d for d in decisions if isinstance(d, Transform)]
+    assert len(transforms) <= 1
+    if any(i.transforming for i in state.instances):
+        assert not transforms, "a transformation while one is in flight"
+    remaining = [h for h in state.held if h.rid not in rejected and h.rid not in placed]
+    for t in transforms:
+        assert is_aligned(t.devices) and t.tp <= state.max_tp
+        validate_transform(t, state)  # a union of instances / exactly one instance
+        if t.is_merge:
+            assert any(needs_merge(h, state) and h.need_tokens <= per_device * len(t.devices) for h in remaining)
+        else:
+            inst = insts[t.devices[0]]
+            part = inst.kv_capacity_tokens * t.tp // inst.tp
+            assert inst.held_tokens + extra.get(inst.base, 0) <= part, "split whose requests do not fit a part"
+            assert not any(h.need_tokens > part for h in remaining), "split an instance a held request needs"
+    # Liveness: a servable request that fits no existing instance gets its merge now.
+    if not any(i.transforming for i in state.instances):
+        waiting_long = [h for h in remaining if needs_merge(h, state)]
+        if waiting_long:
+            assert transforms and transforms[0].is_merge
+            assert per_device * len(transforms[0].devices) >= waiting_long[0].need_tokens
+
+
+@SETTINGS
+@given(cluster_states())
+def test_on_tick_invariants(sc):
+    state, per_device = sc
+    policy = GygesPolicy(split_delay=0.0)
+    check_tick(state, per_device, policy.on_tick(state))
+
+
+@SETTINGS
+@given(cluster_states(allow_transforming=False), st.data())
+def test_merge_for_a_held_long_request_within_one_tick(sc, data):
+    state, per_device = sc
+    limit = per_device * largest_group(state.num_devices, state.max_tp)
+    biggest = max(i.kv_capacity_tokens for i in state.instances)
+    if biggest >= limit:
+        return  # every instance is already as large as Gyges can make one
+    need = data.draw(st.integers(biggest + 1, limit))
+    long_req = RequestInfo("long", need // 2, need - need // 2, 50.0)
+    policy = GygesPolicy()
+    first = policy.on_request(long_req, state)
+    assert isinstance(first, Hold)  # for its merge, or behind an earlier held request of its class
+    state = ClusterState(state.num_devices, state.max_tp, state.instances, state.now, state.held + (long_req,))
+    decisions = policy.on_tick(state)
+    check_tick(state, per_device, decisions)
+    merges = [d for d in decisions if isinstance(d, Transform)]
+    assert merges and merges[0].is_merge
+
+
+# -- Gyges: scenarios ----------------------------------------------------------------------------------
+def load(devices, cap_per_device=1000, used=0, in_flight=0, running=0, transforming=False, evictable=0):
+    devices = tuple(devices)
+    return InstanceLoad(devices, len(devices), running, 0, cap_per_device * len(devices), used, evictable,
+                        in_flight, transforming, None if running else 0.0)
+
+
+def test_split_waits_for_split_delay_and_resets_when_load_returns():
+    policy = GygesPolicy(split_delay=5.0)
+    busy = ClusterState(4, 4, (load(range(4), used=2500, in_flight=100, running=1),), now=0.0)
+    assert policy.on_tick(busy) == []  # 2600 held tokens > a part (1000): no split
+    quiet = lambda t: ClusterState(4, 4, (load(range(4), used=300, in_flight=100, running=2),), now=t)
+    assert policy.on_tick(quiet(10.0)) == []  # condition true since 10.0
+    assert policy.on_tick(quiet(14.9)) == []
+    assert policy.on_tick(ClusterState(4, 4, busy.instances, now=15.0)) == []  # reset
+    assert policy.on_tick(quiet(16.0)) == []
+    assert policy.on_tick(quiet(20.9)) == []
+    assert policy.on_tick(quiet(21.0)) == [Transform((0, 1, 2, 3), 1)]
+
+
+def test_no_split_while_a_held_request_needs_the_merged_instance():
+    policy = GygesPolicy(split_delay=0.0)
+    big = RequestInfo("big", 1500, 100, 0.0)
+    state = ClusterState(4, 4, (load((0, 1), used=1900, in_flight=50, running=1), load((2,)), load((3,))),
+                         now=1.0, held=(big,))
+    assert policy.on_tick(state) == []  # waits for memory on the TP2 instance, no split, no merge
+    state = ClusterState(4, 4, (load((0, 1)), load((2,)), load((3,))), now=2.0, held=(big,))
+    assert policy.on_tick(state) == [Place("big", 0)]
+
+
+def test_split_after_placements_uses_history_of_sizes():
+    """A TP4 instance holding many short requests splits when they can be dealt over the four parts,
+    even though together they exceed one part; not while the long request may still be there."""
+    policy = GygesPolicy(split_delay=0.0)
+    long_req = RequestInfo("long", 2000, 100, 0.0)  # 2100 tokens: more than a TP2 instance holds
+    state = ClusterState(4, 4, tuple(load((d,)) for d in range(4)), now=0.0)
+    assert isinstance(policy.on_request(long_req, state), Hold)
+    state = ClusterState(4, 4, state.instances, now=0.1, held=(long_req,))
+    assert policy.on_tick(state) == [Transform((0, 1, 2, 3), 4)]
+    merged = ClusterState(4, 4, (load(range(4)),), now=0.5, held=(long_req,))
+    assert policy.on_tick(merged) == [Place("long", 0)]
+    for k in range(9):  # shorts of 200 tokens each (no TP1 instance exists: they go to the TP4)
+        short = RequestInfo(f"s{k}", 150, 50, 1.0)
+        busy = load(range(4), used=0, in_flight=2100 + 200 * k, running=1 + k)
+        assert policy.on_request(short, ClusterState(4, 4, (busy,), now=1.0)) == Place(f"s{k}", 0)
+    # 2100 (long) + 1800 (shorts) held, or just 2100: the long request may still be there: no split.
+    assert policy.on_tick(ClusterState(4, 4, (load(range(4), used=2000, in_flight=1900, running=10),), 2.0)) == []
+    assert policy.on_tick(ClusterState(4, 4, (load(range(4), used=2000, in_flight=100, running=3),), 2.5)) == []
+    # 1800 held: the long request is surely gone, every request left is <= 200 tokens: four parts of 1000
+    # take 1800 <= 4*1000 - 3*200 although one part would not.
+    assert policy.on_tick(ClusterState(4, 4, (load(range(4), used=1500, in_flight=300, running=9),), 3.0)) \
+        == [Transform((0, 1, 2, 3), 1)]
+
+
+def test_split_without_history_needs_everything_in_one_part():
+    policy = GygesPolicy(split_delay=0.0)
+    state = ClusterState(4, 4, (load(range(4), used=1500, in_flight=0, running=5),), now=0.0)
+    assert policy.on_tick(state) == []
+    state = ClusterState(4, 4, (load(range(4), used=900, in_flight=100, running=5),), now=0.0)
+    assert policy.on_tick(state) == [Transform((0, 1, 2, 3), 1)]
+
+
+def test_merge_prefers_idle_smallest_group():
+    policy = GygesPolicy(cost_model=TransformCostModel())
+    insts = (load((0,), used=900, running=6), load((1,), used=800, running=5), load((2,)), load((3,)),
+             load((4,)), load((5,)), load((6,)), load((7,)))
+    req = RequestInfo("long", 1500, 100, 0.0)
+    state = ClusterState(8, 8, insts, 0.0, held=(req,))
+    assert policy.on_tick(state) == [Transform((2, 3), 2)]
+    assert policy.merge_for(RequestInfo("l2", 3000, 0, 0.0), state, __import__("gyges.policy").policy.LoadLedger(state)) \
+        == (4, 5, 6, 7)
+
+
+def test_short_requests_keep_flowing_while_a_long_one_waits_for_its_merge():
+    policy = GygesPolicy()
+    long_req = RequestInfo("long", 1800, 100, 0.0)
+    insts = tuple(load((d,)) for d in range(4))
+    state = ClusterState(4, 2, insts, 0.0, held=(long_req,))
+    short = RequestInfo("short", 100, 10, 0.1)
+    d = policy.on_request(short, state)
+    planned = policy.on_tick(state)[0]
+    assert planned == Transform((0, 1), 2)
+    assert isinstance(d, Place) and d.instance not in planned.devices  # not on the instances to be merged
+
+
+def test_held_long_request_does_not_block_short_ones_but_reserves_its_instance():
+    policy = GygesPolicy()
+    long_req = RequestInfo("long", 1800, 100, 0.0)
+    insts = (load((0, 1), used=500, in_flight=100, running=1), load((2,)), load((3,)))
+    state = ClusterState(4, 4, insts, 0.0, held=(long_req,))
+    # fits the TP2 now, but the TP2 is what the held long request waits for
+    d = policy.on_request(RequestInfo("s", 100, 10, 0.1), state)
+    assert isinstance(d, Place) and d.instance in (2, 3)
+    full = (insts[0], load((2,), in_flight=1000, running=3), load((3,), in_flight=1000, running=3))
+    assert isinstance(policy.on_request(RequestInfo("s", 100, 10, 0.1), ClusterState(4, 4, full, 0.0,
+                                                                                     held=(long_req,))), Hold)
+
+
+def test_reject_message_gives_the_limit():
+    d = GygesPolicy().on_request(RequestInfo("x", 5000, 10, 0.0),
+                                 ClusterState(4, 4, tuple(load((d,)) for d in range(4)), 0.0))
+    assert isinstance(d, Reject) and "4000" in d.message and "TP 4" in d.message
+
+
+def test_initial_instances():
+    assert GygesPolicy().initial_instances(4, 4) == [(0,), (1,), (2,), (3,)]
+    assert GygesPolicy(base_tp=2).initial_instances(8, 8) == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert StaticTP().initial_instances(4, 4) == [(0, 1, 2, 3)]
+    assert StaticTP().initial_instances(8, 4) == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert StaticDPLeastLoad(tp=2).initial_instances(4, 4) == [(0, 1), (2, 3)]
+    assert StaticHybrid().initial_instances(4, 4) == [(0, 1), (2,), (3,)]
+    assert StaticHybrid().initial_instances(8, 8) == [(0, 1, 2, 3), (4,), (5,), (6,), (7,)]
+    for groups in (StaticHybrid().initial_instances(8, 8), GygesPolicy().initial_instances(8, 8)):
+        Topology(8, tuple(Instance.of(g) for g in groups), 8)
+
+
+def test_make_policy():
+    assert isinstance(make_policy("gyges", split_delay=1.0), GygesPolicy)
+    assert isinstance(make_policy("auto"), GygesPolicy)
+    assert make_policy("static-dp-rr").name == "static-dp-rr"
+    assert make_policy("static-hybrid", big_tp=2).name == "static-hybrid"
+    with pytest.raises(ValueError, match="static-dp-ll.*static-tp"):
+        make_policy("nope")
+
+
+# -- baselines ------------------------------------------------------------------------------------------
+@SETTINGS
+@given(cluster_states(), st.data(), st.sampled_from(["static-dp-rr", "static-dp-ll", "static-tp"]))
+def test_baselines_never_transform_and_reject_exactly_what_no_instance_holds(sc, data, name):
+    state, per_device = sc
+    policy = make_policy(name)
+    req = data.draw(requests(per_device, state.num_devices))
+    d = policy.on_request(req, state)
+    biggest = max(i.kv_capacity_tokens for i in state.instances)
+    assert isinstance(d, Reject) == (req.need_tokens > biggest)
+    if isinstance(d, Place):
+        inst = by_base(state)[d.instance]
+        assert not inst.transforming and fits(req.need_tokens, inst)
+    decisions = policy.on_tick(state)
+    assert not any(isinstance(x, Transform) for x in decisions)
+    extra: Dict[int, int] = {}
+    held = {h.rid: h for h in state.held}
+    for x in decisions:
+        if isinstance(x, Place):
+            inst = by_base(state)[x.instance]
+            assert fits(held[x.rid].need_tokens, inst, extra.get(x.instance, 0))
+            extra[x.instance] = extra.get(x.instance, 0) + held[x.rid].need_tokens
+    assert {x.rid for x in decisions if isinstance(x, Reject)} == \
+        {h.rid for h in state.held if h.need_tokens > biggest}
+
+
+def test_round_robin_deals_in_turn_and_holds_behind_a_full_instance():
+    policy = StaticDPRoundRobin()
+    state = ClusterState(4, 4, tuple(load((d,)) for d in range(4)), 0.0)
+    got = [policy.on_request(RequestInfo(f"r{k}", 10, 10, 0.0), state) for k in range(6)]
+    assert [d.instance for d in got] == [0, 1, 2, 3, 0, 1]
+    full = ClusterState(4, 4, (load((0,)), load((1,)), load((2,), in_flight=990, running=1), load((3,))), 0.0)
+    held = policy.on_request(RequestInfo("x", 10, 10, 0.0), full)  # its turn: instance 2, full
+    assert isinstance(held, Hold)
+    with_held = ClusterState(4, 4, full.instances, 0.1, held=(RequestInfo("x", 10, 10, 0.0),))
+    assert policy.on_tick(with_held) == []
+    freed = ClusterState(4, 4, tuple(load((d,)) for d in range(4)), 0.2, held=with_held.held)
+    assert policy.on_tick(freed) == [Place("x", 2)]
+
+
+def test_least_load_picks_the_emptiest_instance():
+    state = ClusterState(2, 2, (load((0,), in_flight=500, running=3), load((1,), in_flight=100, running=1)), 0.0)
+    assert StaticDPLeastLoad().on_request(RequestInfo("r", 10, 10, 0.0), state) == Place("r", 1)
+
+
+def test_hybrid_routes_long_requests_to_the_big_instance():
+    policy = StaticHybrid(long_threshold_tokens=500)
+    state = ClusterState(4, 4, (load((0, 1)), load((2,)), load((3,), in_flight=10, running=1)), 0.0)
+    assert policy.on_request(RequestInfo("short", 100, 10, 0.0), state) == Place("short", 2)
+    assert policy.on_request(RequestInfo("long", 900, 10, 0.0), state) == Place("long", 0)
+    assert isinstance(policy.on_request(RequestInfo("huge", 2500, 10, 0.0), state), Reject)
+    default = StaticHybrid()  # threshold: what a TP1 instance holds
+    assert default.on_request(RequestInfo("mid", 900, 10, 0.0), state) == Place("mid", 2)
+    assert default.on_request(RequestInfo("big", 1500, 10, 0.0), state) == Place("big", 0)
