@@ -125,9 +125,11 @@ def test_on_request_without_held_places_whenever_something_fits(sc, data):
     fitting = [i for i in state.instances if not i.transforming and fits(req.need_tokens, i)]
     if isinstance(d, Reject):
         return
-    assert isinstance(d, Place) == bool(fitting), d
-    if fitting:  # the smallest instance that fits
-        assert by_base(state)[d.instance].tp == min(i.tp for i in fitting)
+    if any(i.tp == 1 for i in fitting):  # a TP1 instance fits: placed on one
+        assert isinstance(d, Place) and by_base(state)[d.instance].tp == 1, d
+    elif not fitting:
+        assert isinstance(d, Hold)
+    # only merged instances fit: they may refuse requests that would keep them from splitting back
 
 
 # -- Gyges: on_tick ------------------------------------------------------------------------------------
@@ -264,6 +266,17 @@ def test_split_after_placements_uses_history_of_sizes():
     # take 1800 <= 4*1000 - 3*200 although one part would not.
     assert policy.on_tick(ClusterState(4, 4, (load(range(4), used=1500, in_flight=300, running=9),), 3.0)) \
         == [Transform((0, 1, 2, 3), 1)]
+
+
+def test_merged_instance_on_its_way_back_admits_only_what_keeps_it_splittable():
+    policy = GygesPolicy()
+    merged = lambda held, largest: InstanceLoad((0, 1, 2, 3), 4, 3, 0, 4000, held, 0, 0, False, None, largest)
+    req = RequestInfo("s", 300, 100, 0.0)
+    # parts of 1000; largest 400 after admission: 4*1000 - 3*400 = 2800 must hold everything
+    assert policy.on_request(req, ClusterState(4, 4, (merged(2400, 300),), 0.0)) == Place("s", 0)
+    assert isinstance(policy.on_request(req, ClusterState(4, 4, (merged(2401, 300),), 0.0)), Hold)
+    # still serving a request that needs the merged instance: admitted while it fits
+    assert policy.on_request(req, ClusterState(4, 4, (merged(3500, 1500),), 0.0)) == Place("s", 0)
 
 
 def test_split_without_history_needs_everything_in_one_part():

@@ -50,6 +50,9 @@ class InstanceLoad:
     tokens_in_flight: int  # tokens the admitted requests may still need (remaining prompt + max_new)
     transforming: bool = False
     idle_since: Optional[float] = None  # when running + waiting last became 0 (None while busy)
+    # prompt + max_new of the largest request admitted here and not finished, if the caller knows it
+    # (None: the policy bounds it from its own placements, see RequestSizeBound)
+    largest_request_tokens: Optional[int] = None
 
     @property
     def base(self) -> int:
@@ -173,6 +176,7 @@ class LoadLedger:
         self._by_base: Dict[int, InstanceLoad] = {i.base: i for i in state.instances}
         self._extra_tokens: Dict[int, int] = {}
         self._extra_requests: Dict[int, int] = {}
+        self._largest: Dict[int, int] = {}
 
     def load(self, base: int) -> InstanceLoad:
         """The instance as it will be once this round's placements arrive."""
@@ -180,9 +184,12 @@ class LoadLedger:
         extra = self._extra_tokens.get(base, 0)
         if not extra:
             return inst
+        largest = inst.largest_request_tokens
+        if largest is not None:
+            largest = max(largest, self._largest[base])
         return InstanceLoad(inst.devices, inst.tp, inst.running, inst.waiting + self._extra_requests[base],
                             inst.kv_capacity_tokens, inst.kv_used_tokens, inst.kv_evictable_tokens,
-                            inst.tokens_in_flight + extra, inst.transforming, None)
+                            inst.tokens_in_flight + extra, inst.transforming, None, largest)
 
     def loads(self) -> List[InstanceLoad]:
         return [self.load(b) for b in self._by_base]
@@ -190,6 +197,7 @@ class LoadLedger:
     def place(self, req: RequestInfo, base: int) -> Place:
         self._extra_tokens[base] = self._extra_tokens.get(base, 0) + req.need_tokens
         self._extra_requests[base] = self._extra_requests.get(base, 0) + 1
+        self._largest[base] = max(self._largest.get(base, 0), req.need_tokens)
         return Place(req.rid, base)
 
 
@@ -233,12 +241,15 @@ class RequestSizeBound:
     finishes, so a request whose need exceeds the instance's held_tokens is surely gone. Per merged
     instance we keep the needs of the requests placed on it (and, for each member at the merge, the
     bound of that member); the bound is the largest of them not yet surely gone. For an instance whose
-    history we did not see (e.g. merged by hand) the bound is its held_tokens."""
+    history we did not see (e.g. merged by hand) the bound is its held_tokens. When the caller reports
+    largest_request_tokens, that is used instead."""
 
     def __init__(self):
         self._needs: Dict[Tuple[int, ...], List[int]] = {}
 
     def bound(self, inst: InstanceLoad) -> int:
+        if inst.largest_request_tokens is not None:
+            return inst.largest_request_tokens
         needs = self._needs.get(inst.devices)
         if needs is None:
             return inst.held_tokens
@@ -333,8 +344,25 @@ class GygesPolicy(Policy):
         return not any(can_ever_fit(req, i) for i in state.instances)
 
     # -- placement -------------------------------------------------------------------------------------
-    def _choose(self, req: RequestInfo, ledger: LoadLedger, excluded: Set[int]) -> Optional[InstanceLoad]:
-        cands = [i for i in ledger.loads() if i.base not in excluded and fits_now(req, i)]
+    def _keeps_splittable(self, req: RequestInfo, inst: InstanceLoad, held: Sequence[RequestInfo]) -> bool:
+        """A merged instance whose requests all fit a part only admits requests that keep it so (it is
+        on its way back to base_tp: filling it with short requests would pin it merged)."""
+        if inst.tp <= self.base_tp:
+            return True
+        parts = inst.tp // self.base_tp
+        part_capacity = inst.kv_capacity_tokens // parts
+        if any(h.need_tokens > part_capacity for h in held):
+            return True  # wanted as it is
+        largest = self._sizes.bound(inst)
+        if largest > part_capacity:
+            return True  # still serving a request that needs it
+        largest = max(largest, req.need_tokens)
+        return inst.held_tokens + req.need_tokens <= parts * part_capacity - (parts - 1) * largest
+
+    def _choose(self, req: RequestInfo, ledger: LoadLedger, excluded: Set[int],
+                held: Sequence[RequestInfo] = ()) -> Optional[InstanceLoad]:
+        cands = [i for i in ledger.loads() if i.base not in excluded and fits_now(req, i)
+                 and self._keeps_splittable(req, i, held)]
         if not cands:
             return None
         smallest = min(i.tp for i in cands)
@@ -369,7 +397,7 @@ class GygesPolicy(Policy):
         if any(hcls == cls for _, hcls in held):
             return Hold(req.rid, f"queued behind earlier held requests of its size class (TP {cls})")
         ledger = LoadLedger(state)
-        target = self._choose(req, ledger, self._reserved_by(held, cls, state, ledger))
+        target = self._choose(req, ledger, self._reserved_by(held, cls, state, ledger), state.held)
         if target is not None:
             self._sizes.on_place(target, req.need_tokens)
             return Place(req.rid, target.base)
@@ -391,7 +419,7 @@ class GygesPolicy(Policy):
             cls = self.size_class(h, state)
             target = None
             if cls not in blocked:
-                target = self._choose(h, ledger, self._reserved_by(still_held, cls, state, ledger))
+                target = self._choose(h, ledger, self._reserved_by(still_held, cls, state, ledger), state.held)
             if target is not None:
                 self._sizes.on_place(target, h.need_tokens)
                 out.append(ledger.place(h, target.base))

@@ -19,7 +19,7 @@ import heapq
 import json
 import random
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -36,9 +36,9 @@ class TraceRequest:
 
 
 def _parse_azure_timestamp(text: str) -> float:
-    """Seconds since the epoch of 'YYYY-MM-DD HH:MM:SS[.fffffff]' (more than 6 fraction digits allowed)."""
+    """Seconds since the epoch (read as UTC) of 'YYYY-MM-DD HH:MM:SS[.fffffff]' (more than 6 fraction digits allowed)."""
     whole, _, frac = text.strip().partition(".")
-    t = datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").timestamp()
+    t = datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc).timestamp()
     return t + (float("0." + frac) if frac else 0.0)
 
 

@@ -51,6 +51,7 @@ class SimConfig:
     tick_s: float = 0.1  # how often the policy's on_tick runs
     slo_ttft_s: float = 5.0
     slo_tpot_s: float = 0.1
+    report_largest_request: bool = True  # InstanceLoad.largest_request_tokens (False: policy infers it)
     settle_s: float = 30.0  # keep ticking this long after the last request (lets splits happen)
     drain_s: float = 3600.0  # give up this long after the last arrival (requests left: unfinished)
     step_model: StepTimeModel = field(default_factory=StepTimeModel)
@@ -100,6 +101,7 @@ class SimInstance:
     requests: List[SimRequest] = field(default_factory=list)
     busy: bool = False  # an iteration is running
     paused: bool = False  # part of a transformation (no new iterations)
+    report_largest: bool = True  # report largest_request_tokens (as a controller that tracks requests does)
     idle_since: Optional[float] = 0.0
 
     @property
@@ -112,7 +114,8 @@ class SimInstance:
         running = sum(1 for r in self.requests if r.decoding)
         return InstanceLoad(self.instance.devices, self.instance.tp, running, len(self.requests) - running,
                             self.capacity, used, 0, in_flight, self.paused,
-                            None if self.requests else self.idle_since)
+                            None if self.requests else self.idle_since,
+                            max((r.need for r in self.requests), default=0) if self.report_largest else None)
 
     def free(self) -> int:
         return self.capacity - sum(r.need for r in self.requests)
@@ -187,7 +190,7 @@ class Simulator:
         groups = policy.initial_instances(self.cfg.num_devices, self.cfg.max_tp)
         self.topology = Topology(self.cfg.num_devices, tuple(Instance.of(g) for g in groups), self.cfg.max_tp)
         self.instances: Dict[int, SimInstance] = {
-            i.base: SimInstance(i, self.cfg.kv_tokens_per_device * i.tp) for i in self.topology.instances}
+            i.base: self._new_instance(i, self.cfg.kv_tokens_per_device * i.tp) for i in self.topology.instances}
         self.held: List[SimRequest] = []
         self.transform: Optional[PendingTransform] = None
         self.now = 0.0
@@ -196,6 +199,9 @@ class Simulator:
         self.merges = self.splits = 0
         self.pause_s = 0.0
         self.timeline: List[Tuple[float, Tuple[int, ...]]] = [(0.0, self._shapes())]
+
+    def _new_instance(self, inst: Instance, capacity: int) -> SimInstance:
+        return SimInstance(inst, capacity, report_largest=self.cfg.report_largest_request)
 
     # -- events ----------------------------------------------------------------------------------------
     def _at(self, t: float, kind: str, data=None) -> None:
@@ -354,14 +360,14 @@ class Simulator:
         if t.is_merge:
             self.topology = self.topology.merge(t.devices)
             merged = Instance.of(t.devices)
-            inst = SimInstance(merged, sum(s.capacity for s in pt.sources),
-                               sorted((r for s in pt.sources for r in s.requests), key=lambda r: r.arrival))
+            inst = self._new_instance(merged, sum(s.capacity for s in pt.sources))
+            inst.requests = sorted((r for s in pt.sources for r in s.requests), key=lambda r: r.arrival)
             new = [inst]
             self.merges += 1
         else:
             src = pt.sources[0]
             self.topology = self.topology.split(t.devices, t.tp)
-            parts = [SimInstance(i, src.capacity * t.tp // src.instance.tp) for i in self.topology.instances
+            parts = [self._new_instance(i, src.capacity * t.tp // src.instance.tp) for i in self.topology.instances
                      if set(i.devices) <= set(t.devices)]
             for r in sorted(src.requests, key=lambda r: -r.need):  # largest first into the emptiest part
                 part = max(parts, key=lambda p: (p.free(), -p.base))
