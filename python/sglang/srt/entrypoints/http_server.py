@@ -467,6 +467,8 @@ def _reap_children(timeout: float = 10.0) -> None:
     """Terminate (then kill) any child process of this server still alive: none may outlive it."""
     try:
         children = psutil.Process().children(recursive=True)
+        # multiprocessing's resource tracker ignores SIGTERM and exits by itself when this process does.
+        children = [p for p in children if "resource_tracker" not in " ".join(p.cmdline())]
     except psutil.Error:
         return
     for p in children:
@@ -510,15 +512,15 @@ def launch_server(server_args) -> None:
 
     shutdown = _Shutdown()
 
-    def _signal_during_launch(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum} during start-up")
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
 
-    old_term = signal.signal(signal.SIGTERM, _signal_during_launch)
+    # SIGTERM behaves like Ctrl-C for the whole life of the server: during start-up it interrupts the
+    # launch (which stops what it started); while serving, uvicorn captures it, shuts down gracefully and
+    # then re-raises it into this handler, so the `finally` below always stops the child processes.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        try:
-            tm = launch_subprocesses(server_args)
-        finally:
-            signal.signal(signal.SIGTERM, old_term)
+        tm = launch_subprocesses(server_args)
         shutdown.tm = tm
         metrics = None
         if server_args.enable_metrics:
