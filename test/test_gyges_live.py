@@ -121,8 +121,10 @@ def test_long_request_refused_then_served_after_merge(test_model):
     try:
         with pytest.raises(ValueError, match="KV capacity.*64 tokens.*merge"):
             eng.generate(input_ids=prompt, sampling_params=params)
-        eng.gyges_transform([0, 1], 2)
-        assert eng.gyges_topology()["instances"][0]["kv_capacity_tokens"] == 128
+        bd = eng.gyges_transform([0, 1], 2)
+        # Twice the pages of one device, plus the weight memory the merge freed, now KV pages.
+        capacity = eng.gyges_topology()["instances"][0]["kv_capacity_tokens"]
+        assert bd["weight_bytes_freed"] > 0 and capacity == bd["kv_capacity_tokens"] > 2 * 64
         assert eng.generate(input_ids=prompt, sampling_params=params)["output_ids"] == expected
     finally:
         eng.shutdown()

@@ -51,10 +51,10 @@ def make_runner(path, page_size=16, tp_group=None, **kw):
 
 
 class Pages:
-    """Hands out fresh page ids (a stand-in for the scheduler's allocator)."""
+    """Hands out fresh page ids after the runner's reserved (weight) pages (a stand-in for the allocator)."""
 
-    def __init__(self, page_size):
-        self.page_size, self.next = page_size, 1
+    def __init__(self, runner):
+        self.page_size, self.next = runner.page_size, runner.reserved_pages
 
     def take(self, num_tokens):
         n = -(-num_tokens // self.page_size)
@@ -81,7 +81,7 @@ def runner_for(test_model, name, page_size):
 def test_prefill_matches_transformers(test_model, name, page_size):
     runner = runner_for(test_model, name, page_size)
     ids = _tokens(runner.model_config.vocab_size)
-    pages = Pages(page_size).take(SEQ_LEN)
+    pages = Pages(runner).take(SEQ_LEN)
     logits = runner.forward(ForwardBatch.build([ids], [0], [pages], logits="all"))
     assert logits.dtype == torch.float32 and logits.shape == (SEQ_LEN, runner.model_config.vocab_size)
     _check(logits, hf_logprobs(test_model(name), ids))
@@ -93,7 +93,7 @@ def test_cached_prefix_then_rest_matches_transformers(test_model, name, page_siz
     runner = runner_for(test_model, name, page_size)
     ids = _tokens(runner.model_config.vocab_size, seed=1)
     ref = hf_logprobs(test_model(name), ids)
-    pages = Pages(page_size).take(SEQ_LEN)
+    pages = Pages(runner).take(SEQ_LEN)
     first = runner.forward(ForwardBatch.build([ids[:PREFIX]], [0], [pages[: -(-PREFIX // page_size)]], logits="all"))
     rest = runner.forward(ForwardBatch.build([ids[PREFIX:]], [PREFIX], [pages], logits="all"))
     _check(first, ref[:PREFIX])
@@ -106,7 +106,7 @@ def test_token_by_token_decode_matches_transformers(test_model, name, page_size)
     runner = runner_for(test_model, name, page_size)
     ids = _tokens(runner.model_config.vocab_size, seed=2)
     ref = hf_logprobs(test_model(name), ids)
-    pages = Pages(page_size).take(SEQ_LEN)
+    pages = Pages(runner).take(SEQ_LEN)
     prefill = runner.forward(ForwardBatch.build([ids[:5]], [0], [pages], logits="all"))
     _check(prefill, ref[:5])
     for pos in range(5, SEQ_LEN):
@@ -118,7 +118,7 @@ def test_token_by_token_decode_matches_transformers(test_model, name, page_size)
 def _mixed_batch(runner, page_size, seqs):
     """Requests: A decodes its last token after a cached prefix, B extends a cached prefix, C prefills whole.
     Returns (batch, per-request slices of the logits rows, the same requests run alone)."""
-    alloc = Pages(page_size)
+    alloc = Pages(runner)
     a, b, c = seqs
     pa, pb, pc = alloc.take(len(a)), alloc.take(len(b)), alloc.take(len(c))
     runner.forward(ForwardBatch.build([a[:-1], b[:PREFIX]], [0, 0], [pa, pb]))  # fill the prefixes
@@ -135,7 +135,7 @@ def test_batched_requests_match_running_alone(test_model, name, page_size):
     batch, rows = _mixed_batch(runner, page_size, seqs)
     logits = runner.forward(batch)
     alone = [
-        runner.forward(ForwardBatch.build([s], [0], [Pages(page_size).take(len(s))], logits="all")) for s in seqs
+        runner.forward(ForwardBatch.build([s], [0], [Pages(runner).take(len(s))], logits="all")) for s in seqs
     ]
     starts = [len(seqs[0]) - 1, PREFIX, 0]
     for seq, sl, start, solo in zip(seqs, rows, starts, alone):
@@ -149,7 +149,7 @@ def test_weights_padded_for_larger_tp_give_the_same_logits(test_model, name, gra
     runner = make_runner(test_model(name), 16, enable_gyges=True, gyges_max_tp=granularity)
     assert runner.model_config.weight_granularity == granularity
     ids = _tokens(runner.model_config.vocab_size)
-    logits = runner.forward(ForwardBatch.build([ids], [0], [Pages(16).take(SEQ_LEN)], logits="all"))
+    logits = runner.forward(ForwardBatch.build([ids], [0], [Pages(runner).take(SEQ_LEN)], logits="all"))
     _check(logits, hf_logprobs(test_model(name), ids))
 
 
@@ -187,11 +187,15 @@ def test_runner_memory_accounting(test_model):
     assert runner.kv_pool.kv_buffer.shape == (runner.num_pages, cfg.num_kv_heads, cfg.num_layers, 2, 16,
                                                cfg.head_dim)
     budget = int(ServerArgs(device_memory="64MiB").device_memory_bytes() * 0.88)
-    assert runner.num_pages == (budget - runner.weight_bytes) // runner.kv_pool.bytes_per_page
-    assert runner.max_total_num_tokens == runner.num_pages * 16
-    assert runner.kv_pool_bytes == runner.num_pages * runner.kv_pool.bytes_per_page
+    page = runner.kv_pool.bytes_per_page
+    usable = runner.num_pages - runner.reserved_pages  # pages not covered by the packed weights
+    assert usable == (budget - runner.weight_bytes) // page
+    assert runner.reserved_pages * page >= runner.weight_store.weights_end > (runner.reserved_pages - 1) * page
+    assert runner.weight_store.arena_bytes <= budget + page  # weights + KV within the budget (one page slack)
+    assert runner.max_total_num_tokens == usable * 16
+    assert runner.kv_pool_bytes == usable * page
     capped = make_runner(test_model("llama"), 16, max_total_tokens=100)
-    assert capped.num_pages == 6 and capped.max_total_num_tokens == 96
+    assert capped.num_pages - capped.reserved_pages == 6 and capped.max_total_num_tokens == 96
 
 
 # ---- errors ------------------------------------------------------------------------------------------
@@ -268,7 +272,7 @@ def _tp_worker(rank, world, port, paths, out_dir):
         assert runner.kv_pool.local_kv_heads == runner.model_config.num_kv_heads // world
         vocab = runner.model_config.vocab_size
         ids = _tokens(vocab)
-        pages = Pages(16).take(SEQ_LEN)
+        pages = Pages(runner).take(SEQ_LEN)
         prefill = runner.forward(ForwardBatch.build([ids[:PREFIX]], [0], [pages], logits="all"))
         decode = [runner.forward(ForwardBatch.build([[ids[p]]], [p], [pages])) for p in range(PREFIX, PREFIX + 4)]
         rest = runner.forward(ForwardBatch.build([ids[PREFIX + 4:]], [PREFIX + 4], [pages], logits="all"))

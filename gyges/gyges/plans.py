@@ -301,13 +301,16 @@ def kv_merge_plan(layout: KVLayout, buffer_bytes: int, parts: Sequence[Instance]
 
 
 def split_page_assignment(layout: KVLayout, buffer_bytes: int, merged: Instance, parts: Sequence[Instance],
-                          page_groups: Sequence[Tuple[int, Sequence[int]]]) -> Dict[int, PageKey]:
+                          page_groups: Sequence[Tuple[int, Sequence[int]]],
+                          first_page: Optional[Sequence[int]] = None) -> Dict[int, PageKey]:
     """Where each used merged page goes on a split: page_groups are (target part index, pages) for each
     request / cached path whose pages must stay together. A page stays at its natural place
     (split_page_id) when that is its target part and in range; otherwise it takes the lowest free page
-    id of the target part. Raises ValueError when a part runs out of pages."""
+    id of the target part. first_page[i]: pages below it are reserved on part i (weights grow back into
+    them on a split), so KV there is moved out. Raises ValueError when a part runs out of pages."""
     parts = tuple(parts)
     capacity = [layout.pages_per_device(buffer_bytes, p.tp) for p in parts]
+    lowest = list(first_page) if first_page is not None else [0] * len(parts)
     out: Dict[int, PageKey] = {}
     taken = [set() for _ in parts]
     pending: List[Tuple[int, int]] = []
@@ -316,18 +319,21 @@ def split_page_assignment(layout: KVLayout, buffer_bytes: int, merged: Instance,
             if q in out or any(q == pq for _, pq in pending):
                 raise ValueError(f"merged page {q} appears in two groups")
             nat, p = split_page_id(q, merged, parts)
-            if nat == target and p < capacity[target]:
+            if nat == target and lowest[target] <= p < capacity[target]:
                 out[q] = (target, p)
                 taken[target].add(p)
             else:
                 pending.append((target, q))
-    next_free = [0] * len(parts)
+    next_free = list(lowest)
     for target, q in pending:
         p = next_free[target]
         while p in taken[target]:
             p += 1
         if p >= capacity[target]:
-            raise ValueError(f"part {list(parts[target].devices)} has no free page left for the split")
+            need = sum(len(pages) for t, pages in page_groups if t == target)
+            raise ValueError(f"the requests and cache assigned to devices {list(parts[target].devices)} need "
+                             f"{need} KV pages, more than the {capacity[target] - lowest[target]} that instance "
+                             f"would have (no free page left for the split)")
         taken[target].add(p)
         next_free[target] = p + 1
         out[q] = (target, p)

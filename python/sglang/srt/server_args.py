@@ -169,7 +169,9 @@ class ServerArgs:
             help_text = f.metadata.get("help", "")
             default = f.default if f.default is not dataclasses.MISSING else None
             if f.type in ("bool", bool):
-                parser.add_argument(flag, action="store_true", default=default, help=help_text)
+                # Flags that default to on get a --no-... form to turn them off.
+                action = argparse.BooleanOptionalAction if default else "store_true"
+                parser.add_argument(flag, action=action, default=default, help=help_text)
                 continue
             typ = {"int": int, "float": float, "str": str}.get(
                 str(f.type).replace("Optional[", "").rstrip("]"), str)

@@ -40,6 +40,7 @@ from sglang.srt.distributed.parallel_state import TPGroup, get_tp_group
 from sglang.srt.managers.io_struct import TransformCmd
 from sglang.srt.managers.schedule_batch import InstanceState, Req
 from sglang.srt.model_executor import regroup
+from sglang.srt.model_executor.weight_store import packed_layout
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def _rebase(req: Req, mapping) -> Req:
 
 
 def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: KVLayout,
-                   buffer_bytes: int) -> TransformPlan:
+                   buffer_bytes: int, reserved_after: int = 0) -> TransformPlan:
+    """reserved_after: pages each resulting instance's weights occupy (KV must not be placed there)."""
     src = [Instance.of(d) for d in cmd.src_instances]
     dst = [Instance.of(d) for d in cmd.dst_instances]
     running = sum(len(s.running) for s in states.values())
@@ -95,7 +97,8 @@ def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: 
         groups = _page_groups(st)
         targets = _assign_groups(groups, merged, dst, layout, buffer_bytes)
         assignment = split_page_assignment(layout, buffer_bytes, merged, dst,
-                                           [(targets[i], g.pages) for i, g in enumerate(groups)])
+                                           [(targets[i], g.pages) for i, g in enumerate(groups)],
+                                           first_page=[reserved_after] * len(dst))
         kv_plan = kv_split_plan(layout, buffer_bytes, merged, dst, assignment=assignment, max_staging_bytes=MAX_STAGING_BYTES)
         outs = {p.base: InstanceState(devices=list(p.devices), running=[], waiting=[], tree_paths=[],
                                       new_token_ratio=st.new_token_ratio) for p in dst}
@@ -202,10 +205,19 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     flat = regroup.kv_flat_bytes(pool)
     layout = KVLayout(cfg.num_kv_heads, cfg.num_layers, pool.page_size, cfg.head_dim,
                       torch.empty((), dtype=cfg.dtype).element_size())
+    src = [Instance.of(d) for d in cmd.src_instances]
+    dst = [Instance.of(d) for d in cmd.dst_instances]
     t_plan0 = time.perf_counter()
     try:
         check_model_can_take(cmd, cfg)
-        plan = plan_transform(cmd, states, layout, flat.numel())
+        # The new model's weights decide which pages they reserve (same on every device).
+        new_inst = next(i for i in dst if me in i.devices)
+        new_cfg = regroup.new_model_config(cfg, new_inst.tp)
+        new_group = get_tp_group(list(new_inst.devices))
+        new_model = regroup.build_model_on_meta(type(runner.model), new_cfg, new_group)
+        _, new_weights_end = packed_layout(new_model)
+        reserved_after = -(-new_weights_end // layout.page_bytes(new_inst.tp))
+        plan = plan_transform(cmd, states, layout, flat.numel(), reserved_after)
     except ValueError as e:
         msg = f"{cmd.kind} of devices {devices} refused: {e}"
         logger.warning(msg)
@@ -213,18 +225,11 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     planning_s = time.perf_counter() - t_plan0
 
     stats = regroup.RegroupStats()
-    src = [Instance.of(d) for d in cmd.src_instances]
-    dst = [Instance.of(d) for d in cmd.dst_instances]
     regroup.execute_kv_plan(plan.kv_plan, me, flat, group.device_group, stats)
-
-    new_inst = next(i for i in dst if me in i.devices)
-    new_group = get_tp_group(list(new_inst.devices))
-    new_cfg = regroup.new_model_config(cfg, new_inst.tp)
     old_model = runner.model
-    new_model = regroup.build_model_on_meta(type(old_model), new_cfg, new_group)
     specs = regroup.param_specs(old_model, new_model, cfg.tp_size)
     weight_plan = weight_regroup_plan(specs, cfg.weight_granularity, src, dst)
-    regroup.regroup_weights(weight_plan, me, old_model, new_model, group.device_group, stats)
+    regroup.regroup_weights(weight_plan, me, runner.weight_store, old_model, new_model, group.device_group, stats)
     regroup.adopt_buffers(old_model, new_model)
     new_pool = regroup.reshape_pool(pool, cfg.num_kv_heads // new_inst.tp)
     runner.rebind(new_model, new_group, new_cfg, new_pool)

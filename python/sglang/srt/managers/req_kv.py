@@ -22,22 +22,26 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 
 class ReqKVManager:
-    def __init__(self, num_pages: int, page_size: int, disable_radix_cache: bool):
+    def __init__(self, num_pages: int, page_size: int, disable_radix_cache: bool, reserved_pages: int = 0):
+        """num_pages: page ids [0, num_pages); the first `reserved_pages` hold weights and are never handed out."""
         self.page_size = page_size
         self.allocator = PageAllocator(num_pages)
+        self.allocator.take(range(reserved_pages))
+        self.reserved_pages = reserved_pages
         self.tree = RadixCache(page_size, self.allocator, disable=disable_radix_cache)
 
     # ---- capacity ---------------------------------------------------------------------------------
     @property
     def num_pages(self) -> int:
-        return self.allocator.num_total
+        """Pages requests can use (the pool minus the reserved ones)."""
+        return self.allocator.num_total - self.reserved_pages
 
     def available_pages(self) -> int:
         """Pages obtainable now: free ones plus cached ones nobody references."""
         return self.allocator.num_free + self.tree.evictable_pages()
 
     def used_pages(self) -> int:
-        return self.allocator.num_total - self.allocator.num_free
+        return self.num_pages - self.allocator.num_free
 
     # ---- request lifecycle ------------------------------------------------------------------------
     def admit(self, req: Req) -> None:

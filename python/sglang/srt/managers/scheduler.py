@@ -107,7 +107,7 @@ class Scheduler:
         self.instance_id = instance_id
         self.model_config = runner.model_config
         self.page_size = server_args.page_size
-        self.kv = ReqKVManager(runner.num_pages, self.page_size, server_args.disable_radix_cache)
+        self.kv = ReqKVManager(runner.num_pages, self.page_size, server_args.disable_radix_cache, runner.reserved_pages)
         self.policy = SchedulePolicy(server_args.schedule_policy, self.kv.tree)
         self.sampler = Sampler(self.model_config.vocab_size)
         self.tokenizer = tokenizer

@@ -131,11 +131,14 @@ class TokenizerManager:
             raise ServerUnavailableError(f"the server is not serving: {self._dead_reason or 'shutting down'}")
         obj.normalize()
         tokenized = [self._tokenize_one(obj, i, j) for i in range(obj.batch_size) for j in range(obj.parallel_sample_num)]
+        rids = [t.rid for t in tokenized]
+        clash = sorted({r for r in rids if r in self.rid_to_state or rids.count(r) > 1})
+        if clash:
+            raise ValueError(f"duplicate request id(s) {clash}: every request id must be unique among the "
+                             f"requests in flight")
         states = []
         for t in tokenized:
             st = ReqState(t.rid, t.return_logprob, t.top_logprobs_num, obj.return_text_in_logprobs, time.time())
-            if t.rid in self.rid_to_state:
-                raise ValueError(f"duplicate request id {t.rid!r}")
             self.rid_to_state[t.rid] = st
             states.append(st)
         for t in tokenized:

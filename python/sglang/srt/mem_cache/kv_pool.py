@@ -32,6 +32,20 @@ class HeadCentricKVPool:
         self.kv_buffer = torch.zeros((num_pages, local_kv_heads, num_layers, 2, page_size, head_dim), dtype=dtype,
                                      device=self.device)
 
+    @classmethod
+    def over_bytes(cls, buffer: torch.Tensor, page_size: int, local_kv_heads: int, num_layers: int, head_dim: int,
+                   dtype: torch.dtype) -> "HeadCentricKVPool":
+        """A pool viewing an existing uint8 buffer (the WeightStore arena) as pages; no allocation."""
+        page_bytes = cls.page_bytes(page_size, local_kv_heads, num_layers, head_dim, dtype)
+        pool = cls.__new__(cls)
+        pool.num_pages = buffer.numel() // page_bytes
+        pool.page_size, pool.local_kv_heads, pool.num_layers = page_size, local_kv_heads, num_layers
+        pool.head_dim, pool.dtype, pool.device = head_dim, dtype, buffer.device
+        # [num_pages, local_kv_heads, num_layers, 2 (K|V), page_size, head_dim] over the buffer's bytes
+        pool.kv_buffer = buffer[:pool.num_pages * page_bytes].view(dtype).view(
+            pool.num_pages, local_kv_heads, num_layers, 2, page_size, head_dim)
+        return pool
+
     # ---- sizes -------------------------------------------------------------------------------------
     @staticmethod
     def page_bytes(page_size: int, local_kv_heads: int, num_layers: int, head_dim: int, dtype: torch.dtype) -> int:

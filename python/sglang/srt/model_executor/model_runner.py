@@ -24,6 +24,7 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.kv_pool import HeadCentricKVPool
 from sglang.srt.model_executor.forward_batch import ForwardBatch
 from sglang.srt.model_executor.model_loader import load_weights
+from sglang.srt.model_executor.weight_store import WeightStore, packed_layout
 from sglang.srt.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -55,17 +56,39 @@ class ModelRunner:
         self.model = get_model_class(model_config.architecture)(model_config, tp_group, self.device)
         self.model.eval()
         self.weight_bytes = module_bytes(self.model)
-        self.num_pages = self._num_pages(budget)
+        usable_pages = self._num_pages(budget)  # KV pages the budget allows after the weights
         load_weights(self.model, server_args.model_path, show_progress=show_progress and tp_group.rank == 0)
 
-        self.kv_pool = HeadCentricKVPool(self.num_pages, self.page_size, model_config.num_kv_heads // tp_group.size,
-                                         model_config.num_layers, model_config.head_dim, model_config.dtype,
-                                         self.device)
-        self.kv_pool_bytes = self.kv_pool.total_bytes
-        self.max_total_num_tokens = self.num_pages * self.page_size
+        # One arena holds the weights (packed at the front) and the KV pages (DESIGN §4-5).
+        self.weight_store = WeightStore(self._arena_bytes(usable_pages), self.device)
+        self.weight_store.adopt(self.model)
+        self.kv_pool = HeadCentricKVPool.over_bytes(self.weight_store.arena, self.page_size,
+                                                    model_config.num_kv_heads // tp_group.size,
+                                                    model_config.num_layers, model_config.head_dim,
+                                                    model_config.dtype)
+        self._update_capacity()
         self.attn_backend = TorchNativeAttnBackend()
         logger.info("rank %d/%d: weights %d bytes, KV pool %d pages x %d tokens (%d bytes)", tp_group.rank,
-                    tp_group.size, self.weight_bytes, self.num_pages, self.page_size, self.kv_pool_bytes)
+                    tp_group.size, self.weight_bytes, self.num_pages - self.reserved_pages, self.page_size,
+                    self.kv_pool_bytes)
+
+    def _arena_bytes(self, usable_pages: int) -> int:
+        """Packed weights rounded up to whole pages, plus `usable_pages` pages, in whole TP1 pages (so that
+        every TP degree's pages tile the arena exactly)."""
+        cfg = self.model_config
+        page = HeadCentricKVPool.page_bytes(self.page_size, cfg.num_kv_heads // self.tp_group.size,
+                                            cfg.num_layers, cfg.head_dim, cfg.dtype)
+        tp1_page = page * self.tp_group.size
+        _, weights_end = packed_layout(self.model)
+        want = (-(-weights_end // page) + usable_pages) * page
+        return -(-want // tp1_page) * tp1_page
+
+    def _update_capacity(self) -> None:
+        self.num_pages = self.kv_pool.num_pages  # page ids span the whole arena
+        self.reserved_pages = self.weight_store.reserved_pages(self.kv_pool.bytes_per_page)  # weights
+        self.max_total_num_tokens = (self.num_pages - self.reserved_pages) * self.page_size
+        self.kv_pool_bytes = (self.num_pages - self.reserved_pages) * self.kv_pool.bytes_per_page
+        self.weight_bytes = module_bytes(self.model)
 
     # ---- memory ------------------------------------------------------------------------------------
     def _memory_budget(self) -> int:
@@ -106,10 +129,7 @@ class ModelRunner:
         self.tp_group = tp_group
         self.model_config = model_config
         self.kv_pool = kv_pool
-        self.num_pages = kv_pool.num_pages
-        self.max_total_num_tokens = self.num_pages * self.page_size
-        self.weight_bytes = module_bytes(model)
-        self.kv_pool_bytes = kv_pool.total_bytes
+        self._update_capacity()
 
     # ---- forward -----------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -3,10 +3,11 @@
     gyges.plans.KVPlan      --execute_kv_plan-->      bytes of the flat KV buffer moved between devices
                                                        (P2P isend/irecv on the device group, one message per
                                                        peer per round, sources snapshotted at round start)
-    gyges.plans.WeightPlan  --regroup_weights-->      each sharded parameter replaced by its new shard: kept
-                                                       rows in place (sliced), missing rows received from peers
-    ModelRunner             --rebind_runner-->        model rebuilt on the new TPGroup (meta device, no
-                                                       allocation) around the regrouped tensors; KV pool
+    gyges.plans.WeightPlan  --regroup_weights-->      inside the device's WeightStore arena: merge packs the
+                                                       kept slices to the front (the rest becomes KV pages);
+                                                       split moves them up and receives the missing rows
+    ModelRunner.rebind                                model rebuilt on the new TPGroup (meta device, no
+                                                       allocation) over the regrouped arena; KV pool
                                                        re-viewed at the new page size over the same bytes
 
 Every device of the transformation runs the same plan in the same order, so messages between two
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from gyges.plans import KVPlan, ParamSpec, WeightPlan
 from sglang.srt.distributed.parallel_state import TPGroup
 from sglang.srt.mem_cache.kv_pool import HeadCentricKVPool
+from sglang.srt.model_executor.weight_store import WeightStore, packed_layout, unique_parameters
 
 
 @dataclass
@@ -84,85 +86,66 @@ def execute_kv_plan(plan: KVPlan, me: int, flat: torch.Tensor, device_group, sta
     stats.kv_seconds += time.perf_counter() - t0
 
 
-def unique_parameters(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) in a fixed order, tied parameters once."""
-    return list(model.named_parameters(remove_duplicate=True))
-
-
 def param_specs(old_model: torch.nn.Module, new_model: torch.nn.Module, old_tp: int) -> List[ParamSpec]:
     """ParamSpecs for the weight plan: a parameter is sharded iff its first dimension changes with TP."""
-    new_params = dict(new_model.named_parameters(remove_duplicate=True))
+    new_params = dict(unique_parameters(new_model))
     specs = []
     for name, p in unique_parameters(old_model):
         q = new_params[name]
-        row_bytes = p[0].numel() * p.element_size() if p.dim() > 1 else p.element_size()
         sharded = tuple(q.shape) != tuple(p.shape)
-        specs.append(ParamSpec(name, p.shape[0] * old_tp if sharded else p.shape[0], row_bytes, sharded))
+        specs.append(ParamSpec(name, p.shape[0] * old_tp if sharded else p.shape[0], _row_bytes(p), sharded))
     return specs
 
 
-def regroup_weights(plan: WeightPlan, me: int, old_model: torch.nn.Module, new_model: torch.nn.Module,
-                    device_group, stats: RegroupStats) -> None:
-    """Give every parameter of `new_model` (built on the meta device) its regrouped tensor."""
+def _row_bytes(p: torch.Tensor) -> int:
+    return (p[0].numel() if p.dim() > 1 else 1) * p.element_size()
+
+
+def regroup_weights(plan: WeightPlan, me: int, store: WeightStore, old_model: torch.nn.Module,
+                    new_model: torch.nn.Module, device_group, stats: RegroupStats) -> None:
+    """Regroup this device's weights inside its arena and bind `new_model` (meta) to them.
+
+    Merge (every new shard inside the old one): pack each kept slice to the front, in offset order.
+    Split (every old shard inside the new one): move each kept block up to its new place, last parameter
+    first, then receive the missing rows from the peers directly into place (the peers send from their
+    own moved blocks). The KV that lived where the weights grow was moved out by the split's KV plan.
+    """
     t0 = time.perf_counter()
     mine = plan.devices[me]
     keeps = {k.param: k for k in mine.keep}
-    recvs: Dict[str, List] = {}
-    for rv in mine.recv:
-        recvs.setdefault(rv.param, []).append(rv)
-    sends: Dict[str, List[Tuple[int, object]]] = {}  # param -> [(dst device, RowRecv)]
-    for dev, dp in sorted(plan.devices.items()):
-        for rv in dp.recv:
-            if rv.src_device == me:
-                sends.setdefault(rv.param, []).append((dev, rv))
-    new_params = dict(new_model.named_parameters(remove_duplicate=True))
-    replacements: Dict[int, torch.nn.Parameter] = {}  # id(meta parameter) -> regrouped parameter
-    for tag, (name, old) in enumerate(unique_parameters(old_model)):
-        target = new_params[name]
-        old_data = old.data
-        keep = keeps.get(name)
-        rows_new = target.shape[0]
-        works = []
-        for dst, rv in sends.get(name, []):
-            rows = rv.end - rv.start
-            works.append(dist.isend(old_data[rv.src_local_start:rv.src_local_start + rows].contiguous(), dst=dst,
-                                    group=device_group, tag=tag))
-        if tuple(target.shape) == tuple(old_data.shape) and keep is not None and keep.new_local_start == 0 \
-                and keep.old_local_start == 0:
-            new_data = old_data  # replicated (or unchanged): nothing to do
-        elif not recvs.get(name) and keep is not None:
-            # Merge: the new shard is a slice of the old one; copy it out so the old storage is freed.
-            new_data = old_data[keep.old_local_start:keep.old_local_start + rows_new].clone()
-            stats.weight_transient_peak_bytes = max(stats.weight_transient_peak_bytes,
-                                                    new_data.numel() * new_data.element_size())
-        else:
-            # Split: grow to the new shard, keep our rows, receive the rest.
-            new_data = torch.empty(tuple(target.shape), dtype=old_data.dtype, device=old_data.device)
-            stats.weight_transient_peak_bytes = max(stats.weight_transient_peak_bytes,
-                                                    new_data.numel() * new_data.element_size())
-            if keep is not None:
-                n = keep.end - keep.start
-                new_data[keep.new_local_start:keep.new_local_start + n].copy_(
-                    old_data[keep.old_local_start:keep.old_local_start + n])
-            for rv in recvs.get(name, []):
-                rows = rv.end - rv.start
-                buf = torch.empty((rows,) + tuple(target.shape[1:]), dtype=old_data.dtype, device=old_data.device)
-                works.append((dist.irecv(buf, src=rv.src_device, group=device_group, tag=tag), buf, rv))
-        for w in works:
-            if isinstance(w, tuple):
-                w[0].wait()
-                buf, rv = w[1], w[2]
-                new_data[rv.dst_local_start:rv.dst_local_start + buf.shape[0]].copy_(buf)
-                stats.weight_bytes_received += buf.numel() * buf.element_size()
-            else:
+    old_params = unique_parameters(old_model)
+    new_offsets, new_end = packed_layout(new_model)
+    growing = any(dp.recv for dp in plan.devices.values())
+    order = list(reversed(old_params)) if growing else old_params
+    for name, old in order:
+        keep = keeps[name]
+        rb = _row_bytes(old)
+        src = store.offsets[name] + keep.old_local_start * rb
+        dst = new_offsets[name] + keep.new_local_start * rb
+        staged = store.move(src, dst, (keep.end - keep.start) * rb)
+        stats.weight_transient_peak_bytes = max(stats.weight_transient_peak_bytes, staged)
+    old_end = store.weights_end
+    store.bind(new_model, new_offsets, new_end)
+    new_params = dict(unique_parameters(new_model))  # now views of the arena
+    if growing:
+        sends = [(dev, rv) for dev, dp in sorted(plan.devices.items()) for rv in dp.recv if rv.src_device == me]
+        for tag, (name, _) in enumerate(old_params):
+            target = new_params[name]
+            keep = keeps[name]
+            works = []
+            for dev, rv in sends:
+                if rv.param == name:
+                    at = keep.new_local_start + (rv.src_local_start - keep.old_local_start)
+                    works.append(dist.isend(target.data[at:at + rv.end - rv.start], dst=dev, group=device_group,
+                                            tag=tag))
+            for rv in mine.recv:
+                if rv.param == name:
+                    works.append(dist.irecv(target.data[rv.dst_local_start:rv.dst_local_start + rv.end - rv.start],
+                                            src=rv.src_device, group=device_group, tag=tag))
+                    stats.weight_bytes_received += rv.nbytes
+            for w in works:
                 w.wait()
-        replacements[id(target)] = torch.nn.Parameter(new_data, requires_grad=False)
-    # Install (tied parameters appear in several modules: replace every reference).
-    for module in new_model.modules():
-        for leaf, param in list(module._parameters.items()):
-            if param is not None and id(param) in replacements:
-                module._parameters[leaf] = replacements[id(param)]
-    stats.weight_bytes_freed += mine.freed_bytes
+    stats.weight_bytes_freed += max(0, old_end - new_end)
     stats.weight_seconds += time.perf_counter() - t0
 
 
@@ -180,17 +163,8 @@ def adopt_buffers(old_model: torch.nn.Module, new_model: torch.nn.Module) -> Non
 
 def reshape_pool(pool: HeadCentricKVPool, local_kv_heads: int) -> HeadCentricKVPool:
     """The same bytes viewed as pages of `local_kv_heads` heads (more, smaller pages after a merge)."""
-    flat = kv_flat_bytes(pool)
-    page_bytes = HeadCentricKVPool.page_bytes(pool.page_size, local_kv_heads, pool.num_layers, pool.head_dim,
-                                              pool.dtype)
-    num_pages = flat.numel() // page_bytes
-    new = HeadCentricKVPool.__new__(HeadCentricKVPool)
-    new.num_pages, new.page_size, new.local_kv_heads = num_pages, pool.page_size, local_kv_heads
-    new.num_layers, new.head_dim, new.dtype, new.device = pool.num_layers, pool.head_dim, pool.dtype, pool.device
-    # [num_pages, local_kv_heads, num_layers, 2, page_size, head_dim] over the same storage
-    new.kv_buffer = flat[:num_pages * page_bytes].view(pool.dtype).view(
-        num_pages, local_kv_heads, pool.num_layers, 2, pool.page_size, pool.head_dim)
-    return new
+    return HeadCentricKVPool.over_bytes(kv_flat_bytes(pool), pool.page_size, local_kv_heads, pool.num_layers,
+                                        pool.head_dim, pool.dtype)
 
 
 def new_model_config(model_config, tp_size: int):
