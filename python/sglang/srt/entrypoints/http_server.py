@@ -351,6 +351,21 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
         await tm.abort_request(rid)
         return Response(status_code=200)
 
+    # ---- Gyges admin ----------------------------------------------------------------------------------------
+    @app.get("/gyges/topology")
+    async def gyges_topology():
+        if not args.enable_gyges:
+            raise APIError(404, "Gyges is off: start the server with --enable-gyges")
+        return await tm.gyges_topology()
+
+    @app.post("/gyges/transform")
+    async def gyges_transform(request: Request):
+        if not args.enable_gyges:
+            raise APIError(404, "Gyges is off: start the server with --enable-gyges")
+        data = await read_json(request)
+        devices, tp = data.get("devices"), data.get("tp")
+        return await tm.gyges_transform(devices, tp)  # ValueError (refused) -> 400 with the reason
+
     # ---- metrics -----------------------------------------------------------------------------------------
     @app.get("/metrics")
     async def metrics_route():

@@ -95,9 +95,10 @@ def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: 
         merged = src[0]
         st = states[merged.base]
         groups = _page_groups(st)
-        targets = _assign_groups(groups, merged, dst, layout, buffer_bytes)
+        targets = _assign_groups(groups, merged, dst, layout, buffer_bytes, reserved_after)
+        kept = [i for i, t in enumerate(targets) if t is not None]
         assignment = split_page_assignment(layout, buffer_bytes, merged, dst,
-                                           [(targets[i], g.pages) for i, g in enumerate(groups)],
+                                           [(targets[i], groups[i].pages) for i in kept],
                                            first_page=[reserved_after] * len(dst))
         kv_plan = kv_split_plan(layout, buffer_bytes, merged, dst, assignment=assignment, max_staging_bytes=MAX_STAGING_BYTES)
         outs = {p.base: InstanceState(devices=list(p.devices), running=[], waiting=[], tree_paths=[],
@@ -106,7 +107,8 @@ def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: 
         def f(page: int) -> int:
             return assignment[page][1]
 
-        for i, g in enumerate(groups):
+        for i in kept:
+            g = groups[i]
             out = outs[dst[targets[i]].base]
             out.running.extend(_rebase(r, f) for r in g.reqs)
             out.tree_paths.extend((toks, [f(p) for p in pages]) for toks, pages in g.paths)
@@ -162,17 +164,29 @@ def _page_groups(st: InstanceState) -> List[_PageGroup]:
 
 
 def _assign_groups(groups: List[_PageGroup], merged: Instance, parts: List[Instance], layout: KVLayout,
-                   buffer_bytes: int) -> List[int]:
-    """Target part of each group: balance running requests and pages, prefer where pages already lie."""
+                   buffer_bytes: int, reserved_after: int) -> List[Optional[int]]:
+    """Target part of each group, or None for cache-only groups that are dropped (evicted) for lack of room.
+
+    Groups with running requests are placed first, biggest first, on the part with the fewest running
+    requests (then pages) that has room, preferring where their pages already lie; cached paths follow
+    while room is left. A running group that fits no part refuses the split.
+    """
+    room = [layout.pages_per_device(buffer_bytes, p.tp) - reserved_after for p in parts]
     load = [[0, 0] for _ in parts]  # per part: [running requests, pages]
-    targets = [0] * len(groups)
-    order = sorted(range(len(groups)), key=lambda i: -len(groups[i].pages))
+    targets: List[Optional[int]] = [None] * len(groups)
+    order = sorted(range(len(groups)), key=lambda i: (not groups[i].reqs, -len(groups[i].pages)))
     for i in order:
         g = groups[i]
         natural = [0] * len(parts)
         for p in g.pages:
             natural[split_page_id(p, merged, parts)[0]] += 1
-        best = min(range(len(parts)), key=lambda j: (load[j][0], load[j][1], -natural[j], j))
+        fits = [j for j in range(len(parts)) if room[j] - load[j][1] >= len(g.pages)]
+        if not fits:
+            if g.reqs:
+                raise ValueError(f"running requests need {len(g.pages)} KV pages together, more than any "
+                                 f"resulting instance has free ({max(r - l[1] for r, l in zip(room, load))})")
+            continue  # only cache: evicted by the split
+        best = min(fits, key=lambda j: (load[j][0], load[j][1], -natural[j], j))
         targets[i] = best
         load[best][0] += len(g.reqs)
         load[best][1] += len(g.pages)
