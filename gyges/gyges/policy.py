@@ -93,6 +93,9 @@ class ClusterState:
     instances: Tuple[InstanceLoad, ...]
     now: float
     held: Tuple[RequestInfo, ...] = ()  # requests the caller holds, oldest first
+    # (tp, KV tokens) of an instance of that TP once formed, when the runtime knows it exactly (a merge also
+    # turns freed weight memory into KV); otherwise the members' capacities are summed.
+    capacity_by_tp: Tuple[Tuple[int, int], ...] = ()
 
     def instance(self, base: int) -> InstanceLoad:
         for inst in self.instances:
@@ -152,6 +155,9 @@ def group_capacity(state: ClusterState, devices: Sequence[int]) -> int:
     """KV tokens an instance on `devices` (an aligned group) would hold: its members' capacities, or
     its share of the one instance that contains it."""
     devs = set(devices)
+    known = dict(state.capacity_by_tp)
+    if len(devs) in known:
+        return known[len(devs)]
     total = 0
     for inst in state.instances:
         own = set(inst.devices)

@@ -106,7 +106,16 @@ class ServerArgs:
     enable_gyges: bool = _f(False, "Let the controller merge and split aligned instances at run time.")
     gyges_max_tp: Optional[int] = _f(None, "Largest TP degree Gyges may form (default: all devices). Weights "
                                      "are stored padded for every degree up to this one.")
-    gyges_policy: str = _f("manual", "Who decides transformations.", choices=["manual"])
+    gyges_policy: str = _f("manual", "Who places requests and decides transformations: 'manual' (least-loaded "
+                           "routing, transformations only through POST /gyges/transform), 'auto' (the Gyges "
+                           "policy), or a baseline with the same interface: static-dp-rr, static-dp-ll, "
+                           "static-tp, static-hybrid.",
+                           choices=["manual", "auto", "gyges", "static-dp-rr", "static-dp-ll", "static-tp",
+                                    "static-hybrid"])
+    gyges_split_delay: float = _f(5.0, "Seconds a merged instance's requests must fit the smaller instances "
+                                  "before the auto policy splits it (hysteresis).")
+    gyges_cost_model: Optional[str] = _f(None, "JSON file of the transformation cost model (written by "
+                                         "`python -m gyges.costmodel fit`); default: built-in constants.")
 
     # ------------------------------------------------------------------------------------------------
     def __post_init__(self):
@@ -150,6 +159,8 @@ class ServerArgs:
             raise ValueError("--chunked-prefill-size must be positive or -1 (no chunking)")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise ValueError("--max-running-requests must be >= 1")
+        if self.gyges_policy != "manual" and not self.enable_gyges:
+            raise ValueError(f"--gyges-policy {self.gyges_policy} needs --enable-gyges")
         g = self.weight_shard_granularity
         if g & (g - 1) or g < self.tp_size:
             raise ValueError(f"--gyges-max-tp must be a power of two >= --tp-size, got {g}")

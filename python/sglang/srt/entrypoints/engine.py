@@ -97,9 +97,8 @@ def launch_subprocesses(server_args: ServerArgs):
     max_tokens = max(i.max_total_num_tokens for i in infos)
     max_req_len = max(i.max_req_len for i in infos)
     if server_args.enable_gyges:
-        # The largest instance Gyges can form holds (max_tp / tp) times the pages of one instance.
-        grow = (server_args.gyges_max_tp or world) // server_args.tp_size
-        max_req_len = min(model_config.context_len, max_tokens * grow) - 1
+        # The largest instance Gyges can form (all its devices' memory, weights sharded the most).
+        max_req_len = min(model_config.context_len, min(i.max_formable_tokens for i in infos)) - 1
     logger.info("serving: %d instance(s) of TP%d, KV capacity %d tokens per instance, weights %.1f MiB per device",
                 server_args.dp_size, server_args.tp_size, max_tokens, infos[0].weight_bytes / 2**20)
     tm = TokenizerManager(server_args, port_args, model_config, max_tokens, max_req_len, procs)

@@ -4,11 +4,13 @@
     Controller --route each request to one instance leader; broadcast aborts, flush and queries-->
     leaders --InstanceReport on change, replies, TransformDone--> Controller --replies--> TokenizerManager
 
-The controller owns the topology (gyges.topology.Topology): which devices form which instance. Requests
-go to the least-loaded instance whose KV capacity holds them. A Gyges transformation (POST
-/gyges/transform) is validated against the topology, sent to the source instances' leaders, and while
-it runs the requests and control messages that would touch those instances are held here and released
-to the new instances when it is done.
+The controller owns the topology (gyges.topology.Topology): which devices form which instance.
+With --gyges-policy manual, requests go to the least-loaded instance whose KV capacity holds them and
+transformations happen only through POST /gyges/transform. With a policy (auto = Gyges, or a baseline),
+every placement and transformation is decided by a gyges.policy.Policy from a ClusterState built out of
+the leaders' reports: on each request (Place / Hold / Reject) and on every tick (~100 ms and every
+report: place held requests, start a merge or a split). The controller only carries decisions out.
+While a transformation runs, messages that would touch its instances are held and released after it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Dict, List, Optional
 
 import zmq
 
+from gyges.costmodel import TransformCostModel
+from gyges.policy import ClusterState, Hold, InstanceLoad, Place, Reject, RequestInfo, Transform, make_policy
 from gyges.topology import Instance, Topology
 from sglang.srt.managers.io_struct import (
     AbortReq,
@@ -54,7 +58,8 @@ class InstanceView:
     instance: Instance
     report: Optional[InstanceReport] = None
     routed_since_report: int = 0  # requests sent after the last report (not yet counted by it)
-    capacity_tokens: int = 0  # KV capacity (from reports; an estimate until the first one)
+    routed_tokens_since_report: int = 0  # their prompt + max_new_tokens
+    idle_since: Optional[float] = None  # when the instance last became idle (None while busy)
 
     @property
     def instance_id(self) -> int:
@@ -69,9 +74,10 @@ class InstanceView:
 
 @dataclass
 class ActiveTransform:
-    req_id: str  # the TokenizerManager's request
+    req_id: Optional[str]  # the TokenizerManager's request (None: decided by the policy)
     cmd: TransformCmd
     held: List[object] = field(default_factory=list)  # messages that wait for the new topology
+    done: Optional[TransformDone] = None  # set when the workers finished; answered once all new instances report
 
 
 class Controller:
@@ -94,9 +100,36 @@ class Controller:
         self.expected_replies: Dict[str, int] = {}
         self.active: Optional[ActiveTransform] = None
         self.history: List[dict] = []
+        self.max_tp = max_tp
+        from sglang.srt.configs.model_config import ModelConfig
+
+        self.context_len = ModelConfig.from_server_args(server_args).context_len
+        self.policy = self._make_policy(server_args)
+        self.held: List[TokenizedGenerateReqInput] = []  # requests the policy holds, oldest first
+        self.capacity_by_tp: Dict[int, int] = {}  # from the leaders' reports (Gyges)
+        self.startup_transforms: List[Transform] = self._startup_transforms()
         self.poller = zmq.Poller()
         self.poller.register(self.recv_from_tokenizer, zmq.POLLIN)
         self.poller.register(self.recv_from_workers, zmq.POLLIN)
+
+    def _make_policy(self, args: ServerArgs):
+        name = args.gyges_policy
+        if name == "manual":
+            return None
+        if name in ("auto", "gyges"):
+            cost = TransformCostModel.load(args.gyges_cost_model) if args.gyges_cost_model else None
+            return make_policy(name, split_delay=args.gyges_split_delay, cost_model=cost, base_tp=args.tp_size)
+        if name in ("static-dp-rr", "static-dp-ll"):
+            return make_policy(name, tp=args.tp_size)
+        return make_policy(name)
+
+    def _startup_transforms(self) -> List[Transform]:
+        """Merges that turn the launch topology into the policy's initial one (e.g. static-hybrid)."""
+        if self.policy is None:
+            return []
+        want = self.policy.initial_instances(self.args.num_devices, self.max_tp)
+        have = {tuple(i.devices) for i in self.topology.instances}
+        return [Transform(tuple(g), len(g)) for g in want if tuple(g) not in have]
 
     def _set_instances(self, instances) -> None:
         old = self.views
@@ -109,7 +142,8 @@ class Controller:
 
     def event_loop(self) -> None:
         while True:
-            for sock, _ in self.poller.poll():
+            events = self.poller.poll(100 if self.policy is not None else None)
+            for sock, _ in events:
                 while True:
                     try:
                         msg = sock.recv_pyobj(zmq.NOBLOCK)
@@ -119,6 +153,8 @@ class Controller:
                         self.handle_tokenizer_message(msg)
                     else:
                         self.handle_worker_message(msg)
+            if self.policy is not None:
+                self.tick()
 
     # ---- from the TokenizerManager ---------------------------------------------------------------------
     def handle_tokenizer_message(self, msg) -> None:
@@ -128,13 +164,18 @@ class Controller:
         if isinstance(msg, GygesTransformReq):
             self.start_transform(msg)
             return
-        if self.active is not None and not self._can_pass_during_transform(msg):
+        if self.active is not None and self.policy is None and not self._can_pass_during_transform(msg):
             self.active.held.append(msg)
             return
         if isinstance(msg, TokenizedGenerateReqInput):
             self.route(msg)
         elif isinstance(msg, (AbortReq, FlushCacheReq, GetInternalStateReq)):
-            if not isinstance(msg, AbortReq):
+            if self.active is not None:  # the instances are changing: answer after the transformation
+                self.active.held.append(msg)
+                return
+            if isinstance(msg, AbortReq):
+                self._abort_held(msg.rid)
+            else:
                 self.pending_replies[msg.req_id] = []
                 self.expected_replies[msg.req_id] = len(self.views)
             for view in self.views.values():
@@ -159,6 +200,9 @@ class Controller:
         return min(fits, key=InstanceView.load_key) if fits else None
 
     def route(self, req: TokenizedGenerateReqInput) -> None:
+        if self.policy is not None:
+            self.apply([self.policy.on_request(self._request_info(req), self.cluster_state())], req)
+            return
         view = self._place(req)
         if view is None:
             self.reject(req, self._too_long_message(req))
@@ -175,15 +219,93 @@ class Controller:
                      "to serve it")
         return text
 
-    def reject(self, req: TokenizedGenerateReqInput, message: str) -> None:
-        delta = ReqOutputDelta(rid=req.rid, new_output_ids=[], finish_reason=finish_abort(message, 400),
+    def reject(self, req: TokenizedGenerateReqInput, message: str, status_code: int = 400) -> None:
+        delta = ReqOutputDelta(rid=req.rid, new_output_ids=[], finish_reason=finish_abort(message, status_code),
                                prompt_tokens=len(req.input_ids), completion_tokens=0, cached_tokens=0)
         self.send_outputs_to_tokenizer.send_pyobj(BatchStrOut([ReqStrOut(req.rid, "", [], delta)]))
 
+    def send_to_instance(self, req: TokenizedGenerateReqInput, base: int) -> None:
+        view = self.views[base]
+        view.routed_since_report += 1
+        view.routed_tokens_since_report += len(req.input_ids) + self._max_new(req)
+        self.send_to_worker[base].send_pyobj(req)
+
+    # ---- policy ------------------------------------------------------------------------------------------
+    def _max_new(self, req: TokenizedGenerateReqInput) -> int:
+        """max_new_tokens as the scheduler will clip it (None: up to the context length)."""
+        n = req.sampling_params.max_new_tokens
+        limit = self.context_len - len(req.input_ids)
+        return max(0, min(int(n), limit) if n is not None else limit)
+
+    def _request_info(self, req: TokenizedGenerateReqInput) -> RequestInfo:
+        return RequestInfo(req.rid, len(req.input_ids), self._max_new(req), req.arrival_time)
+
+    def cluster_state(self) -> ClusterState:
+        busy = self._busy_bases()
+        loads = []
+        for view in self.views.values():
+            r = view.report
+            loads.append(InstanceLoad(
+                devices=tuple(view.instance.devices), tp=view.instance.tp,
+                running=(r.running if r else 0) + view.routed_since_report,
+                waiting=r.waiting if r else 0,
+                kv_capacity_tokens=r.kv_capacity_tokens if r else 0,
+                kv_used_tokens=r.kv_used_tokens if r else 0,
+                kv_evictable_tokens=r.kv_evictable_tokens if r else 0,
+                tokens_in_flight=(r.tokens_in_flight if r else 0) + view.routed_tokens_since_report,
+                transforming=view.instance_id in busy or r is None,
+                idle_since=view.idle_since,
+            ))
+        return ClusterState(self.args.num_devices, self.max_tp, tuple(loads), time.time(),
+                            tuple(self._request_info(m) for m in self.held), tuple(sorted(self.capacity_by_tp.items())))
+
+    def tick(self) -> None:
+        if self.active is None and self.startup_transforms:
+            t = self.startup_transforms.pop(0)
+            self.start_transform(GygesTransformReq("", list(t.devices), t.tp), internal=True)
+            return
+        if self.active is not None or any(v.report is None for v in self.views.values()):
+            return
+        self.apply(self.policy.on_tick(self.cluster_state()))
+
+    def apply(self, decisions, current: Optional[TokenizedGenerateReqInput] = None) -> None:
+        """Carry out the policy's decisions in order."""
+        by_rid = {m.rid: m for m in self.held}
+        if current is not None:
+            by_rid[current.rid] = current
+        for d in decisions:
+            if isinstance(d, Place):
+                req = by_rid.pop(d.rid)
+                self._unhold(d.rid)
+                self.send_to_instance(req, d.instance)
+            elif isinstance(d, Hold):
+                if current is not None and d.rid == current.rid:
+                    self.held.append(current)
+            elif isinstance(d, Reject):
+                req = by_rid.pop(d.rid)
+                self._unhold(d.rid)
+                self.reject(req, d.message)
+            elif isinstance(d, Transform):
+                if self.active is None:
+                    self.start_transform(GygesTransformReq("", list(d.devices), d.tp), internal=True)
+            else:
+                logger.error("unknown policy decision %r", d)
+
+    def _unhold(self, rid: str) -> None:
+        self.held = [m for m in self.held if m.rid != rid]
+
+    def _abort_held(self, rid: str) -> None:
+        for m in [m for m in self.held if rid == "" or m.rid == rid]:
+            self._unhold(m.rid)
+            self.reject(m, "aborted", 499)
+
     # ---- Gyges transformations -------------------------------------------------------------------------
-    def start_transform(self, msg: GygesTransformReq) -> None:
+    def start_transform(self, msg: GygesTransformReq, internal: bool = False) -> None:
         def refuse(text: str) -> None:
-            self.send_to_tokenizer.send_pyobj(GygesTransformReqOutput(msg.req_id, False, text))
+            if internal:
+                logger.error("policy transformation %s tp=%d refused: %s", msg.devices, msg.tp, text)
+            else:
+                self.send_to_tokenizer.send_pyobj(GygesTransformReqOutput(msg.req_id, False, text))
 
         if not self.args.enable_gyges:
             return refuse("transformations need a server started with --enable-gyges")
@@ -210,7 +332,7 @@ class Controller:
             dst_instances=[list(i.devices) for i in sorted(dst, key=lambda i: i.leader)],
             issued_at=time.time(),
         )
-        self.active = ActiveTransform(msg.req_id, cmd)
+        self.active = ActiveTransform(None if internal else msg.req_id, cmd)
         self._pending_topology = new_topology
         for inst in src:
             self.send_to_worker[inst.leader].send_pyobj(cmd)
@@ -220,15 +342,29 @@ class Controller:
         if active is None or done.transform_id != active.cmd.transform_id:
             logger.error("unexpected TransformDone %s", done.transform_id)
             return
-        self.active = None
-        breakdown = dict(done.breakdown)
+        active.done = done
         if done.success:
             self.topology = self._pending_topology
             self._set_instances(self.topology.instances)
-            self.history.append({"kind": active.cmd.kind, "devices": breakdown.get("devices"),
-                                 "tp": breakdown.get("tp"), "at": time.time(), **breakdown})
-        self.send_to_tokenizer.send_pyobj(
-            GygesTransformReqOutput(active.req_id, done.success, done.message, breakdown))
+            bd = done.breakdown
+            self.history.append({"kind": active.cmd.kind, "devices": bd.get("devices"), "tp": bd.get("tp"),
+                                 "at": time.time(), **bd})
+        self._maybe_complete_transform()
+
+    def _maybe_complete_transform(self) -> None:
+        """Answer and release held messages once every new instance has reported (its capacity is known)."""
+        active = self.active
+        if active is None or active.done is None:
+            return
+        if active.done.success and any(v.report is None for v in self.views.values()):
+            return
+        self.active = None
+        done = active.done
+        if active.req_id is not None:
+            self.send_to_tokenizer.send_pyobj(
+                GygesTransformReqOutput(active.req_id, done.success, done.message, dict(done.breakdown)))
+        elif not done.success:
+            logger.error("policy transformation failed: %s", done.message)
         for msg in active.held:
             self.handle_tokenizer_message(msg)
 
@@ -253,9 +389,17 @@ class Controller:
     def handle_worker_message(self, msg) -> None:
         if isinstance(msg, InstanceReport):
             view = self.views.get(msg.instance_id)
+            if msg.capacity_by_tp:
+                self.capacity_by_tp = dict(msg.capacity_by_tp)
             if view is not None:
                 view.report = msg
                 view.routed_since_report = 0
+                view.routed_tokens_since_report = 0
+                if msg.running + msg.waiting == 0:
+                    view.idle_since = view.idle_since or time.time()
+                else:
+                    view.idle_since = None
+                self._maybe_complete_transform()
         elif isinstance(msg, TransformDone):
             self.finish_transform(msg)
         elif isinstance(msg, (FlushCacheReqOutput, GetInternalStateReqOutput)):

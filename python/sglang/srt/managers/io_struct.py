@@ -267,8 +267,12 @@ class InstanceReport:
     kv_used_tokens: int
     # KV pool capacity in tokens.
     kv_capacity_tokens: int
-    # Tokens the running requests may still need (max_new_tokens not yet generated).
+    # Tokens the admitted requests may still need (prompt not yet computed + max_new_tokens not yet generated).
     tokens_in_flight: int
+    # KV tokens held only by the prefix cache (evictable).
+    kv_evictable_tokens: int = 0
+    # {tp: KV tokens of an instance of that TP formed from devices like these} (Gyges; sent once).
+    capacity_by_tp: Optional[Dict[int, int]] = None
 
 
 @dataclass
@@ -285,6 +289,8 @@ class WorkerReady:
     kv_pool_bytes: int
     # Tokens per page.
     page_size: int
+    # KV tokens of the largest instance Gyges can form (= max_total_num_tokens without Gyges).
+    max_formable_tokens: int = 0
 
 
 @dataclass

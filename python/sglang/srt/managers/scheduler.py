@@ -126,6 +126,10 @@ class Scheduler:
         self.send_to_controller = channels.send_to_controller
         self.poller = channels.poller
         self._pending_transform: Optional[TransformCmd] = None
+        self.capacity_by_tp = None
+        if server_args.enable_gyges:
+            top = server_args.gyges_max_tp or server_args.num_devices
+            self.capacity_by_tp = runner.capacity_by_tp(top)
         if migrated is not None:
             self.adopt_state(migrated)
 
@@ -532,6 +536,8 @@ class Scheduler:
             kv_used_tokens=self.kv.used_pages() * self.page_size,
             kv_capacity_tokens=self.kv.num_pages * self.page_size,
             tokens_in_flight=sum(r.remaining_new_tokens + r.extend_remaining for r in self.running + self.waiting),
+            kv_evictable_tokens=self.kv.tree.evictable_pages() * self.page_size,
+            capacity_by_tp=self.capacity_by_tp,
         )
         if report != self._last_report:
             self._last_report = report

@@ -59,6 +59,8 @@ def run_worker_process(server_args: ServerArgs, port_args: PortArgs, rank: int, 
             weight_bytes=runner.weight_bytes,
             kv_pool_bytes=runner.kv_pool_bytes,
             page_size=server_args.page_size,
+            max_formable_tokens=(runner.capacity_tokens_at_tp(server_args.gyges_max_tp or world)
+                                 if server_args.enable_gyges else runner.max_total_num_tokens),
         )
         tokenizer = None
         if rank == ranks[0] or server_args.enable_gyges:

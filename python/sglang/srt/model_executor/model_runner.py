@@ -123,6 +123,26 @@ class ModelRunner:
         return int(self.tp_group.all_reduce(t, op="min").item())
 
     # ---- Gyges ---------------------------------------------------------------------------------------
+    def capacity_by_tp(self, max_tp: int) -> dict:
+        """{tp: capacity_tokens_at_tp(tp)} for every power of two up to max_tp (computed once)."""
+        if getattr(self, "_capacity_by_tp", None) is None:
+            self._capacity_by_tp = {t: self.capacity_tokens_at_tp(t) for t in (1, 2, 4, 8, 16, 32, 64) if t <= max_tp}
+        return self._capacity_by_tp
+
+    def capacity_tokens_at_tp(self, tp: int) -> int:
+        """KV tokens of an instance of TP `tp` formed from devices like this one (per device arena, weights
+        re-sharded and packed): what a merge up to `tp` would give."""
+        from sglang.srt.model_executor.regroup import build_model_on_meta, new_model_config
+
+        cfg = new_model_config(self.model_config, tp)
+        meta = build_model_on_meta(type(self.model), cfg, TPGroup(rank=0, size=tp, ranks=list(range(tp))))
+        _, weights_end = packed_layout(meta)
+        page = HeadCentricKVPool.page_bytes(self.page_size, cfg.num_kv_heads // tp, cfg.num_layers, cfg.head_dim,
+                                            cfg.dtype)
+        pages = self.weight_store.arena_bytes // page - -(-weights_end // page)
+        return max(0, pages) * self.page_size
+
+
     def rebind(self, model, tp_group: TPGroup, model_config: ModelConfig, kv_pool: HeadCentricKVPool) -> None:
         """Adopt a regrouped model and re-viewed KV pool after a transformation (model_executor/regroup.py)."""
         self.model = model
