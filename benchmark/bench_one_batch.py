@@ -161,14 +161,15 @@ def make_runner(args, path: str, tp_group, tp_size: int, threads: int):
     from sglang.srt.model_executor.model_runner import ModelRunner
     from sglang.srt.server_args import ServerArgs
 
-    # page 0 is left unused (page-table padding); each request of the largest batch owns its own pages
-    need_pages = 1 + max(args.batch_sizes) * _pages_per_req(args)
+    # each request of the largest batch owns its own pages (after the pages the packed weights occupy)
+    need_pages = max(args.batch_sizes) * _pages_per_req(args)
     sa = ServerArgs(model_path=path, tp_size=tp_size, page_size=args.page_size, dtype=args.dtype,
                     device_memory="16GiB", max_total_tokens=need_pages * args.page_size,
                     cpu_threads_per_worker=threads)
     runner = ModelRunner(sa, ModelConfig.from_server_args(sa), tp_group, "cpu", show_progress=False)
-    if runner.num_pages < need_pages:
-        raise RuntimeError(f"KV pool has {runner.num_pages} pages, the benchmark needs {need_pages}")
+    if runner.num_pages - runner.reserved_pages < need_pages:
+        raise RuntimeError(f"KV pool has {runner.num_pages - runner.reserved_pages} free pages, the benchmark "
+                           f"needs {need_pages}")
     return runner
 
 
@@ -201,7 +202,8 @@ def runner_one(args, runner, tp_group, bs: int) -> Dict:
     ps, ppr = args.page_size, _pages_per_req(args)
     sync = tp_group.barrier  # lockstep: every rank starts each timed region together
     ids = input_ids(bs, args.input_len, vocab).tolist()
-    pages = [list(range(1 + b * ppr, 1 + (b + 1) * ppr)) for b in range(bs)]
+    first = runner.reserved_pages  # pages below hold the weights (WeightStore arena)
+    pages = [list(range(first + b * ppr, first + (b + 1) * ppr)) for b in range(bs)]
     n_prefill_pages = -(-args.input_len // ps)
     prefill_batch = ForwardBatch.build(ids, [0] * bs, [p[:n_prefill_pages] for p in pages], logits="last")
 
