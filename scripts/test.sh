@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Install the two packages (torch pinned to 2.13.0, the CPU build) and run every test suite.
+# Install everything (the two packages with torch pinned to 2.13.0, the CPU build; the separate venv with
+# PyPI's client-side sglang==0.5.2 for the compatibility tests) and run every test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet -e ./gyges -e "./python[test]"
+bash test/compat/setup_venv.sh >/dev/null
 python -m pytest -q "$@"
