@@ -144,7 +144,7 @@ def test_concurrent_requests_equal_alone(engine_tp1):
     params = [{"max_new_tokens": 4 + (i % 5) * 3, "temperature": 0, "ignore_eos": True} for i in range(64)]
     together = engine_tp1.generate(input_ids=prompts, sampling_params=params)
     assert len(together) == 64
-    for i in range(0, 64, 4):  # every 4th request alone keeps the test fast; all 64 ran together
+    for i in range(64):
         alone = engine_tp1.generate(input_ids=prompts[i], sampling_params=params[i])
         assert together[i]["output_ids"] == alone["output_ids"], i
         assert len(together[i]["output_ids"]) == params[i]["max_new_tokens"]
@@ -249,3 +249,20 @@ def test_shutdown_leaves_no_process(test_model):
     eng.shutdown()
     after = {p.pid for p in _children_alive()}
     assert after <= before
+
+
+def test_lpm_policy_and_running_cap_give_the_same_outputs(test_model, engine_tp1):
+    """Longest-prefix-first ordering and max_running_requests change the schedule, never the tokens."""
+    shared = _sequence(300, 40)
+    prompts = [shared + _sequence(301 + i, 5 + i) for i in range(6)] + _mixed_prompts(4)
+    params = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+    expected = [engine_tp1.generate(input_ids=p, sampling_params=params)["output_ids"] for p in prompts]
+    eng = sglang.Engine(model_path=test_model("llama"), device="cpu", dtype="float32", log_level="warning",
+                        schedule_policy="lpm", max_running_requests=2, chunked_prefill_size=16)
+    try:
+        eng.generate(input_ids=shared + [5], sampling_params={"max_new_tokens": 1})  # cache the shared prefix
+        outs = eng.generate(input_ids=prompts, sampling_params=params)
+        assert [o["output_ids"] for o in outs] == expected
+        assert all(o["meta_info"]["cached_tokens"] >= 32 for o in outs[:6])
+    finally:
+        eng.shutdown()

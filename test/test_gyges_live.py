@@ -59,8 +59,9 @@ def _assert_all_pages_free(engine):
 
 @pytest.fixture(scope="module")
 def two_devices(test_model):
+    # Small prefill chunks: long prompts are still mid-prefill when a transformation arrives.
     eng = sglang.Engine(model_path=test_model("llama_kv4"), dp_size=2, enable_gyges=True, device="cpu",
-                        dtype="float32", page_size=4, log_level="warning")
+                        dtype="float32", page_size=4, chunked_prefill_size=8, log_level="warning")
     yield eng
     eng.shutdown()
 
@@ -151,3 +152,32 @@ def test_four_devices_tp4_then_two_tp2_then_four_tp1(test_model):
         _assert_all_pages_free(eng)
     finally:
         eng.shutdown()
+
+
+def test_constrained_and_chunked_requests_survive_a_merge(two_devices):
+    """A regex-constrained request keeps its grammar state across a merge and split; a long prompt in chunked
+    prefill continues where it was."""
+    eng = two_devices
+    pattern = r"[0-9]{3}-[a-z]{3,6}-[0-9]{2}"
+    params = {"regex": pattern, "max_new_tokens": 40, "temperature": 0.8, "sampling_seed": 21}
+    reference = eng.generate("Code:", params)
+    long_prompt = _prompts(9)[8]  # 77 tokens
+    long_ref = eng.generate(input_ids=long_prompt, sampling_params=PARAMS)
+    _assert_all_pages_free(eng)
+    results = {}
+    t = threading.Thread(target=lambda: results.update(long=eng.generate(input_ids=long_prompt, sampling_params=PARAMS)))
+    t.start()
+    chunks = []
+    for chunk in eng.generate("Code:", params, stream=True):
+        chunks.append(chunk)
+        if len(chunks) == 2:
+            eng.gyges_transform([0, 1], 2)
+        if len(chunks) == 5:
+            eng.gyges_transform([0, 1], 1)
+    t.join()
+    import re
+
+    assert re.fullmatch(pattern, chunks[-1]["text"]), chunks[-1]["text"]
+    assert chunks[-1]["output_ids"] == reference["output_ids"]
+    assert results["long"]["output_ids"] == long_ref["output_ids"]
+    _assert_all_pages_free(eng)
