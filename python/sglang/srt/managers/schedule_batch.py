@@ -77,6 +77,15 @@ class Req:
         """Every token whose K/V the request needs: prompt + output so far."""
         return self.origin_input_ids + self.output_ids
 
+    def fill_slice(self, start: int, end: int) -> List[int]:
+        """fill_ids[start:end] without building the whole list (the decode hot path)."""
+        p = len(self.origin_input_ids)
+        if end <= p:
+            return self.origin_input_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return self.origin_input_ids[start:] + self.output_ids[:end - p]
+
     @property
     def seq_len(self) -> int:
         return len(self.origin_input_ids) + len(self.output_ids)

@@ -350,8 +350,7 @@ class Scheduler:
         offset = 0
         for i, (req, n) in enumerate(batch):
             start = req.kv_len
-            fill = req.fill_ids
-            input_ids.extend(fill[start:start + n])
+            input_ids.extend(req.fill_slice(start, start + n))
             positions.extend(range(start, start + n))
             extend_lens.append(n)
             prefix_lens.append(start)
@@ -361,7 +360,7 @@ class Scheduler:
                 lo = max(start, req.logprob_start_len - 1, 0)
                 hi = min(start + n, len(req.origin_input_ids) - 1)
                 wanted.extend(range(lo, hi))
-            if start + n == len(fill):
+            if start + n == req.seq_len:
                 wanted.append(start + n - 1)
             for pos in wanted:
                 if (i, pos) not in row_of:
