@@ -15,6 +15,7 @@ runs without init_distributed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -24,6 +25,10 @@ from gyges.topology import bitrev
 
 # tuple of global ranks -> (device group, cpu group); filled by create_aligned_groups.
 _GROUPS: Dict[Tuple[int, ...], Tuple[Any, Any]] = {}
+
+# Followers wait for their leader's next batch in a collective for as long as the server is idle: the
+# default 30-minute collective timeout would kill an idle TP instance.
+IDLE_TIMEOUT = timedelta(days=365)
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
@@ -35,7 +40,7 @@ def init_distributed(world_size: int, rank: int, init_method: str, backend: Opti
     if dist.is_initialized():
         return
     dist.init_process_group(backend=backend or "gloo", init_method=init_method, world_size=world_size,
-                            rank=rank)
+                            rank=rank, timeout=IDLE_TIMEOUT)
 
 
 def aligned_rank_lists(world_size: int) -> List[List[int]]:
@@ -54,8 +59,8 @@ def create_aligned_groups(world_size: int) -> None:
         return
     device_backend = dist.get_backend()
     for ranks in aligned_rank_lists(world_size):
-        device_group = dist.new_group(ranks, backend=device_backend)
-        cpu_group = dist.new_group(ranks, backend="gloo")  # separate even on CPU: object broadcasts never
+        device_group = dist.new_group(ranks, backend=device_backend, timeout=IDLE_TIMEOUT)
+        cpu_group = dist.new_group(ranks, backend="gloo", timeout=IDLE_TIMEOUT)  # separate even on CPU: object broadcasts never
         # interleave with the forward pass's collectives
         _GROUPS[tuple(ranks)] = (device_group, cpu_group)
 
