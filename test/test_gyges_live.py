@@ -5,6 +5,7 @@ without transformations and their logprobs must agree within 1e-4.
 """
 
 import threading
+import time
 
 import pytest
 import torch
@@ -181,3 +182,61 @@ def test_constrained_and_chunked_requests_survive_a_merge(two_devices):
     assert chunks[-1]["output_ids"] == reference["output_ids"]
     assert results["long"]["output_ids"] == long_ref["output_ids"]
     _assert_all_pages_free(eng)
+
+
+def test_worker_death_around_a_merge_fails_only_its_instances(test_model):
+    """A peer dies while a merge of devices 0 and 1 is under way: the requests on those devices fail with a
+    clear error; the instances on devices 2 and 3 keep serving."""
+    from sglang.srt.managers.tokenizer_manager import ServerUnavailableError
+
+    eng = sglang.Engine(model_path=test_model("llama_kv4"), dp_size=4, enable_gyges=True, device="cpu",
+                        dtype="float32", page_size=16, chunked_prefill_size=-1, log_level="error")
+    try:
+        results = {}
+
+        def run(name, ids, n):
+            try:
+                results[name] = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": n, "ignore_eos": True})
+            except Exception as e:  # noqa: BLE001 - the test inspects it
+                results[name] = e
+
+        g = torch.Generator().manual_seed(5)
+        work = [("r0", [1] + torch.randint(3, 500, (20,), generator=g).tolist(), 3000),  # decoding on 0
+                ("r1", [1] + torch.randint(3, 500, (300,), generator=g).tolist(), 3000),  # decoding on 1
+                ("r2", [1] + torch.randint(3, 500, (20,), generator=g).tolist(), 1500),  # on 2 and 3: still
+                ("r3", [1] + torch.randint(3, 500, (20,), generator=g).tolist(), 1500)]  # running at the failure
+        threads = []
+        for name, ids, n in work:
+            threads.append(threading.Thread(target=run, args=(name, ids, n)))
+            threads[-1].start()
+            time.sleep(0.3)
+        merge = threading.Thread(target=lambda: results.update(merge=_try(eng.gyges_transform, [0, 1], 2)))
+        merge.start()
+        time.sleep(0.2)
+        worker1 = next(p for p in eng.tokenizer_manager.child_processes if p.name == "worker-1")
+        worker1.kill()
+        for t, (name, _, _) in zip(threads, work):
+            t.join(120)
+            assert not t.is_alive(), f"request {name} hung after its instance failed ({results})"
+        merge.join(120)
+        assert not merge.is_alive()
+        for name in ("r0", "r1"):
+            assert isinstance(results[name], ServerUnavailableError), results[name]
+            assert "failed" in str(results[name]) and "exited" in str(results[name])
+        for name in ("r2", "r3"):
+            assert results[name]["meta_info"]["completion_tokens"] == 1500
+        assert eng.tokenizer_manager.is_healthy()
+        out = eng.generate("still serving", {"max_new_tokens": 3})
+        assert out["meta_info"]["completion_tokens"] == 3
+        states = {tuple(i["devices"]): i["state"] for i in eng.gyges_topology()["instances"]}
+        assert states[(2,)] == states[(3,)] == "serving"
+        assert "failed" in states.values()
+    finally:
+        eng.shutdown()
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        return e

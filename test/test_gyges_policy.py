@@ -404,3 +404,18 @@ def test_hybrid_routes_long_requests_to_the_big_instance():
     default = StaticHybrid()  # threshold: what a TP1 instance holds
     assert default.on_request(RequestInfo("mid", 900, 10, 0.0), state) == Place("mid", 2)
     assert default.on_request(RequestInfo("big", 1500, 10, 0.0), state) == Place("big", 0)
+
+
+def test_split_uses_the_runtime_part_capacity_when_known():
+    """A merge turns freed weight memory into KV, which a split gives back: a part holds what the runtime
+    reports for TP1 (capacity_by_tp), not half of the merged capacity."""
+    merged = InstanceLoad((0, 1), 2, running=1, waiting=0, kv_capacity_tokens=7200, kv_used_tokens=3000,
+                          kv_evictable_tokens=0, tokens_in_flight=0, idle_since=None)
+    policy = GygesPolicy(split_delay=0.0)
+    naive = ClusterState(2, 2, (merged,), now=100.0)
+    known = ClusterState(2, 2, (merged,), now=100.0, capacity_by_tp=((1, 2048), (2, 7200)))
+    policy.on_tick(naive)
+    assert policy.split_is_safe(merged)  # 3000 tokens fit one half of 7200
+    policy.on_tick(known)
+    assert not policy.split_is_safe(merged)  # but not one TP1 instance of 2048
+    assert not any(isinstance(d, Transform) for d in policy.on_tick(known))

@@ -63,3 +63,10 @@ def test_bad_transform_requests_get_400(server, body, fragment):
     assert r.status_code == 400, r.text
     assert fragment in r.json()["error"]["message"]
     assert server.generate(text="ok", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+def test_streamed_request_too_long_for_every_instance_gets_400(server):
+    long_prompt = [1] + [9 + (i * 7) % 400 for i in range(99)]
+    r = server.post("/generate", json={"input_ids": long_prompt, "stream": True,
+                                       "sampling_params": {"max_new_tokens": 4}})
+    assert r.status_code == 400 and "64 tokens" in r.json()["error"]["message"]

@@ -302,6 +302,7 @@ class GygesPolicy(Policy):
         self.base_tp = base_tp
         self._split_ready_since: Dict[Tuple[int, ...], float] = {}
         self._sizes = RequestSizeBound()
+        self._capacity_by_tp: Tuple[Tuple[int, int], ...] = ()  # from the latest ClusterState
 
     def initial_instances(self, num_devices: int, max_tp: int) -> List[Tuple[int, ...]]:
         return uniform_groups(num_devices, min(self.base_tp, max_tp))
@@ -350,13 +351,21 @@ class GygesPolicy(Policy):
         return not any(can_ever_fit(req, i) for i in state.instances)
 
     # -- placement -------------------------------------------------------------------------------------
+    def _part_capacity(self, inst: InstanceLoad) -> int:
+        """KV tokens of one base_tp part after a split: what the runtime reports when it knows (a merge
+        turned freed weight memory into KV, which a split gives back), else an even share."""
+        known = dict(self._capacity_by_tp)
+        if self.base_tp in known:
+            return known[self.base_tp]
+        return inst.kv_capacity_tokens // (inst.tp // self.base_tp)
+
     def _keeps_splittable(self, req: RequestInfo, inst: InstanceLoad, held: Sequence[RequestInfo]) -> bool:
         """A merged instance whose requests all fit a part only admits requests that keep it so (it is
         on its way back to base_tp: filling it with short requests would pin it merged)."""
         if inst.tp <= self.base_tp:
             return True
         parts = inst.tp // self.base_tp
-        part_capacity = inst.kv_capacity_tokens // parts
+        part_capacity = self._part_capacity(inst)
         if any(h.need_tokens > part_capacity for h in held):
             return True  # wanted as it is
         largest = self._sizes.bound(inst)
@@ -394,6 +403,7 @@ class GygesPolicy(Policy):
         return out
 
     def on_request(self, req: RequestInfo, state: ClusterState) -> Decision:
+        self._capacity_by_tp = state.capacity_by_tp
         limit, group = self.largest_formable(state)
         if req.need_tokens > limit:
             return Reject(req.rid, too_long_message(
@@ -413,6 +423,7 @@ class GygesPolicy(Policy):
 
     # -- ticks -----------------------------------------------------------------------------------------
     def on_tick(self, state: ClusterState) -> List[TickDecision]:
+        self._capacity_by_tp = state.capacity_by_tp
         out: List[TickDecision] = []
         ledger = LoadLedger(state)
         limit, _ = self.largest_formable(state)
@@ -449,7 +460,7 @@ class GygesPolicy(Policy):
     def split_is_safe(self, inst: InstanceLoad, held: Sequence[RequestInfo] = ()) -> bool:
         """inst's requests fit its parts at base_tp, and no held request needs more than a part."""
         parts = inst.tp // self.base_tp
-        part_capacity = inst.kv_capacity_tokens // parts
+        part_capacity = self._part_capacity(inst)
         largest = self._sizes.bound(inst)
         return (largest <= part_capacity
                 and inst.held_tokens <= parts * part_capacity - (parts - 1) * largest

@@ -40,9 +40,11 @@ from sglang.srt.managers.io_struct import (
     InstanceReport,
     ReqOutputDelta,
     ReqStrOut,
+    ServingState,
     TokenizedGenerateReqInput,
     TransformCmd,
     TransformDone,
+    WorkerDied,
 )
 from sglang.srt.managers.schedule_batch import finish_abort
 from sglang.srt.server_args import ServerArgs
@@ -87,6 +89,7 @@ class Controller:
         max_tp = (server_args.gyges_max_tp or n) if server_args.enable_gyges else server_args.tp_size
         self.topology = Topology.uniform(n, server_args.tp_size, max_tp=max_tp)
         self.views: Dict[int, InstanceView] = {}
+        self.dead_devices: set = set()
         self._set_instances(self.topology.instances)
         ctx = zmq.Context(2)
         self.recv_from_tokenizer = get_zmq_socket(ctx, zmq.PULL, port_args.controller_input, bind=True)
@@ -107,6 +110,9 @@ class Controller:
         self.policy = self._make_policy(server_args)
         self.held: List[TokenizedGenerateReqInput] = []  # requests the policy holds, oldest first
         self.capacity_by_tp: Dict[int, int] = {}  # from the leaders' reports (Gyges)
+        self.routed: Dict[str, int] = {}  # request id -> instance (first device), until it finishes
+        self.failed: List[List[int]] = []  # device lists of instances that lost a worker
+        self.dead_devices: set = set()
         self.startup_transforms: List[Transform] = self._startup_transforms()
         self.poller = zmq.Poller()
         self.poller.register(self.recv_from_tokenizer, zmq.POLLIN)
@@ -135,6 +141,8 @@ class Controller:
         old = self.views
         self.views = {}
         for inst in sorted(instances, key=lambda i: i.leader):
+            if self.dead_devices & set(inst.devices):
+                continue
             view = old.get(inst.leader)
             if view is None or view.instance != inst:
                 view = InstanceView(inst)
@@ -163,6 +171,9 @@ class Controller:
             return
         if isinstance(msg, GygesTransformReq):
             self.start_transform(msg)
+            return
+        if isinstance(msg, WorkerDied):
+            self.worker_died(msg)
             return
         if self.active is not None and self.policy is None and not self._can_pass_during_transform(msg):
             self.active.held.append(msg)
@@ -207,8 +218,7 @@ class Controller:
         if view is None:
             self.reject(req, self._too_long_message(req))
             return
-        view.routed_since_report += 1
-        self.send_to_worker[view.instance_id].send_pyobj(req)
+        self.send_to_instance(req, view.instance_id)
 
     def _too_long_message(self, req: TokenizedGenerateReqInput) -> str:
         largest = max((v.report.kv_capacity_tokens for v in self.views.values() if v.report), default=0)
@@ -226,6 +236,7 @@ class Controller:
 
     def send_to_instance(self, req: TokenizedGenerateReqInput, base: int) -> None:
         view = self.views[base]
+        self.routed[req.rid] = base
         view.routed_since_report += 1
         view.routed_tokens_since_report += len(req.input_ids) + self._max_new(req)
         self.send_to_worker[base].send_pyobj(req)
@@ -312,6 +323,8 @@ class Controller:
         if self.active is not None:
             return refuse("another transformation is in progress")
         devices = sorted(int(d) for d in msg.devices)
+        if self.dead_devices & set(devices):
+            return refuse(f"devices {sorted(self.dead_devices & set(devices))} lost their worker process")
         try:
             if msg.tp == len(devices):
                 new_topology = self.topology.merge(devices)
@@ -346,6 +359,10 @@ class Controller:
         if done.success:
             self.topology = self._pending_topology
             self._set_instances(self.topology.instances)
+            for base, rids in done.placements.items():
+                for rid in rids:
+                    if rid in self.routed:
+                        self.routed[rid] = base
             bd = done.breakdown
             self.history.append({"kind": active.cmd.kind, "devices": bd.get("devices"), "tp": bd.get("tp"),
                                  "at": time.time(), **bd})
@@ -368,6 +385,42 @@ class Controller:
         for msg in active.held:
             self.handle_tokenizer_message(msg)
 
+    # ---- failures ----------------------------------------------------------------------------------------
+    def worker_died(self, msg: WorkerDied) -> None:
+        """A worker process exited: its instance fails (all of a transformation's devices if it was in one);
+        the requests routed there get an error; every other instance keeps serving."""
+        if msg.rank in self.dead_devices:
+            return
+        reason = f"worker of device {msg.rank} exited (code {msg.exitcode})"
+        doomed = set()
+        active = self.active
+        if active is not None and any(msg.rank in inst for inst in active.cmd.src_instances):
+            doomed = {d for inst in active.cmd.src_instances + active.cmd.dst_instances for d in inst}
+            reason += f" during a {active.cmd.kind} of devices {sorted(doomed)}"
+            self.active = None
+            if active.req_id is not None:
+                self.send_to_tokenizer.send_pyobj(GygesTransformReqOutput(
+                    active.req_id, False, f"the transformation failed: {reason}"))
+            held = active.held
+        else:
+            held = []
+            doomed = set(next((v.instance.devices for v in self.views.values() if msg.rank in v.instance.devices),
+                              (msg.rank,)))
+        self.dead_devices |= doomed
+        for base in [b for b, v in self.views.items() if set(v.instance.devices) & doomed]:
+            view = self.views.pop(base)
+            self.failed.append(list(view.instance.devices))
+            logger.error("instance on devices %s failed: %s", list(view.instance.devices), reason)
+            for rid in [r for r, b in self.routed.items() if b == base]:
+                del self.routed[rid]
+                delta = ReqOutputDelta(rid=rid, new_output_ids=[], finish_reason=finish_abort(
+                    f"the instance serving this request failed: {reason}", 503), prompt_tokens=0,
+                    completion_tokens=0, cached_tokens=0)
+                self.send_outputs_to_tokenizer.send_pyobj(BatchStrOut([ReqStrOut(rid, "", [], delta)]))
+        self.send_to_tokenizer.send_pyobj(ServingState(len(self.views), list(self.failed)))
+        for m in held:
+            self.handle_tokenizer_message(m)
+
     def describe(self) -> List[dict]:
         out = []
         busy = self._busy_bases()
@@ -383,6 +436,9 @@ class Controller:
                 "kv_capacity_tokens": r.kv_capacity_tokens if r else 0,
                 "kv_used_tokens": r.kv_used_tokens if r else 0,
             })
+        for devices in self.failed:
+            out.append({"id": devices[0], "devices": devices, "tp": len(devices), "state": "failed", "running": 0,
+                        "waiting": 0, "kv_capacity_tokens": 0, "kv_used_tokens": 0})
         return out
 
     # ---- from the leaders ------------------------------------------------------------------------------
@@ -391,6 +447,8 @@ class Controller:
             view = self.views.get(msg.instance_id)
             if msg.capacity_by_tp:
                 self.capacity_by_tp = dict(msg.capacity_by_tp)
+            for rid in msg.finished_rids:
+                self.routed.pop(rid, None)
             if view is not None:
                 view.report = msg
                 view.routed_since_report = 0

@@ -60,6 +60,7 @@ class TransformOutcome:
     ok: bool
     message: str = ""
     ranks: List[int] = field(default_factory=list)  # this device's instance after the transformation
+    placements: Dict[int, List[str]] = field(default_factory=dict)  # new instance base -> request ids
     state: Optional[InstanceState] = None  # for the new leaders
     breakdown: Dict = field(default_factory=dict)
 
@@ -271,7 +272,9 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         "kv_capacity_tokens": runner.max_total_num_tokens,
     }
     state = plan.states.get(me) if new_inst.leader == me else None
-    return TransformOutcome(ok=True, ranks=list(new_inst.devices), state=state, breakdown=breakdown)
+    placements = {base: [r.rid for r in st.running + st.waiting] for base, st in plan.states.items()}
+    return TransformOutcome(ok=True, ranks=list(new_inst.devices), state=state, breakdown=breakdown,
+                            placements=placements)
 
 
 def _old_ranks(cmd: TransformCmd, me: int) -> List[int]:

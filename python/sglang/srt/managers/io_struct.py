@@ -273,6 +273,8 @@ class InstanceReport:
     kv_evictable_tokens: int = 0
     # {tp: KV tokens of an instance of that TP formed from devices like these} (Gyges; sent once).
     capacity_by_tp: Optional[Dict[int, int]] = None
+    # Requests that finished (or were aborted) since the previous report.
+    finished_rids: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -367,3 +369,21 @@ class TransformDone:
     message: str
     # Measured breakdown (see GygesTransformReqOutput.breakdown).
     breakdown: Dict[str, Any] = field(default_factory=dict)
+    # Where the requests went: first device of each resulting instance -> request ids.
+    placements: Dict[int, List[str]] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerDied:
+    # Global rank (device) of the worker process that exited.
+    rank: int
+    # Its exit code.
+    exitcode: Optional[int]
+
+
+@dataclass
+class ServingState:
+    # Instances still serving (0: the server cannot serve).
+    live_instances: int
+    # Device lists of the instances that failed.
+    failed_instances: List[List[int]]

@@ -126,6 +126,7 @@ class Scheduler:
         self.send_to_controller = channels.send_to_controller
         self.poller = channels.poller
         self._pending_transform: Optional[TransformCmd] = None
+        self._finished_since_report: List[str] = []
         self.capacity_by_tp = None
         if server_args.enable_gyges:
             top = server_args.gyges_max_tp or server_args.num_devices
@@ -460,6 +461,8 @@ class Scheduler:
     def send_outputs(self, reqs: List[Req]) -> None:
         deltas = []
         for req in reqs:
+            if req.finished:
+                self._finished_since_report.append(req.rid)
             if not req.finished and len(req.output_ids) - req.sent_output_len < self.args.stream_interval:
                 continue
             delta = ReqOutputDelta(
@@ -537,9 +540,11 @@ class Scheduler:
             tokens_in_flight=sum(r.remaining_new_tokens + r.extend_remaining for r in self.running + self.waiting),
             kv_evictable_tokens=self.kv.tree.evictable_pages() * self.page_size,
             capacity_by_tp=self.capacity_by_tp,
+            finished_rids=self._finished_since_report,
         )
         if report != self._last_report:
             self._last_report = report
+            self._finished_since_report = []
             self.send_to_controller.send_pyobj(report)
 
 

@@ -35,6 +35,8 @@ from sglang.srt.managers.io_struct import (
     GygesTopologyReq,
     GygesTransformReq,
     ReqStrOut,
+    ServingState,
+    WorkerDied,
     TokenizedGenerateReqInput,
 )
 from sglang.srt.server_args import ServerArgs
@@ -45,6 +47,17 @@ logger = logging.getLogger(__name__)
 
 class ServerUnavailableError(RuntimeError):
     """A worker process died: the server cannot serve (HTTP 503)."""
+
+
+def _raise_for_rejection(resp: Dict) -> None:
+    """A request that ended as an abort with an HTTP status: invalid (400) or its instance failed (503)."""
+    reason = resp["meta_info"]["finish_reason"] or {}
+    if reason.get("type") != "abort":
+        return
+    if reason.get("status_code") == 400:
+        raise ValueError(reason.get("message", "invalid request"))
+    if reason.get("status_code") == 503:
+        raise ServerUnavailableError(reason.get("message", "the instance serving the request failed"))
 
 
 @dataclass
@@ -90,6 +103,7 @@ class TokenizerManager:
         self._reply_waiters: Dict[str, asyncio.Future] = {}
         self._healthy = True
         self._dead_reason = ""
+        self._live_instances = server_args.dp_size
         self._loop = None
         self._zmq_ctx = zmq.asyncio.Context(2)
         self._send_to_controller = None
@@ -230,9 +244,7 @@ class TokenizerManager:
             await self._wait(st, request)
             resp = self._take(st)
             if resp is not None and st.finished:
-                reason = resp["meta_info"]["finish_reason"]
-                if reason and reason.get("type") == "abort" and reason.get("status_code") == 400:
-                    raise ValueError(reason.get("message", "invalid request"))
+                _raise_for_rejection(resp)
                 return resp
 
     async def _stream_outputs(self, states: List[ReqState], request, single: bool) -> AsyncIterator[Dict]:
@@ -244,6 +256,8 @@ class TokenizerManager:
                     await self._wait(st, request)
                     resp = self._take(st)
                     if resp is not None:
+                        if st.finished:
+                            _raise_for_rejection(resp)
                         if not single:
                             resp["index"] = index
                         await queue.put(resp)
@@ -376,23 +390,42 @@ class TokenizerManager:
     async def _reply_loop(self) -> None:
         while True:
             msg = await self._recv_replies.recv_pyobj()
+            if isinstance(msg, ServingState):
+                self._live_instances = msg.live_instances
+                if msg.live_instances == 0:
+                    self._mark_dead(f"no instance left serving (failed: {msg.failed_instances})")
+                continue
             req_id = msg[0].req_id if isinstance(msg, list) else msg.req_id
             fut = self._reply_waiters.get(req_id)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
 
     async def _watchdog_loop(self) -> None:
+        """A dead worker takes down its instance only (the controller fails that instance's requests and
+        keeps the others serving); a dead controller or detokenizer takes down the server."""
+        reported = set()
         while self._healthy and not self._shutdown:
             await asyncio.sleep(0.5)
-            dead = [p for p in self.child_processes if not p.is_alive()]
-            if dead and not self._shutdown:
-                self._dead_reason = f"process {dead[0].name} exited with code {dead[0].exitcode}"
-                logger.error("%s; failing in-flight requests", self._dead_reason)
-                self._healthy = False
-                err = ServerUnavailableError(f"the server lost a process: {self._dead_reason}")
-                for st in list(self.rid_to_state.values()):
-                    st.error = err
-                    st.event.set()
-                for fut in self._reply_waiters.values():
-                    if not fut.done():
-                        fut.set_exception(err)
+            for p in self.child_processes:
+                if p.is_alive() or p.pid in reported or self._shutdown:
+                    continue
+                reported.add(p.pid)
+                if p.name.startswith("worker-"):
+                    logger.error("process %s exited with code %s", p.name, p.exitcode)
+                    self._send_to_controller.send_pyobj(WorkerDied(int(p.name.split("-")[1]), p.exitcode))
+                else:
+                    self._mark_dead(f"process {p.name} exited with code {p.exitcode}")
+
+    def _mark_dead(self, reason: str) -> None:
+        if not self._healthy:
+            return
+        self._dead_reason = reason
+        logger.error("%s; failing in-flight requests", reason)
+        self._healthy = False
+        err = ServerUnavailableError(f"the server cannot serve: {reason}")
+        for st in list(self.rid_to_state.values()):
+            st.error = err
+            st.event.set()
+        for fut in self._reply_waiters.values():
+            if not fut.done():
+                fut.set_exception(err)

@@ -115,7 +115,7 @@ def serve(server_args: ServerArgs, rank: int, runner, tp_group, tokenizer, chann
         devices = sorted({d for inst in cmd.src_instances + cmd.dst_instances for d in inst})
         if rank == devices[0]:
             channels.send_to_controller.send_pyobj(
-                TransformDone(cmd.transform_id, outcome.ok, outcome.message, outcome.breakdown))
+                TransformDone(cmd.transform_id, outcome.ok, outcome.message, outcome.breakdown, outcome.placements))
         if not outcome.ok:
             continue  # refused before anything moved: the same instance and scheduler go on
         tp_group = get_tp_group(outcome.ranks)
