@@ -60,9 +60,11 @@ def _assert_all_pages_free(engine):
 
 @pytest.fixture(scope="module")
 def two_devices(test_model):
-    # Small prefill chunks: long prompts are still mid-prefill when a transformation arrives.
+    # Small prefill chunks: long prompts are still mid-prefill when a transformation arrives; at most 3
+    # running requests per instance: some of the 8 are still waiting in the queue when it arrives.
     eng = sglang.Engine(model_path=test_model("llama_kv4"), dp_size=2, enable_gyges=True, device="cpu",
-                        dtype="float32", page_size=4, chunked_prefill_size=8, log_level="warning")
+                        dtype="float32", page_size=4, chunked_prefill_size=8, max_running_requests=3,
+                        log_level="warning")
     yield eng
     eng.shutdown()
 
