@@ -423,7 +423,10 @@ def main() -> int:
                    choices=ALL_POLICIES + ["auto"],
                    help="static-hybrid needs a TP>=2 instance plus a TP1 instance: >= 3 devices (skipped on 2)")
     p.add_argument("--model-dir", default="/tmp/sglang-bench-traces-demo")
-    p.add_argument("--traces-dir", default=str(REPO.parent / "shared" / "traces"))
+    default_traces = REPO.parent / "shared" / "traces"
+    if not default_traces.is_dir() and Path("/work/shared/traces").is_dir():
+        default_traces = Path("/work/shared/traces")
+    p.add_argument("--traces-dir", default=str(default_traces))
     p.add_argument("--short-trace", default="azure2023_conv.csv")
     p.add_argument("--long-trace", default="mooncake_synthetic.jsonl")
     p.add_argument("--window-start", type=float, default=120.0, help="seconds into each trace")

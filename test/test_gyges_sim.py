@@ -122,7 +122,9 @@ def test_cli_help_and_run(tmp_path):
     out = subprocess.run([sys.executable, "-m", "gyges.sim.simulator", "--help"], capture_output=True, text=True,
                          cwd=REPO_ROOT, timeout=60)
     assert out.returncode == 0 and "--trace" in out.stdout and "--policies" in out.stdout
-    trace = REPO_ROOT.parent / "shared" / "traces" / "azure2023_conv.csv"
+    from conftest import find_traces_dir
+
+    trace = find_traces_dir() / "azure2023_conv.csv"
     assert trace.is_file(), f"{trace} missing"
     out = subprocess.run([sys.executable, "-m", "gyges.sim.simulator", "--trace", f"{trace}@duration=10",
                           "--policies", "gyges:split_delay=1,static-dp-ll", "--devices", "2", "--max-tp", "2"],

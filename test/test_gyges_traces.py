@@ -8,14 +8,13 @@ import pytest
 from gyges.traces import (TraceRequest, load_azure_csv, load_mooncake_jsonl, load_trace, mix_traces, rate,
                           sample, scale_trace, synthetic_trace, window)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TRACES = REPO_ROOT.parent / "shared" / "traces"
+from conftest import find_traces_dir
 
 
 @pytest.fixture(scope="module")
 def traces():
-    assert TRACES.is_dir(), f"trace directory {TRACES} is missing (expected at <repo>/../shared/traces)"
-    return {name: load_trace(TRACES / name)
+    root = find_traces_dir()
+    return {name: load_trace(root / name)
             for name in ("azure2023_conv.csv", "azure2023_code.csv", "mooncake_synthetic.jsonl")}
 
 
