@@ -64,26 +64,58 @@ def execute_kv_plan(plan: KVPlan, me: int, flat: torch.Tensor, device_group, sta
             elif m.dst_device == me:
                 in_moves.setdefault(m.src_device, []).append(m)
         # Snapshot every source range first: moves of one round read the bytes as they were at its start.
-        local_src = [flat[m.src_offset:m.src_offset + m.nbytes].clone() for m in local]
-        send_bufs = {d: torch.cat([flat[m.src_offset:m.src_offset + m.nbytes] for m in ms]) for d, ms in out_moves.items()}
+        local_src = gather_blocks(flat, [m.src_offset for m in local], [m.nbytes for m in local])
+        send_bufs = {d: gather_blocks(flat, [m.src_offset for m in ms], [m.nbytes for m in ms])
+                     for d, ms in out_moves.items()}
         recv_bufs = {s: torch.empty(sum(m.nbytes for m in ms), dtype=torch.uint8) for s, ms in in_moves.items()}
-        staging = sum(b.numel() for b in local_src) + sum(b.numel() for b in send_bufs.values()) + \
+        staging = local_src.numel() + sum(b.numel() for b in send_bufs.values()) + \
             sum(b.numel() for b in recv_bufs.values())
         stats.kv_staging_peak_bytes = max(stats.kv_staging_peak_bytes, staging)
         works = [dist.isend(buf, dst=d, group=device_group, tag=r) for d, buf in sorted(send_bufs.items())]
         works += [dist.irecv(buf, src=s, group=device_group, tag=r) for s, buf in sorted(recv_bufs.items())]
         for w in works:
             w.wait()
-        for m, data in zip(local, local_src):
-            flat[m.dst_offset:m.dst_offset + m.nbytes].copy_(data)
+        scatter_blocks(flat, [m.dst_offset for m in local], [m.nbytes for m in local], local_src)
         for s, ms in in_moves.items():
-            off = 0
-            for m in ms:
-                flat[m.dst_offset:m.dst_offset + m.nbytes].copy_(recv_bufs[s][off:off + m.nbytes])
-                off += m.nbytes
+            scatter_blocks(flat, [m.dst_offset for m in ms], [m.nbytes for m in ms], recv_bufs[s])
         stats.kv_bytes_sent += sum(b.numel() for b in send_bufs.values())
         stats.kv_bytes_local += sum(m.nbytes for m in local)
     stats.kv_seconds += time.perf_counter() - t0
+
+
+def _uniform_block(flat: torch.Tensor, offsets: List[int], sizes: List[int]) -> int:
+    """The common block size when every range is one aligned block of it (then one indexed copy moves them
+    all), else 0."""
+    if not sizes:
+        return 0
+    b = sizes[0]
+    if b == 0 or flat.numel() % b or any(n != b for n in sizes) or any(o % b for o in offsets):
+        return 0
+    return b
+
+
+def gather_blocks(flat: torch.Tensor, offsets: List[int], sizes: List[int]) -> torch.Tensor:
+    """Concatenated copy of the byte ranges [offsets[i], offsets[i] + sizes[i]) of `flat`."""
+    b = _uniform_block(flat, offsets, sizes)
+    if b:
+        idx = torch.tensor([o // b for o in offsets], dtype=torch.int64, device=flat.device)
+        return flat.view(-1, b)[idx].reshape(-1)  # [len(offsets) * b] one gather
+    if not sizes:
+        return torch.empty(0, dtype=torch.uint8, device=flat.device)
+    return torch.cat([flat[o:o + n] for o, n in zip(offsets, sizes)])
+
+
+def scatter_blocks(flat: torch.Tensor, offsets: List[int], sizes: List[int], data: torch.Tensor) -> None:
+    """Write `data` (ranges back to back) into the byte ranges of `flat`."""
+    b = _uniform_block(flat, offsets, sizes)
+    if b:
+        idx = torch.tensor([o // b for o in offsets], dtype=torch.int64, device=flat.device)
+        flat.view(-1, b)[idx] = data.view(-1, b)  # one scatter
+        return
+    pos = 0
+    for o, n in zip(offsets, sizes):
+        flat[o:o + n].copy_(data[pos:pos + n])
+        pos += n
 
 
 def param_specs(old_model: torch.nn.Module, new_model: torch.nn.Module, old_tp: int) -> List[ParamSpec]:
