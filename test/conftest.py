@@ -4,8 +4,6 @@
 session with transformers' own model classes (see sglang.srt.demo_model).
 """
 
-import os
-import sys
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,6 @@
 """gyges.traces on the real files in shared/traces (next to the repository: ../shared/traces), which CI
 has too: a missing directory is a failure, not a skip."""
 
-from pathlib import Path
 
 import pytest
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from typing import Dict, List, Optional, Tuple
 
 import torch
