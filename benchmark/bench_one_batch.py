@@ -47,6 +47,9 @@ from typing import Dict, List
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import cpu_model_name  # noqa: E402
+
 # ---------------------------------------------------------------------------------------------------------
 # set-up helpers
 # ---------------------------------------------------------------------------------------------------------
@@ -407,15 +410,7 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
 
 
 def machine_info(threads: int) -> Dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model_name()
     import transformers
 
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,

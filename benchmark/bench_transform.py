@@ -67,6 +67,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import cpu_model_name  # noqa: E402
+
 MIB = 1 << 20
 
 # Shapes (HF config values). "layers" is the full model's depth.
@@ -918,15 +921,7 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
 
 
 def machine_info() -> Dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.is_available()}
 
