@@ -50,6 +50,7 @@ from sglang.srt.entrypoints.openai.serving import (
     OpenAIServing,
     error_body,
     error_response,
+    first_output,
     sse,
 )
 from sglang.srt.managers.io_struct import GenerateReqInput
@@ -238,19 +239,6 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
         logger.exception("unhandled error on %s", request.url.path)
         return error_response(500, f"{type(exc).__name__}: {exc}")
 
-    async def first_output(gen):
-        """First item of a generation; input errors raise before any response is sent."""
-        try:
-            return await gen.__anext__()
-        except StopAsyncIteration:
-            return None
-        except ValueError as e:
-            raise APIError(400, str(e)) from e
-        except Exception as e:
-            if _is_unavailable(e):
-                raise APIError(503, str(e) or "the server's workers are not available") from e
-            raise
-
     # ---- health ------------------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
@@ -393,7 +381,7 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
                 data["stream"] = data["stream"].lower() in ("1", "true", "yes")
         obj = generate_input_from_json(data)
         gen = tm.generate_request(obj, request)
-        first = await first_output(gen)
+        first = await _map_errors(first_output(gen))
         if not obj.stream:
             await gen.aclose()
             return ORJSONResponse(first)
@@ -441,7 +429,7 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
             req = CompletionRequest.model_validate(data)
         except ValidationError as e:
             raise APIError(400, validation_message(e)) from e
-        return await _openai_call(state.openai.completions(req, request))
+        return await _map_errors(state.openai.completions(req, request))
 
     @app.post("/v1/chat/completions")
     async def v1_chat_completions(request: Request):
@@ -450,12 +438,13 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
             req = ChatCompletionRequest.model_validate(data)
         except ValidationError as e:
             raise APIError(400, validation_message(e)) from e
-        return await _openai_call(state.openai.chat_completions(req, request))
+        return await _map_errors(state.openai.chat_completions(req, request))
 
     return app
 
 
-async def _openai_call(coro):
+async def _map_errors(coro):
+    """Input errors -> 400, lost workers -> 503 (APIError); anything else propagates."""
     try:
         return await coro
     except APIError:

@@ -89,6 +89,7 @@ class Controller:
         max_tp = (server_args.gyges_max_tp or n) if server_args.enable_gyges else server_args.tp_size
         self.topology = Topology.uniform(n, server_args.tp_size, max_tp=max_tp)
         self.views: Dict[int, InstanceView] = {}
+        self.early_reports: Dict[int, InstanceReport] = {}  # reports of instances not created yet
         self.dead_devices: set = set()
         self._set_instances(self.topology.instances)
         ctx = zmq.Context(2)
@@ -145,7 +146,7 @@ class Controller:
                 continue
             view = old.get(inst.leader)
             if view is None or view.instance != inst:
-                view = InstanceView(inst)
+                view = InstanceView(inst, report=self.early_reports.pop(inst.leader, None))
             self.views[inst.leader] = view
 
     def event_loop(self) -> None:
@@ -346,6 +347,7 @@ class Controller:
             issued_at=time.time(),
         )
         self.active = ActiveTransform(None if internal else msg.req_id, cmd)
+        self.early_reports.clear()
         self._pending_topology = new_topology
         for inst in src:
             self.send_to_worker[inst.leader].send_pyobj(cmd)
@@ -449,7 +451,11 @@ class Controller:
                 self.capacity_by_tp = dict(msg.capacity_by_tp)
             for rid in msg.finished_rids:
                 self.routed.pop(rid, None)
-            if view is not None:
+            if view is None:
+                # A new leader of a split can report before the transformation's TransformDone arrives
+                # (it comes from another worker's socket): keep it for the view about to be created.
+                self.early_reports[msg.instance_id] = msg
+            else:
                 view.report = msg
                 view.routed_since_report = 0
                 view.routed_tokens_since_report = 0

@@ -103,7 +103,6 @@ class TokenizerManager:
         self._reply_waiters: Dict[str, asyncio.Future] = {}
         self._healthy = True
         self._dead_reason = ""
-        self._live_instances = server_args.dp_size
         self._loop = None
         self._zmq_ctx = zmq.asyncio.Context(2)
         self._send_to_controller = None
@@ -391,7 +390,6 @@ class TokenizerManager:
         while True:
             msg = await self._recv_replies.recv_pyobj()
             if isinstance(msg, ServingState):
-                self._live_instances = msg.live_instances
                 if msg.live_instances == 0:
                     self._mark_dead(f"no instance left serving (failed: {msg.failed_instances})")
                 continue

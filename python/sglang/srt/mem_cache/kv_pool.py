@@ -1,6 +1,6 @@
 """Head-centric paged KV pool (CONTRACTS.md "KV pool layout", DESIGN §4).
 
-One tensor per worker:
+A view over the worker's WeightStore arena (model_executor/weight_store.py):
     kv_buffer [num_pages, local_kv_heads, num_layers, 2 (K|V), page_size, head_dim]
 so the part of page j that one rank (or one sub-range of heads) owns is one contiguous block.
 Token at absolute position p of a request lives in page page_table[p // page_size], slot p % page_size.
@@ -8,12 +8,12 @@ Token at absolute position p of a request lives in page page_table[p // page_siz
 Data flow:
     attention backend --write(layer, k, v, page_ids, slots)--> kv_buffer   (new tokens, [T, Hkv, D] each)
     attention backend <--gather(layer, pages, slots)-- kv_buffer           ([B, L] indices -> [B, L, Hkv, D])
-    Gyges transformation code <--page_block(page, heads)-- contiguous [h, layers, 2, page_size, D] views
+    Gyges transformation (model_executor/regroup.py) moves whole page blocks of the flat byte view
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -74,12 +74,6 @@ class HeadCentricKVPool:
         """pages, slots [B, L] -> k, v [B, L, local_kv_heads, head_dim] of `layer`."""
         layer_kv = self.kv_buffer[:, :, layer]  # [num_pages, Hkv, 2, page_size, D] view
         return layer_kv[pages, :, 0, slots], layer_kv[pages, :, 1, slots]
-
-    # ---- page blocks (for the transformation code) -------------------------------------------------
-    def page_block(self, page: int, head_range: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """Contiguous view [h, num_layers, 2, page_size, head_dim] of heads [h0, h1) of one page."""
-        h0, h1 = head_range if head_range is not None else (0, self.local_kv_heads)
-        return self.kv_buffer[page, h0:h1]
 
     def clear(self) -> None:
         self.kv_buffer.zero_()

@@ -77,6 +77,16 @@ class APIError(Exception):
         self.param = param
 
 
+async def first_output(gen):
+    """Start a generation so that input errors surface as a 4xx before a 200 (or an SSE stream) is sent."""
+    try:
+        return await gen.__anext__()
+    except StopAsyncIteration:
+        return None
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
+
+
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                 405: "MethodNotAllowed", 422: "BadRequestError", 503: "ServiceUnavailableError",
                 500: "InternalServerError"}
@@ -226,15 +236,6 @@ class OpenAIServing:
         except Exception:  # noqa: BLE001 - best effort: the request may already be gone
             logger.debug("abort of %s failed", rid, exc_info=True)
 
-    async def _first_item(self, gen):
-        """Start a streaming generation so that input errors surface as a 4xx before the 200 is sent."""
-        try:
-            return await gen.__anext__()
-        except StopAsyncIteration:
-            return None
-        except ValueError as e:
-            raise APIError(400, str(e)) from e
-
     # ---- /v1/completions -------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw_request: Optional[Request]):
         self.check_model(req.model)
@@ -311,7 +312,7 @@ class OpenAIServing:
     async def _completions_stream(self, req: CompletionRequest, obj: GenerateReqInput, raw_request, n: int,
                                   echo_texts: Optional[List[str]]):
         gen = self.tm.generate_request(obj, raw_request)
-        first = await self._first_item(gen)
+        first = await first_output(gen)
         rid_base = random_id("cmpl")
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -467,7 +468,7 @@ class OpenAIServing:
 
     async def _chat_stream(self, req: ChatCompletionRequest, obj: GenerateReqInput, raw_request, n: int):
         gen = self.tm.generate_request(obj, raw_request)
-        first = await self._first_item(gen)
+        first = await first_output(gen)
         rid_base = random_id("chatcmpl")
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
