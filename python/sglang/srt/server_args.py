@@ -96,8 +96,11 @@ class ServerArgs:
                                           "lower admits more and retracts more.")
     attention_backend: str = _f("torch_native", "Attention implementation.", choices=["torch_native"])
     stream_interval: int = _f(1, "Send streamed output every this many tokens.")
-    watchdog_timeout: float = _f(300.0, "Seconds a forward iteration may take before the worker is "
-                                 "considered hung.")
+    watchdog_timeout: float = _f(300.0, "Seconds an instance that has work may go without finishing a forward "
+                                 "pass: past it the controller fails the instance (its requests get a 503 "
+                                 "with the reason, its workers are killed, /health says so).")
+    grammar_compile_timeout: float = _f(30.0, "Seconds a regex / json_schema / ebnf constraint may take to "
+                                        "compile (off the scheduler loop); past it the request gets a 400.")
 
     # ---- constrained decoding ------------------------------------------------------------------------
     grammar_backend: str = _f("xgrammar", "Backend for regex / json_schema / ebnf.", choices=["xgrammar"])
@@ -135,6 +138,10 @@ class ServerArgs:
             return self.gyges_max_tp or self.num_devices
         return self.tp_size
 
+    gyges_transform_timeout: float = _f(120.0, "Seconds a merge or split may take; past it the controller "
+                                        "fails the transformation's instances (their requests get a 503, their "
+                                        "workers are killed) and keeps serving on the others. The collectives "
+                                        "of a transformation time out after the same limit.")
     def device_memory_bytes(self) -> int:
         return parse_size(self.device_memory) if self.device_memory else 2**30
 
@@ -178,6 +185,9 @@ class ServerArgs:
         for f in dataclasses.fields(ServerArgs):
             flag = "--" + f.name.replace("_", "-")
             help_text = f.metadata.get("help", "")
+        for name in ("watchdog_timeout", "grammar_compile_timeout", "gyges_transform_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}")
             default = f.default if f.default is not dataclasses.MISSING else None
             if f.type in ("bool", bool):
                 # Flags that default to on get a --no-... form to turn them off.

@@ -19,6 +19,7 @@ rebuilds it with `backend.restore(state)`, which re-compiles (cache hit usually)
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Iterable, List, Optional, Sequence
 
@@ -105,6 +106,7 @@ class GrammarBackend:
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=max_threads, cache_enabled=False)
         self._cache: "OrderedDict[tuple, xgr.CompiledGrammar]" = OrderedDict()
         self._cache_size = cache_size
+        self._cache_lock = threading.Lock()  # the scheduler compiles on side threads
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -115,12 +117,13 @@ class GrammarBackend:
         if not isinstance(value, str):
             raise ValueError(f"{kind} must be a string, got {type(value).__name__}")
         key = (kind, value)
-        compiled = self._cache.get(key)
-        if compiled is not None:
-            self._cache.move_to_end(key)
-            self.cache_hits += 1
-            return compiled
-        self.cache_misses += 1
+        with self._cache_lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                self.cache_hits += 1
+                return compiled
+            self.cache_misses += 1
         try:
             if kind == "regex":
                 compiled = self._compiler.compile_regex(value)
@@ -130,9 +133,10 @@ class GrammarBackend:
                 compiled = self._compiler.compile_grammar(value)
         except Exception as e:  # xgrammar raises RuntimeError / InvalidJSONError with a parser message
             raise ValueError(f"Invalid {kind}: {_clean_message(e)}") from None
-        self._cache[key] = compiled
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        with self._cache_lock:
+            self._cache[key] = compiled
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return compiled
 
     def create(self, kind: str, value: str) -> Grammar:

@@ -11,6 +11,7 @@ All messages are pickled over ZMQ (ipc://). Tensors never travel in these messag
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -190,6 +191,11 @@ class GetInternalStateReqOutput:
     req_id: str
     # Instance that answered.
     instance_id: int
+    # Abort every request of every instance (an operator's action, never a client's).
+    abort_all: bool = False
+    # time.time() when the abort was issued: only requests that arrived at or before it are aborted, so a
+    # late abort never hits a newer request that reuses the rid.
+    issued_at: float = field(default_factory=time.time)
     # Scheduler state: running/waiting counts, KV usage, capacity, page size, tp, devices...
     state: Dict[str, Any]
 
@@ -306,6 +312,8 @@ class WorkerFailed:
 # ----------------------------------------------------------------------------------------------------------
 # Gyges: transformations (TokenizerManager -> Controller -> instance leaders -> their followers)
 # ----------------------------------------------------------------------------------------------------------
+    # Forward passes run so far: the controller's watchdog fails an instance with work whose count stops.
+    forward_ct: int = 0
 @dataclass
 class GygesTransformReq:
     # Id the reply carries back.
@@ -387,3 +395,8 @@ class ServingState:
     live_instances: int
     # Device lists of the instances that failed.
     failed_instances: List[List[int]]
+    # Why each of failed_instances failed (same order): worker exit, watchdog, transformation timeout.
+    reasons: List[str] = field(default_factory=list)
+    # Worker ranks the TokenizerManager must kill (SIGKILL) to free their memory: hung workers that
+    # cannot exit by themselves.
+    kill_ranks: List[int] = field(default_factory=list)

@@ -1,19 +1,23 @@
-"""Scheduler of one instance, run by the instance's leader worker (continuous batching).
+"""Scheduler process side of one instance, run by the instance's leader worker (continuous batching).
 
-Every iteration:
+The decisions (which requests run, how many tokens, what to retract) are made by the pure
+`BatchScheduler` (batch_scheduler.py); this class carries them out. Every iteration:
 
-    recv       TokenizedGenerateReqInput / AbortReq / FlushCacheReq / GetInternalStateReq from the controller
-    schedule   running decode requests (1 token each; retract when pages run out) + prefill chunks of
-               in-progress and waiting requests (token budget, chunked_prefill_size, free pages, policy order)
+    recv       TokenizedGenerateReqInput / AbortReq / FlushCacheReq / GetInternalStateReq from the controller;
+               constrained requests wait here while their grammar compiles on a side thread (time-limited)
+    schedule   BatchScheduler.schedule() -> SchedulePlan (decodes + prefill chunks, retractions, failures)
     forward    ForwardBatch broadcast to the other TP ranks, ModelRunner.forward on every rank
-    sample     leader only: logprobs, sampling, grammar, stop checks
-    send       BatchTokenIDOut to the detokenizer, InstanceReport to the controller
+    sample     leader only: logprobs, sampling, grammar, stop checks; an exception fails only the request
+               that raised it (the batch's requests when it is the forward pass on a TP1 instance)
+    send       BatchTokenIDOut to the detokenizer, InstanceReport to the controller (on change, and at
+               least every REPORT_HEARTBEAT_S: the controller's watchdog reads forward_ct from it)
 
 Followers of a TP group run `follower_loop`: receive each ForwardBatch from the leader and compute.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from typing import Dict, List, Optional, Tuple
@@ -21,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import zmq
 
+from sglang.srt.managers.batch_scheduler import BatchScheduler, SchedulePlan, SchedulerConfig
 from sglang.srt.managers.io_struct import (
     AbortReq,
     BatchTokenIDOut,
@@ -33,7 +38,7 @@ from sglang.srt.managers.io_struct import (
     TokenizedGenerateReqInput,
     TransformCmd,
 )
-from sglang.srt.managers.req_kv import ReqKVManager, pages_for
+from sglang.srt.managers.req_kv import ReqKVManager
 from sglang.srt.managers.schedule_batch import (
     InstanceState,
     Req,
@@ -43,18 +48,14 @@ from sglang.srt.managers.schedule_batch import (
     finish_stop_str,
     finish_stop_token,
 )
-from sglang.srt.managers.schedule_policy import SchedulePolicy
 from sglang.srt.model_executor.forward_batch import ForwardBatch
 from sglang.srt.server_args import ServerArgs
 from sglang.srt.utils import PortArgs, get_zmq_socket
 
 logger = logging.getLogger(__name__)
 
-# Fraction of a request's remaining max_new_tokens reserved in pages when admitting new requests. It
-# grows after a retraction (memory was over-committed) and decays back while decoding goes well.
-INIT_NEW_TOKEN_RATIO = 0.5
-MIN_NEW_TOKEN_RATIO = 0.1
-NEW_TOKEN_RATIO_DECAY = 0.001
+# Seconds between two InstanceReports when nothing changed (the controller's watchdog sees progress).
+REPORT_HEARTBEAT_S = 1.0
 
 
 class StopChecker:
@@ -107,18 +108,19 @@ class Scheduler:
         self.model_config = runner.model_config
         self.page_size = server_args.page_size
         self.kv = ReqKVManager(runner.num_pages, self.page_size, server_args.disable_radix_cache, runner.reserved_pages)
-        self.policy = SchedulePolicy(server_args.schedule_policy, self.kv.tree)
+        self.batches = BatchScheduler(SchedulerConfig.from_server_args(server_args, self.model_config.context_len),
+                                      self.kv)
         self.sampler = Sampler(self.model_config.vocab_size)
         self.tokenizer = tokenizer
         self.stop_checker = StopChecker(tokenizer, self.model_config.eos_token_ids, self.model_config.context_len)
         self._grammar_backend = grammar_backend
+        self._grammar_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # rid -> (request, compile future, deadline): constrained requests whose grammar is compiling.
+        self.grammar_pending: Dict[str, Tuple[Req, concurrent.futures.Future, float]] = {}
 
-        self.waiting: List[Req] = []
-        self.running: List[Req] = []  # admitted: prefilling (chunked) or decoding
-        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.forward_ct = 0
-        self.num_retractions = 0  # total retractions since start (reported in internal_state)
-        self._last_report: Optional[InstanceReport] = None
+        self._last_report_key = None
+        self._last_report_time = 0.0
 
         self.recv_from_controller = channels.recv_from_controller
         self.send_to_detokenizer = channels.send_to_detokenizer
@@ -133,6 +135,14 @@ class Scheduler:
         if migrated is not None:
             self.adopt_state(migrated)
 
+    @property
+    def running(self) -> List[Req]:
+        return self.batches.running
+
+    @property
+    def waiting(self) -> List[Req]:
+        return self.batches.waiting
+
     # ======================================================================================================
     # main loop
     # ======================================================================================================
@@ -140,10 +150,14 @@ class Scheduler:
         """Serve until the controller orders a transformation; return that order (between iterations)."""
         self.report_load()
         while self._pending_transform is None:
-            busy = bool(self.running or self.waiting)
-            self.process_input(block_ms=0 if busy else 200)
+            if self.batches.has_work:
+                block_ms = 0
+            else:
+                block_ms = 5 if self.grammar_pending else 200
+            self.process_input(block_ms=block_ms)
             if self._pending_transform is not None:
                 break
+            self.poll_grammars()
             self.step()
             self.report_load()
         cmd, self._pending_transform = self._pending_transform, None
@@ -151,10 +165,12 @@ class Scheduler:
 
     def step(self) -> bool:
         """One scheduling iteration. Returns whether a forward pass ran."""
-        batch = self.schedule()
-        if not batch:
+        plan = self.batches.schedule()
+        if plan.failed:
+            self.send_outputs(plan.failed)
+        if not plan:
             return False
-        self.run_batch(batch)
+        self.run_batch(plan)
         return True
 
     # ======================================================================================================
@@ -174,7 +190,7 @@ class Scheduler:
         if isinstance(msg, TokenizedGenerateReqInput):
             self.add_request(msg)
         elif isinstance(msg, AbortReq):
-            self.abort(msg.rid)
+            self.abort(msg)
         elif isinstance(msg, FlushCacheReq):
             ok = self.flush_cache()
             self.send_to_controller.send_pyobj(FlushCacheReqOutput(msg.req_id, ok, self.instance_id))
@@ -199,29 +215,62 @@ class Scheduler:
             stream=recv.stream,
             arrival_time=recv.arrival_time or time.time(),
         )
-        sp = req.sampling_params
-        ctx = self.model_config.context_len
-        cap = self.kv.num_pages * self.page_size
-        prompt_len = len(req.origin_input_ids)
-        if prompt_len >= min(ctx, cap):
-            limit = min(ctx, cap) - 1
-            self.finish_now(req, finish_abort(
-                f"the prompt has {prompt_len} tokens; this instance serves at most {limit} "
-                f"(context length {ctx}, KV capacity {cap} tokens)", 400))
+        if req.rid in self.grammar_pending:
+            self.finish_now(req, finish_abort(f"request id {req.rid!r} is already in use by a live request", 400))
             return
-        # None = up to the context / capacity limit (SGLang's meaning).
-        requested = sp.max_new_tokens if sp.max_new_tokens is not None else 1 << 62
-        req.max_new_tokens = min(requested, ctx - prompt_len, cap - prompt_len)
-        if req.logprob_start_len >= prompt_len:
-            req.logprob_start_len = prompt_len - 1 if prompt_len else -1
-        req.sampling_state = SamplingState.from_params(sp, req.origin_input_ids)
+        error = self.batches.admission_error(req)
+        if error is not None:
+            self.finish_now(req, error)
+            return
+        try:
+            req.sampling_state = SamplingState.from_params(req.sampling_params, req.origin_input_ids)
+        except Exception as e:  # a bad parameter the tokenizer side did not catch fails this request only
+            self.finish_now(req, finish_abort(f"invalid sampling parameters: {e}", 400))
+            return
+        sp = req.sampling_params
         if sp.regex is not None or sp.json_schema is not None or sp.ebnf is not None:
             try:
-                req.grammar = self.grammar_backend().new_grammar(sp)
+                backend = self.grammar_backend()
             except ValueError as e:
-                self.finish_now(req, finish_abort(f"invalid constraint: {e}", 400))
+                self.finish_now(req, finish_abort(str(e), 400))
                 return
-        self.waiting.append(req)
+            if self._grammar_pool is None:
+                self._grammar_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="grammar")
+            future = self._grammar_pool.submit(backend.new_grammar, sp)
+            self.grammar_pending[req.rid] = (req, future, time.monotonic() + self.args.grammar_compile_timeout)
+            return
+        self.enqueue(req)
+
+    def enqueue(self, req: Req) -> None:
+        error = self.batches.add(req)
+        if error is not None:
+            self.finish_now(req, error)
+
+    def poll_grammars(self, wait: bool = False) -> None:
+        """Queue the constrained requests whose grammar compiled; fail those past the time limit.
+        wait=True (before a transformation): wait for each up to its deadline."""
+        now = time.monotonic()
+        for rid, (req, future, deadline) in list(self.grammar_pending.items()):
+            if wait and not future.done():
+                concurrent.futures.wait([future], timeout=max(0.0, deadline - time.monotonic()))
+            if future.done():
+                del self.grammar_pending[rid]
+                try:
+                    req.grammar = future.result()
+                except ValueError as e:
+                    self.finish_now(req, finish_abort(f"invalid constraint: {e}", 400))
+                    continue
+                except Exception as e:
+                    logger.exception("compiling the constraint of request %s failed", rid)
+                    self.finish_now(req, finish_abort(f"compiling the constraint failed: {e}", 500))
+                    continue
+                self.enqueue(req)
+            elif now >= deadline or wait:
+                del self.grammar_pending[rid]
+                future.cancel()
+                self.finish_now(req, finish_abort(
+                    f"compiling the constraint took longer than {self.args.grammar_compile_timeout:g} s "
+                    f"(--grammar-compile-timeout); simplify the regex / JSON schema / EBNF", 400))
 
     def grammar_backend(self):
         if self._grammar_backend is None:
@@ -232,111 +281,31 @@ class Scheduler:
             self._grammar_backend = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
         return self._grammar_backend
 
-    def abort(self, rid: str) -> None:
-        for req in list(self.waiting):
-            if rid == "" or req.rid == rid:
-                self.waiting.remove(req)
-                self.finish_now(req, finish_abort("aborted", 499))
-        for req in list(self.running):
-            if rid == "" or req.rid == rid:
-                req.finished_reason = finish_abort("aborted", 499)
-                self.running.remove(req)
-                self.kv.release(req)
-                self.send_outputs([req])
+    def abort(self, msg: AbortReq) -> None:
+        if msg.abort_all:
+            aborted = self.batches.abort_all()
+            pending = list(self.grammar_pending)
+        else:
+            aborted = self.batches.abort(msg.rid, msg.issued_at)
+            entry = self.grammar_pending.get(msg.rid)
+            pending = [msg.rid] if entry is not None and entry[0].arrival_time <= msg.issued_at else []
+        for rid in pending:
+            req, future, _ = self.grammar_pending.pop(rid)
+            future.cancel()
+            req.finished_reason = finish_abort("aborted", 499)
+            aborted.append(req)
+        if aborted:
+            self.send_outputs(aborted)
 
     def finish_now(self, req: Req, reason) -> None:
         req.finished_reason = reason
         self.send_outputs([req])
 
     def flush_cache(self) -> bool:
-        if self.running or self.waiting:
+        if self.batches.has_work or self.grammar_pending:
             return False
         self.kv.flush()
         return True
-
-    # ======================================================================================================
-    # scheduling
-    # ======================================================================================================
-    def schedule(self) -> List[Tuple[Req, int]]:
-        """Choose this iteration's work: (request, number of new tokens to feed) pairs."""
-        batch: List[Tuple[Req, int]] = []
-        decoding = [r for r in self.running if r.is_decoding]
-        decoding = self.reserve_decode_pages(decoding)
-        batch.extend((r, 1) for r in decoding)
-
-        budget = self.args.max_prefill_tokens
-        chunk_cap = self.args.chunked_prefill_size if self.args.chunked_prefill_size > 0 else 1 << 62
-        # 1) requests already admitted whose prefill is not done (chunked)
-        for req in [r for r in self.running if not r.is_decoding]:
-            if budget <= 0:
-                break
-            n = min(req.extend_remaining, chunk_cap, budget)
-            if not self.kv.reserve(req, req.kv_len + n):
-                break
-            batch.append((req, n))
-            budget -= n
-        # 2) new admissions
-        max_running = self.args.max_running_requests or 1 << 62
-        reserved = self.decode_reservation_pages()
-        for req in self.policy.order(self.waiting):
-            if budget <= 0 or len(self.running) >= max_running:
-                break
-            self.kv.admit(req)
-            n = min(req.extend_remaining, chunk_cap, budget)
-            future = pages_for(int(req.remaining_new_tokens * self.new_token_ratio), self.page_size)
-            need = pages_for(req.kv_len + n, self.page_size) - len(req.page_table)
-            # A request alone on the instance is always admitted if its prompt chunk fits.
-            if (self.running and need + future > self.kv.available_pages() - reserved) or not self.kv.reserve(
-                req, req.kv_len + n
-            ):
-                self.kv.release(req)
-                break
-            reserved += future
-            self.waiting.remove(req)
-            self.running.append(req)
-            batch.append((req, n))
-            budget -= n
-        return batch
-
-    def decode_reservation_pages(self) -> int:
-        return sum(pages_for(int(r.remaining_new_tokens * self.new_token_ratio), self.page_size) for r in self.running)
-
-    def reserve_decode_pages(self, decoding: List[Req]) -> List[Req]:
-        """Give every decoding request a page for its next token; retract requests until that fits."""
-        ps = self.page_size
-        while True:
-            need = sum(1 for r in decoding if r.kv_len % ps == 0 and pages_for(r.kv_len + 1, ps) > len(r.page_table))
-            if need <= self.kv.available_pages() or not decoding:
-                break
-            victim = self.pick_retract_victim(decoding)
-            decoding.remove(victim)
-            self.retract(victim)
-        for r in decoding:
-            ok = self.kv.reserve(r, r.kv_len + 1)
-            assert ok, "pages were counted as available"
-        if decoding:
-            self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        return decoding
-
-    def pick_retract_victim(self, decoding: List[Req]) -> Req:
-        # The request with the least output (least work lost), longest prompt on ties.
-        return min(decoding, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
-
-    def retract(self, req: Req) -> None:
-        self.running.remove(req)
-        if not self.running and not self.waiting:
-            # Alone and still out of memory: it can never finish here.
-            req.finished_reason = finish_abort(
-                f"out of KV memory: {req.seq_len} tokens exceed this instance's capacity", 507)
-            self.kv.release(req)
-            self.send_outputs([req])
-            return
-        self.kv.release(req)
-        req.retractions += 1
-        self.num_retractions += 1
-        self.waiting.insert(0, req)
-        self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
-        logger.info("retracted request %s (%d tokens) to free KV pages", req.rid, req.seq_len)
 
     # ======================================================================================================
     # forward + sampling
@@ -381,78 +350,113 @@ class Scheduler:
         )
         return fb, row_of
 
-    def run_batch(self, batch: List[Tuple[Req, int]]) -> None:
-        fb, row_of = self.build_forward_batch(batch)
-        if self.tp.size > 1:
-            self.tp.broadcast_object(fb)
-        logits = self.runner.forward(fb)  # [num_logit_rows, vocab] float32
+    def run_batch(self, plan: SchedulePlan) -> None:
+        fb, row_of = self.build_forward_batch(plan.items)
+        try:
+            if self.tp.size > 1:
+                self.tp.broadcast_object(fb)
+            logits = self.runner.forward(fb)  # [num_logit_rows, vocab] float32
+        except Exception as e:
+            if self.tp.size > 1:
+                raise  # the other ranks are out of step: the worker exits and the instance fails
+            logger.exception("forward pass failed on instance %d", self.instance_id)
+            reqs = [r for r, _ in plan.items]
+            for req in reqs:
+                req.finished_reason = self._internal_error("the forward pass failed", e)
+            self.batches.finish(reqs)
+            self.send_outputs(reqs)
+            return
         self.forward_ct += 1
-        self.process_batch_result(batch, logits, row_of)
+        self.process_batch_result(plan, logits, row_of)
 
-    def process_batch_result(self, batch, logits: torch.Tensor, row_of: Dict) -> None:
+    @staticmethod
+    def _internal_error(what: str, e: BaseException) -> dict:
+        return finish_abort(f"{what}: {type(e).__name__}: {e}", 500)
+
+    def process_batch_result(self, plan: SchedulePlan, logits: torch.Tensor, row_of: Dict) -> None:
+        index = {id(req): i for i, (req, _) in enumerate(plan.items)}
+        ready = {id(r) for r in self.batches.forward_done(plan)}
         to_sample: List[Req] = []
-        sample_rows: List[int] = []
         updated: List[Req] = []
-        for i, (req, n) in enumerate(batch):
-            start = req.kv_len
-            req.kv_len += n
-            if req.wants_input_logprobs:
-                self.collect_input_logprobs(req, i, start, n, logits, row_of)
-            if req.kv_len == req.seq_len:  # this request's fill is complete: sample its next token
+        for i, (req, n) in enumerate(plan.items):
+            try:
                 if req.wants_input_logprobs:
-                    req.input_logprobs_done = True
-                if req.max_new_tokens == 0:
-                    req.finished_reason = finish_length(0)
-                    req.input_logprobs_done = True
-                    updated.append(req)
-                    continue
-                to_sample.append(req)
-                sample_rows.append(row_of[(i, req.kv_len - 1)])
-        if to_sample:
-            rows = logits[torch.tensor(sample_rows, dtype=torch.int64)]  # [num_sampled, vocab]
-            out = self.sampler.sample(
-                rows,
-                states=[r.sampling_state for r in to_sample],
-                output_ids=[r.output_ids for r in to_sample],
-                grammars=[r.grammar for r in to_sample],
-                top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in to_sample],
-                eos_token_ids=self.stop_checker.eos_token_ids,
-            )
-            for j, req in enumerate(to_sample):
-                tok = int(out.next_token_ids[j])
-                req.output_ids.append(tok)
-                if req.grammar is not None:
-                    req.grammar.accept_token(tok)
-                if req.return_logprob:
-                    req.output_token_logprobs.append((float(out.next_token_logprobs[j]), tok))
-                    if req.top_logprobs_num:
-                        req.output_top_logprobs.append(out.top_logprobs[j])
-                self.stop_checker.check(req)
+                    self.collect_input_logprobs(req, i, req.kv_len - n, n, logits, row_of)
+                    if id(req) in ready:
+                        req.input_logprobs_done = True
+            except Exception as e:
+                logger.exception("input logprobs of request %s failed", req.rid)
+                req.finished_reason = self._internal_error("computing input logprobs failed", e)
                 updated.append(req)
-        finished = [r for r in updated if r.finished]
-        for req in finished:
-            self.running.remove(req)
-            self.kv.release(req)
+                continue
+            if id(req) not in ready:
+                continue
+            if req.max_new_tokens == 0:
+                req.finished_reason = finish_length(0)
+                req.input_logprobs_done = True
+                updated.append(req)
+                continue
+            to_sample.append(req)
+        if to_sample:
+            rows = [row_of[(index[id(r)], r.kv_len - 1)] for r in to_sample]
+            try:
+                self.sample_and_check(to_sample, logits, rows)
+            except Exception:
+                # Find the request that fails: sample each alone, so the others keep their tokens.
+                for req, row in zip(to_sample, rows):
+                    try:
+                        self.sample_and_check([req], logits, [row])
+                    except Exception as e:
+                        logger.exception("sampling request %s failed", req.rid)
+                        req.finished_reason = self._internal_error("sampling failed", e)
+            updated.extend(to_sample)
+        self.batches.finish([r for r in updated if r.finished])
         self.send_outputs([r for r in updated if r.finished or r.stream])
+
+    def sample_and_check(self, reqs: List[Req], logits: torch.Tensor, rows: List[int]) -> None:
+        """Sample one token for each of `reqs` from logits[rows]; nothing changes if it raises."""
+        out = self.sampler.sample(
+            logits[torch.tensor(rows, dtype=torch.int64)],  # [len(reqs), vocab]
+            states=[r.sampling_state for r in reqs],
+            output_ids=[r.output_ids for r in reqs],
+            grammars=[r.grammar for r in reqs],
+            top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
+            eos_token_ids=self.stop_checker.eos_token_ids,
+        )
+        for j, req in enumerate(reqs):
+            tok = int(out.next_token_ids[j])
+            req.output_ids.append(tok)
+            if req.grammar is not None:
+                req.grammar.accept_token(tok)
+            if req.return_logprob:
+                req.output_token_logprobs.append((float(out.next_token_logprobs[j]), tok))
+                if req.top_logprobs_num:
+                    req.output_top_logprobs.append(out.top_logprobs[j])
+            self.stop_checker.check(req)
 
     def collect_input_logprobs(self, req: Req, i: int, start: int, n: int, logits, row_of) -> None:
         prompt = req.origin_input_ids
+        positions = [p for p in range(max(start, req.logprob_start_len - 1, 0), min(start + n, len(prompt) - 1))]
+        rows = targets = None
+        if positions:
+            rows = torch.tensor([row_of[(i, p)] for p in positions], dtype=torch.int64)
+            logprobs = torch.log_softmax(logits[rows], dim=-1)  # [len(positions), vocab]
+            targets = torch.tensor([prompt[p + 1] for p in positions], dtype=torch.int64)
+            picked = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            top = None
+            if req.top_logprobs_num:
+                k = min(req.top_logprobs_num, logprobs.shape[-1])
+                vals, ids = logprobs.topk(k, dim=-1)
+                top = [list(zip(v, t)) for v, t in zip(vals.tolist(), ids.tolist())]
+        # Computed in full before anything is recorded, so a failure leaves the request unchanged.
         if start <= req.logprob_start_len == 0 and not req.input_token_logprobs:
             req.input_token_logprobs.append((None, prompt[0]))
             if req.top_logprobs_num:
                 req.input_top_logprobs.append(None)
-        positions = [p for p in range(max(start, req.logprob_start_len - 1, 0), min(start + n, len(prompt) - 1))]
-        if not positions:
-            return
-        rows = torch.tensor([row_of[(i, p)] for p in positions], dtype=torch.int64)
-        logprobs = torch.log_softmax(logits[rows], dim=-1)  # [len(positions), vocab]
-        targets = torch.tensor([prompt[p + 1] for p in positions], dtype=torch.int64)
-        picked = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-        req.input_token_logprobs.extend(zip(picked, targets.tolist()))
-        if req.top_logprobs_num:
-            vals, ids = logprobs.topk(req.top_logprobs_num, dim=-1)
-            for v, t in zip(vals.tolist(), ids.tolist()):
-                req.input_top_logprobs.append(list(zip(v, t)))
+        if positions:
+            req.input_token_logprobs.extend(zip(picked, targets.tolist()))
+            if top is not None:
+                req.input_top_logprobs.extend(top)
 
     # ======================================================================================================
     # outputs
@@ -494,7 +498,8 @@ class Scheduler:
             "devices": list(self.tp.ranks),
             "tp_size": self.tp.size,
             "running": len(self.running),
-            "waiting": len(self.waiting),
+            "waiting": self.batches.num_waiting,
+            "grammar_pending": len(self.grammar_pending),
             "page_size": self.page_size,
             "num_pages": self.kv.num_pages,
             "free_pages": self.kv.allocator.num_free,
@@ -502,8 +507,8 @@ class Scheduler:
             "kv_used_tokens": self.kv.used_pages() * self.page_size,
             "kv_capacity_tokens": self.kv.num_pages * self.page_size,
             "forward_ct": self.forward_ct,
-            "num_retractions": self.num_retractions,
-            "new_token_ratio": self.new_token_ratio,
+            "num_retractions": self.batches.num_retractions,
+            "new_token_ratio": self.batches.new_token_ratio,
         }
 
     # ======================================================================================================
@@ -511,12 +516,13 @@ class Scheduler:
     # ======================================================================================================
     def export_state(self) -> InstanceState:
         """Plain-data copy of the requests and the cache (page ids of this instance)."""
+        self.poll_grammars(wait=True)  # constrained requests still compiling move as waiting requests
         return InstanceState(
             devices=list(self.tp.ranks),
             running=[portable_req(r) for r in self.running],
             waiting=[portable_req(r) for r in self.waiting],
             tree_paths=self.kv.tree.export(),
-            new_token_ratio=self.new_token_ratio,
+            new_token_ratio=self.batches.new_token_ratio,
         )
 
     def adopt_state(self, state: InstanceState) -> None:
@@ -525,26 +531,33 @@ class Scheduler:
             if isinstance(req.grammar, dict):
                 req.grammar = self.grammar_backend().restore(req.grammar["grammar_state"])
         self.kv.adopt(state.tree_paths, state.running)
-        self.running = list(state.running)
-        self.waiting = sorted(state.waiting, key=lambda r: r.arrival_time)
-        self.new_token_ratio = state.new_token_ratio
+        self.batches.adopt(state.running, state.waiting, state.new_token_ratio)
 
     def report_load(self) -> None:
+        """Send an InstanceReport when the load changed, a request finished, or a heartbeat is due."""
+        waiting = self.batches.num_waiting + len(self.grammar_pending)
+        key = (len(self.running), waiting, self.kv.used_pages(), self.kv.num_pages,
+               self.batches.tokens_in_flight(), self.kv.tree.evictable_pages())
+        now = time.monotonic()
+        if (key == self._last_report_key and not self._finished_since_report
+                and now - self._last_report_time < REPORT_HEARTBEAT_S):
+            return
         report = InstanceReport(
             instance_id=self.instance_id,
             running=len(self.running),
-            waiting=len(self.waiting),
+            waiting=waiting,
             kv_used_tokens=self.kv.used_pages() * self.page_size,
             kv_capacity_tokens=self.kv.num_pages * self.page_size,
-            tokens_in_flight=sum(r.remaining_new_tokens + r.extend_remaining for r in self.running + self.waiting),
-            kv_evictable_tokens=self.kv.tree.evictable_pages() * self.page_size,
+            tokens_in_flight=key[4],
+            kv_evictable_tokens=key[5] * self.page_size,
             capacity_by_tp=self.capacity_by_tp,
             finished_rids=self._finished_since_report,
+            forward_ct=self.forward_ct,
         )
-        if report != self._last_report:
-            self._last_report = report
-            self._finished_since_report = []
-            self.send_to_controller.send_pyobj(report)
+        self._last_report_key = key
+        self._last_report_time = now
+        self._finished_since_report = []
+        self.send_to_controller.send_pyobj(report)
 
 
 def follower_loop(runner, tp_group) -> Optional[TransformCmd]:
