@@ -14,12 +14,14 @@ runs without init_distributed.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from gyges.topology import bitrev
 
@@ -122,6 +124,24 @@ class TPGroup:
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.cpu_group)
+
+
+@contextlib.contextmanager
+def collective_timeout(group: "TPGroup", seconds: float):
+    """Within the block, collectives of `group` (device and CPU communicators) fail after `seconds` instead
+    of waiting as long as the server is idle (IDLE_TIMEOUT): a Gyges transformation whose peer died or hung
+    raises here and its worker exits instead of waiting forever."""
+    if group.size == 1:
+        yield
+        return
+    limit = timedelta(seconds=seconds)
+    for pg in (group.device_group, group.cpu_group):
+        _set_pg_timeout(limit, pg)
+    try:
+        yield
+    finally:
+        for pg in (group.device_group, group.cpu_group):
+            _set_pg_timeout(IDLE_TIMEOUT, pg)
 
 
 def get_tp_group(ranks: Sequence[int]) -> TPGroup:

@@ -10,7 +10,20 @@ transformations happen only through POST /gyges/transform. With a policy (auto =
 every placement and transformation is decided by a gyges.policy.Policy from a ClusterState built out of
 the leaders' reports: on each request (Place / Hold / Reject) and on every tick (~100 ms and every
 report: place held requests, start a merge or a split). The controller only carries decisions out.
-While a transformation runs, messages that would touch its instances are held and released after it.
+While a transformation runs, messages that would touch its instances are held and released after it;
+no request is ever sent to an instance under transformation.
+
+Failure paths (every one ends in `fail_devices`: the instance's requests get a 503 with the reason, the
+TokenizerManager learns it through ServingState and kills hung workers so their memory is freed, every
+other instance keeps serving):
+
+- a worker process exits (WorkerDied from the TokenizerManager);
+- watchdog: an instance with work whose forward_ct (in its InstanceReports, at least one per second)
+  does not advance for --watchdog-timeout seconds, or that stops reporting;
+- a transformation that has not finished --gyges-transform-timeout seconds after it was issued.
+
+Replies that gather every instance (flush, internal state) answer after REPLY_TIMEOUT_S with what came,
+naming the instances that did not answer, instead of waiting for a frozen one.
 """
 
 from __future__ import annotations
@@ -52,6 +65,9 @@ from sglang.srt.utils import PortArgs, configure_logger, die_with_parent, get_zm
 
 logger = logging.getLogger(__name__)
 
+# Seconds the controller waits for every instance's reply to a flush / internal-state query.
+REPLY_TIMEOUT_S = 5.0
+
 
 @dataclass
 class InstanceView:
@@ -62,6 +78,12 @@ class InstanceView:
     routed_since_report: int = 0  # requests sent after the last report (not yet counted by it)
     routed_tokens_since_report: int = 0  # their prompt + max_new_tokens
     idle_since: Optional[float] = None  # when the instance last became idle (None while busy)
+    progress_at: float = field(default_factory=time.monotonic)  # last forward_ct change, or last seen idle
+
+    @property
+    def has_work(self) -> bool:
+        r = self.report
+        return self.routed_since_report > 0 or (r is not None and r.running + r.waiting > 0)
 
     @property
     def instance_id(self) -> int:
@@ -80,6 +102,21 @@ class ActiveTransform:
     cmd: TransformCmd
     held: List[object] = field(default_factory=list)  # messages that wait for the new topology
     done: Optional[TransformDone] = None  # set when the workers finished; answered once all new instances report
+    deadline: float = 0.0  # time.monotonic() after which the transformation's devices fail
+
+    @property
+    def devices(self) -> List[int]:
+        return sorted({d for inst in self.cmd.src_instances + self.cmd.dst_instances for d in inst})
+
+
+@dataclass
+class PendingReplies:
+    """A flush / internal-state query sent to every instance, waiting for their answers."""
+
+    request: object  # the FlushCacheReq / GetInternalStateReq
+    waiting_for: set  # instance ids that have not answered
+    replies: list = field(default_factory=list)
+    deadline: float = 0.0  # time.monotonic() after which it answers with what came
 
 
 class Controller:
@@ -100,8 +137,7 @@ class Controller:
         self.send_to_worker: Dict[int, zmq.Socket] = {
             r: get_zmq_socket(ctx, zmq.PUSH, port_args.worker_inputs[r], bind=False) for r in range(n)
         }
-        self.pending_replies: Dict[str, list] = {}
-        self.expected_replies: Dict[str, int] = {}
+        self.pending_replies: Dict[str, PendingReplies] = {}
         self.active: Optional[ActiveTransform] = None
         self.history: List[dict] = []
         self.max_tp = max_tp
@@ -112,7 +148,8 @@ class Controller:
         self.held: List[TokenizedGenerateReqInput] = []  # requests the policy holds, oldest first
         self.capacity_by_tp: Dict[int, int] = {}  # from the leaders' reports (Gyges)
         self.routed: Dict[str, int] = {}  # request id -> instance (first device), until it finishes
-        self.failed: List[List[int]] = []  # device lists of instances that lost a worker
+        self.failed: List[List[int]] = []  # device lists of instances that failed
+        self.failed_reasons: List[str] = []  # why, same order
         self.dead_devices: set = set()
         self.startup_transforms: List[Transform] = self._startup_transforms()
         self.poller = zmq.Poller()
@@ -151,7 +188,7 @@ class Controller:
 
     def event_loop(self) -> None:
         while True:
-            events = self.poller.poll(100 if self.policy is not None else None)
+            events = self.poller.poll(100)
             for sock, _ in events:
                 while True:
                     try:
@@ -162,6 +199,7 @@ class Controller:
                         self.handle_tokenizer_message(msg)
                     else:
                         self.handle_worker_message(msg)
+            self.check_deadlines()
             if self.policy is not None:
                 self.tick()
 
@@ -186,10 +224,12 @@ class Controller:
                 self.active.held.append(msg)
                 return
             if isinstance(msg, AbortReq):
-                self._abort_held(msg.rid)
+                self._abort_held(msg)
             else:
-                self.pending_replies[msg.req_id] = []
-                self.expected_replies[msg.req_id] = len(self.views)
+                self.pending_replies[msg.req_id] = PendingReplies(msg, set(self.views),
+                                                                  deadline=time.monotonic() + REPLY_TIMEOUT_S)
+                if not self.views:
+                    self._answer(msg.req_id)
             for view in self.views.values():
                 self.send_to_worker[view.instance_id].send_pyobj(msg)
         else:
@@ -236,6 +276,17 @@ class Controller:
         self.send_outputs_to_tokenizer.send_pyobj(BatchStrOut([ReqStrOut(req.rid, "", [], delta)]))
 
     def send_to_instance(self, req: TokenizedGenerateReqInput, base: int) -> None:
+        if base in self._busy_bases() or base not in self.views:
+            # Never onto an instance under transformation (or gone): wait for the new topology.
+            logger.warning("request %s not placed on instance %d: it is %s", req.rid, base,
+                           "transforming" if base in self.views else "not serving")
+            if self.policy is not None:
+                self.held.append(req)
+            elif self.active is not None:
+                self.active.held.append(req)
+            else:
+                self.route(req)
+            return
         view = self.views[base]
         self.routed[req.rid] = base
         view.routed_since_report += 1
@@ -306,8 +357,9 @@ class Controller:
     def _unhold(self, rid: str) -> None:
         self.held = [m for m in self.held if m.rid != rid]
 
-    def _abort_held(self, rid: str) -> None:
-        for m in [m for m in self.held if rid == "" or m.rid == rid]:
+    def _abort_held(self, msg: AbortReq) -> None:
+        hit = [m for m in self.held if msg.abort_all or (m.rid == msg.rid and m.arrival_time <= msg.issued_at)]
+        for m in hit:
             self._unhold(m.rid)
             self.reject(m, "aborted", 499)
 
@@ -346,7 +398,8 @@ class Controller:
             dst_instances=[list(i.devices) for i in sorted(dst, key=lambda i: i.leader)],
             issued_at=time.time(),
         )
-        self.active = ActiveTransform(None if internal else msg.req_id, cmd)
+        self.active = ActiveTransform(None if internal else msg.req_id, cmd,
+                                      deadline=time.monotonic() + self.args.gyges_transform_timeout)
         self.early_reports.clear()
         self._pending_topology = new_topology
         for inst in src:
@@ -389,39 +442,95 @@ class Controller:
 
     # ---- failures ----------------------------------------------------------------------------------------
     def worker_died(self, msg: WorkerDied) -> None:
-        """A worker process exited: its instance fails (all of a transformation's devices if it was in one);
-        the requests routed there get an error; every other instance keeps serving."""
+        """A worker process exited: its instance fails (all of a transformation's devices if it was in one)."""
         if msg.rank in self.dead_devices:
             return
-        reason = f"worker of device {msg.rank} exited (code {msg.exitcode})"
-        doomed = set()
+        self.fail_devices({msg.rank}, f"worker of device {msg.rank} exited (code {msg.exitcode})")
+
+    def check_deadlines(self) -> None:
+        """Watchdog, transformation deadline, reply deadlines (called every loop, at least every 100 ms)."""
+        now = time.monotonic()
         active = self.active
-        if active is not None and any(msg.rank in inst for inst in active.cmd.src_instances):
-            doomed = {d for inst in active.cmd.src_instances + active.cmd.dst_instances for d in inst}
-            reason += f" during a {active.cmd.kind} of devices {sorted(doomed)}"
+        if active is not None and now > active.deadline:
+            self.fail_devices(set(active.devices), f"the {active.cmd.kind} of devices {active.devices} did not "
+                              f"finish within {self.args.gyges_transform_timeout:g} s (--gyges-transform-timeout)")
+        busy = self._busy_bases()
+        for view in list(self.views.values()):
+            if view.instance_id in busy or view.instance_id not in self.views:
+                continue
+            if not view.has_work:
+                view.progress_at = now
+            elif now - view.progress_at > self.args.watchdog_timeout:
+                r = view.report
+                state = (f"{r.running} running, {r.waiting} waiting, {r.kv_used_tokens}/{r.kv_capacity_tokens} "
+                         f"KV tokens used, forward_ct {r.forward_ct}" if r else "no report")
+                self.fail_devices(set(view.instance.devices),
+                                  f"the instance on devices {list(view.instance.devices)} made no progress for "
+                                  f"{now - view.progress_at:.0f} s with work queued ({state}; --watchdog-timeout "
+                                  f"{self.args.watchdog_timeout:g} s)")
+        for req_id, pending in list(self.pending_replies.items()):
+            if now > pending.deadline:
+                self._answer(req_id)
+
+    def fail_devices(self, devices: set, reason: str) -> None:
+        """The instances holding any of `devices` fail (all of a transformation's devices if one of them is in
+        it): their requests get a 503 with `reason`, their workers are killed (the TokenizerManager does it:
+        they may be hung in a collective) so their memory is freed, and every other instance keeps serving."""
+        doomed = set(devices)
+        active = self.active
+        held = []
+        if active is not None and doomed & set(active.devices):
+            doomed |= set(active.devices)
+            if f"{active.cmd.kind} of devices" not in reason:
+                reason += f" during a {active.cmd.kind} of devices {active.devices}"
             self.active = None
             if active.req_id is not None:
                 self.send_to_tokenizer.send_pyobj(GygesTransformReqOutput(
-                    active.req_id, False, f"the transformation failed: {reason}"))
+                    active.req_id, False, f"the transformation failed: {reason}", status_code=503))
             held = active.held
-        else:
-            held = []
-            doomed = set(next((v.instance.devices for v in self.views.values() if msg.rank in v.instance.devices),
-                              (msg.rank,)))
+        for view in self.views.values():
+            if doomed & set(view.instance.devices):
+                doomed |= set(view.instance.devices)
+        doomed -= self.dead_devices
+        if not doomed:
+            return
         self.dead_devices |= doomed
+        logger.error("devices %s failed: %s", sorted(doomed), reason)
         for base in [b for b, v in self.views.items() if set(v.instance.devices) & doomed]:
             view = self.views.pop(base)
             self.failed.append(list(view.instance.devices))
-            logger.error("instance on devices %s failed: %s", list(view.instance.devices), reason)
+            self.failed_reasons.append(reason)
+            if view.report is not None:
+                logger.error("last report of the failed instance %s: %s", list(view.instance.devices), view.report)
             for rid in [r for r, b in self.routed.items() if b == base]:
                 del self.routed[rid]
                 delta = ReqOutputDelta(rid=rid, new_output_ids=[], finish_reason=finish_abort(
                     f"the instance serving this request failed: {reason}", 503), prompt_tokens=0,
                     completion_tokens=0, cached_tokens=0)
                 self.send_outputs_to_tokenizer.send_pyobj(BatchStrOut([ReqStrOut(rid, "", [], delta)]))
-        self.send_to_tokenizer.send_pyobj(ServingState(len(self.views), list(self.failed)))
+            for pending in self.pending_replies.values():
+                pending.waiting_for.discard(base)
+        self.send_to_tokenizer.send_pyobj(ServingState(len(self.views), list(self.failed), list(self.failed_reasons),
+                                                       kill_ranks=sorted(doomed)))
+        for req_id in [k for k, p in self.pending_replies.items() if not p.waiting_for]:
+            self._answer(req_id)
         for m in held:
             self.handle_tokenizer_message(m)
+
+    def _answer(self, req_id: str) -> None:
+        """Answer a flush / internal-state query with the replies that came (missing instances named)."""
+        pending = self.pending_replies.pop(req_id)
+        missing = sorted(b for b in pending.waiting_for if b in self.views)
+        if isinstance(pending.request, FlushCacheReq):
+            ok = not missing and all(r.success for r in pending.replies)
+            self.send_to_tokenizer.send_pyobj(FlushCacheReqOutput(req_id, ok))
+            return
+        replies = sorted(pending.replies, key=lambda r: r.instance_id)
+        for base in missing:
+            replies.append(GetInternalStateReqOutput(req_id, base, {
+                "instance_id": base, "devices": list(self.views[base].instance.devices),
+                "error": f"no answer within {REPLY_TIMEOUT_S:g} s (busy or hung)"}))
+        self.send_to_tokenizer.send_pyobj(replies)
 
     def describe(self) -> List[dict]:
         out = []
@@ -438,9 +547,9 @@ class Controller:
                 "kv_capacity_tokens": r.kv_capacity_tokens if r else 0,
                 "kv_used_tokens": r.kv_used_tokens if r else 0,
             })
-        for devices in self.failed:
+        for devices, reason in zip(self.failed, self.failed_reasons):
             out.append({"id": devices[0], "devices": devices, "tp": len(devices), "state": "failed", "running": 0,
-                        "waiting": 0, "kv_capacity_tokens": 0, "kv_used_tokens": 0})
+                        "waiting": 0, "kv_capacity_tokens": 0, "kv_used_tokens": 0, "reason": reason})
         return out
 
     # ---- from the leaders ------------------------------------------------------------------------------
@@ -456,6 +565,8 @@ class Controller:
                 # (it comes from another worker's socket): keep it for the view about to be created.
                 self.early_reports[msg.instance_id] = msg
             else:
+                if view.report is None or msg.forward_ct != view.report.forward_ct:
+                    view.progress_at = time.monotonic()
                 view.report = msg
                 view.routed_since_report = 0
                 view.routed_tokens_since_report = 0
@@ -467,19 +578,13 @@ class Controller:
         elif isinstance(msg, TransformDone):
             self.finish_transform(msg)
         elif isinstance(msg, (FlushCacheReqOutput, GetInternalStateReqOutput)):
-            replies = self.pending_replies.get(msg.req_id)
-            if replies is None:
+            pending = self.pending_replies.get(msg.req_id)
+            if pending is None:
                 return
-            replies.append(msg)
-            if len(replies) >= self.expected_replies[msg.req_id]:
-                del self.pending_replies[msg.req_id]
-                del self.expected_replies[msg.req_id]
-                if isinstance(msg, FlushCacheReqOutput):
-                    self.send_to_tokenizer.send_pyobj(
-                        FlushCacheReqOutput(msg.req_id, all(r.success for r in replies)))
-                else:
-                    replies.sort(key=lambda r: r.instance_id)
-                    self.send_to_tokenizer.send_pyobj(replies)
+            pending.replies.append(msg)
+            pending.waiting_for.discard(msg.instance_id)
+            if not pending.waiting_for:
+                self._answer(msg.req_id)
         else:
             logger.error("controller got an unknown worker message %r", type(msg))
 

@@ -366,6 +366,9 @@ class TransformCmd:
     # time.time() when the controller issued it.
     issued_at: float
 
+    # HTTP status of a failure: 400 when refused (bad devices/tp, another transformation running), 503 when
+    # it failed on the server side (a worker died, the deadline passed).
+    status_code: int = 400
 
 @dataclass
 class TransformDone:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -495,6 +496,7 @@ class Scheduler:
     def internal_state(self) -> Dict:
         return {
             "instance_id": self.instance_id,
+            "pid": os.getpid(),  # the leader worker's process (for operators: py-spy, kill)
             "devices": list(self.tp.ranks),
             "tp_size": self.tp.size,
             "running": len(self.running),

@@ -365,7 +365,8 @@ class TokenizerManager:
         return {"instances": reply.instances, "history": reply.history}
 
     async def gyges_transform(self, devices: List[int], tp: int, timeout: float = 600.0) -> Dict:
-        """Merge or split by hand. Raises ValueError (HTTP 400) when refused, with the reason."""
+        """Merge or split by hand. Raises ValueError (HTTP 400) when refused, ServerUnavailableError (HTTP 503)
+        when it failed on the server side (a worker died, the deadline passed), with the reason."""
         if not isinstance(devices, list) or not devices or not all(isinstance(d, int) for d in devices):
             raise ValueError("'devices' must be a non-empty list of device ids")
         if not isinstance(tp, int) or tp < 1:
@@ -427,3 +428,5 @@ class TokenizerManager:
         for fut in self._reply_waiters.values():
             if not fut.done():
                 fut.set_exception(err)
+            if reply.status_code >= 500:
+                raise ServerUnavailableError(reply.message)

@@ -82,7 +82,7 @@ def run_worker_process(server_args: ServerArgs, port_args: PortArgs, rank: int, 
 
 def serve(server_args: ServerArgs, rank: int, runner, tp_group, tokenizer, channels, on_ready) -> None:
     """A worker's life: lead or follow its instance; between iterations, take part in transformations."""
-    from sglang.srt.distributed.parallel_state import get_tp_group
+    from sglang.srt.distributed.parallel_state import collective_timeout, get_tp_group
     from sglang.srt.managers.gyges_transform import execute_transform
     from sglang.srt.managers.io_struct import TransformDone
     from sglang.srt.managers.scheduler import Scheduler, follower_loop
@@ -111,8 +111,11 @@ def serve(server_args: ServerArgs, rank: int, runner, tp_group, tokenizer, chann
             if cmd is None:
                 return
             my_state = None
-        outcome = execute_transform(cmd, rank, runner, my_state)
         devices = sorted({d for inst in cmd.src_instances + cmd.dst_instances for d in inst})
+        # A peer that dies or hangs makes a collective here raise after the deadline (this worker then exits
+        # and the controller fails the transformation's instances) instead of waiting forever.
+        with collective_timeout(get_tp_group(devices), server_args.gyges_transform_timeout):
+            outcome = execute_transform(cmd, rank, runner, my_state)
         if rank == devices[0]:
             channels.send_to_controller.send_pyobj(
                 TransformDone(cmd.transform_id, outcome.ok, outcome.message, outcome.breakdown, outcome.placements))

@@ -1,0 +1,125 @@
+"""Faults on a live server: a worker frozen past the watchdog, a transformation past its deadline, the
+burst of long shared-prefix prompts that once froze a static DP server.
+
+Each test checks what a client and an operator see: the affected requests get a 503 naming the reason, the
+other instance keeps serving, the frozen workers are killed, /health says which instance failed.
+"""
+
+import os
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+
+from server_utils import ServerProcess, stop_and_check
+
+pytestmark = pytest.mark.slow
+
+SHORT = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+
+def _pid_of(server, devices):
+    (st,) = [s for s in server.internal_states() if s["devices"] == devices]
+    return st["pid"]
+
+
+def _gone(pid) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_for(cond, timeout, what):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_frozen_worker_fails_its_instance_after_the_watchdog(test_model):
+    server = ServerProcess(test_model("llama_kv4"), "--dp-size", "2", "--dtype", "float32", "--page-size", "4",
+                           "--watchdog-timeout", "3")
+    try:
+        frozen = _pid_of(server, [1])
+        os.kill(frozen, signal.SIGSTOP)
+        t0 = time.time()
+        body = {"input_ids": [1, 5, 9, 13], "sampling_params": SHORT}
+        with ThreadPoolExecutor(8) as pool:  # least-loaded routing sends some of them to the frozen instance
+            responses = list(pool.map(lambda _: server.post("/generate", json=body, timeout=60), range(8)))
+        codes = [r.status_code for r in responses]
+        assert 200 in codes and 503 in codes, codes
+        assert set(codes) <= {200, 503}, codes
+        for r in responses:
+            if r.status_code == 503:
+                msg = r.json()["error"]["message"]
+                assert "made no progress" in msg and "--watchdog-timeout" in msg, msg
+        assert time.time() - t0 < 30
+        # The frozen worker is killed (its memory freed), /health names the failed instance.
+        _wait_for(lambda: _gone(frozen), 15, "the frozen worker to be killed")
+        health = server.get("/health")
+        assert health.status_code == 503 and "[1]" in health.text and "no progress" in health.text, health.text
+        # The other instance keeps serving.
+        assert server.generate(input_ids=[1, 2, 3], sampling_params=SHORT)["meta_info"]["completion_tokens"] == 8
+        assert [s["devices"] for s in server.internal_states()] == [[0]]
+    finally:
+        try:
+            os.kill(frozen, signal.SIGCONT)
+        except (OSError, NameError):
+            pass
+        stop_and_check(server)
+
+
+def test_transformation_past_its_deadline_fails_only_its_instances(test_model):
+    server = ServerProcess(test_model("llama_kv4"), "--dp-size", "2", "--dtype", "float32", "--page-size", "4",
+                           "--enable-gyges", "--gyges-transform-timeout", "3")
+    try:
+        frozen = _pid_of(server, [1])
+        os.kill(frozen, signal.SIGSTOP)
+        t0 = time.time()
+        r = server.post("/gyges/transform", json={"devices": [0, 1], "tp": 2}, timeout=60)
+        assert r.status_code == 503, r.text
+        msg = r.json()["error"]["message"]
+        assert "merge of devices [0, 1]" in msg, msg
+        assert time.time() - t0 < 20
+        # Both devices were in the merge: no instance is left, so the server exits with an error and every
+        # worker (the frozen one included) is gone.
+        server.proc.wait(30)
+        assert server.proc.returncode != 0
+        _wait_for(lambda: _gone(frozen), 15, "the frozen worker to be killed")
+    finally:
+        try:
+            os.kill(frozen, signal.SIGCONT)
+        except (OSError, NameError):
+            pass
+        server.stop(check=False)
+
+
+def test_burst_of_long_shared_prefix_prompts_is_served(test_model):
+    """The burst that froze a static DP server (every instance stuck mid-prefill): prompts up to the KV
+    capacity sharing prefixes, chunked prefill, more requests than fit at once. Every request is served."""
+    server = ServerProcess(test_model("qwen2"), "--dp-size", "2", "--dtype", "float32", "--page-size", "16",
+                           "--max-total-tokens", "1024", "--chunked-prefill-size", "128", "--watchdog-timeout", "60")
+    try:
+        cap = server.internal_states()[0]["kv_capacity_tokens"]
+        rng = random.Random(0)
+        prefixes = [[rng.randrange(3, 400) for _ in range(rng.randrange(100, 500))] for _ in range(4)]
+        bodies = []
+        for i in range(40):
+            prompt = (prefixes[i % 4] + [rng.randrange(3, 400) for _ in range(rng.randrange(1, 500))])[:cap - 40]
+            bodies.append({"input_ids": prompt, "sampling_params": {"max_new_tokens": rng.randrange(4, 32),
+                                                                    "temperature": 0, "ignore_eos": True}})
+        with ThreadPoolExecutor(40) as pool:
+            responses = list(pool.map(lambda b: server.post("/generate", json=b, timeout=600), bodies))
+        assert [r.status_code for r in responses] == [200] * 40, [r.text for r in responses if r.status_code != 200]
+        for b, r in zip(bodies, responses):
+            assert r.json()["meta_info"]["completion_tokens"] == b["sampling_params"]["max_new_tokens"]
+        server.wait_idle()
+        assert server.post("/flush_cache").status_code == 200
+        for st in server.internal_states():
+            assert st["free_pages"] == st["num_pages"], st
+    finally:
+        stop_and_check(server)
