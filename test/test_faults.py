@@ -98,27 +98,36 @@ def test_transformation_past_its_deadline_fails_only_its_instances(test_model):
         server.stop(check=False)
 
 
-def test_burst_of_long_shared_prefix_prompts_is_served(test_model):
-    """The burst that froze a static DP server (every instance stuck mid-prefill): prompts up to the KV
-    capacity sharing prefixes, chunked prefill, more requests than fit at once. Every request is served."""
-    server = ServerProcess(test_model("qwen2"), "--dp-size", "2", "--dtype", "float32", "--page-size", "16",
-                           "--max-total-tokens", "1024", "--chunked-prefill-size", "128", "--watchdog-timeout", "60")
+@pytest.mark.parametrize("mode", ["dp", "tp", "gyges-auto"])
+def test_burst_of_long_shared_prefix_prompts_is_served(test_model, mode):
+    """The burst that froze a static DP server and a Gyges auto server (every request stuck mid-prefill):
+    prompts up to the KV capacity sharing prefixes, chunked prefill, more requests than fit at once (and,
+    under Gyges, a few that fit only a merged instance). Every request is served; every page comes back."""
+    flags = {"dp": ["--dp-size", "2"], "tp": ["--tp-size", "2"],
+             "gyges-auto": ["--dp-size", "2", "--enable-gyges", "--gyges-policy", "auto", "--gyges-split-delay", "0.5"]}
+    server = ServerProcess(test_model("qwen2"), *flags[mode], "--dtype", "float32", "--page-size", "16",
+                           "--device-memory", "3MiB", "--chunked-prefill-size", "128", "--watchdog-timeout", "60")
     try:
-        cap = server.internal_states()[0]["kv_capacity_tokens"]
+        # The instance's KV capacity (bounded, to keep the TP2 case short on 2 cores).
+        cap = min(min(s["kv_capacity_tokens"] for s in server.internal_states()), 1500)
         rng = random.Random(0)
-        prefixes = [[rng.randrange(3, 400) for _ in range(rng.randrange(100, 500))] for _ in range(4)]
-        bodies = []
-        for i in range(40):
-            prompt = (prefixes[i % 4] + [rng.randrange(3, 400) for _ in range(rng.randrange(1, 500))])[:cap - 40]
-            bodies.append({"input_ids": prompt, "sampling_params": {"max_new_tokens": rng.randrange(4, 32),
-                                                                    "temperature": 0, "ignore_eos": True}})
-        with ThreadPoolExecutor(40) as pool:
+        prefixes = [[rng.randrange(3, 400) for _ in range(rng.randrange(cap // 8, cap // 2))] for _ in range(4)]
+        prompts = [(prefixes[i % 4] + [rng.randrange(3, 400) for _ in range(rng.randrange(1, cap // 2))])[:cap - 40]
+                   for i in range(40)]
+        if mode == "gyges-auto":  # longer than a TP1 instance holds: served after a merge
+            prompts[5::12] = [prefixes[0] + [rng.randrange(3, 400) for _ in range(int(cap * 1.3))] for _ in range(3)]
+        bodies = [{"input_ids": p, "sampling_params": {"max_new_tokens": rng.randrange(4, 32), "temperature": 0,
+                                                       "ignore_eos": True}} for p in prompts]
+        with ThreadPoolExecutor(len(bodies)) as pool:
             responses = list(pool.map(lambda b: server.post("/generate", json=b, timeout=600), bodies))
-        assert [r.status_code for r in responses] == [200] * 40, [r.text for r in responses if r.status_code != 200]
+        assert [r.status_code for r in responses] == [200] * len(bodies), \
+            [r.text for r in responses if r.status_code != 200]
         for b, r in zip(bodies, responses):
             assert r.json()["meta_info"]["completion_tokens"] == b["sampling_params"]["max_new_tokens"]
+        if mode == "gyges-auto":
+            assert "merge" in [h["kind"] for h in server.get("/gyges/topology").json()["history"]]
         server.wait_idle()
-        assert server.post("/flush_cache").status_code == 200
+        _wait_for(lambda: server.post("/flush_cache").status_code == 200, 30, "an idle server to flush its cache")
         for st in server.internal_states():
             assert st["free_pages"] == st["num_pages"], st
     finally:

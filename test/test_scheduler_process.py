@@ -1,0 +1,166 @@
+"""The scheduler's process side with a fake model (no workers, no sockets): a request whose processing
+raises fails alone, grammars compile off the loop within --grammar-compile-timeout, aborts are exact.
+
+The fake runner returns seeded random logits with the right shape; outputs the scheduler would send to the
+detokenizer are captured.
+"""
+
+import threading
+import time
+from types import SimpleNamespace
+
+import torch
+
+from sglang.srt.managers.io_struct import AbortReq, TokenizedGenerateReqInput
+from sglang.srt.managers.scheduler import Scheduler
+from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.srt.server_args import ServerArgs
+
+VOCAB = 64
+
+
+class FakeRunner:
+    def __init__(self, num_pages=64):
+        self.model_config = SimpleNamespace(vocab_size=VOCAB, eos_token_ids=[0], context_len=4096)
+        self.num_pages = num_pages
+        self.reserved_pages = 0
+        self.gen = torch.Generator().manual_seed(0)
+        self.fail_next = False
+
+    def forward(self, fb):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("device fault")
+        return torch.randn(len(fb.logits_indices), VOCAB, generator=self.gen)
+
+
+class Outbox:
+    def __init__(self):
+        self.msgs = []
+
+    def send_pyobj(self, msg):
+        self.msgs.append(msg)
+
+
+def make_scheduler(grammar_backend=None, **args):
+    channels = SimpleNamespace(recv_from_controller=None, send_to_detokenizer=Outbox(),
+                               send_to_controller=Outbox(), poller=None)
+    server_args = ServerArgs(model_path="fake", page_size=4, **args)
+    tp = SimpleNamespace(size=1, ranks=[0])
+    return Scheduler(server_args, channels, FakeRunner(), tp, 0, tokenizer=None, grammar_backend=grammar_backend)
+
+
+def submit(sched, rid, max_new=4, arrival=None, **params):
+    sp = SamplingParams(max_new_tokens=max_new, ignore_eos=True, **params)
+    sched.add_request(TokenizedGenerateReqInput(rid=rid, input_text="", input_ids=[1, 2, 3, 4, 5], sampling_params=sp,
+                                                return_logprob=False, logprob_start_len=-1, top_logprobs_num=0,
+                                                stream=False, arrival_time=arrival or time.time()))
+
+
+def finished(sched):
+    out = {}
+    for batch in sched.send_to_detokenizer.msgs:
+        for d in batch.outputs:
+            if d.finish_reason is not None:
+                out[d.rid] = d.finish_reason
+    return out
+
+
+def run_until_idle(sched, limit=200):
+    for _ in range(limit):
+        sched.poll_grammars()
+        if not sched.batches.has_work and not sched.grammar_pending:
+            return
+        sched.step()
+        time.sleep(0.001)
+    raise AssertionError("scheduler did not go idle")
+
+
+def test_sampling_failure_fails_only_that_request():
+    sched = make_scheduler()
+    real_sample = sched.sampler.sample
+
+    def sample(logits, states, **kw):
+        if any(s.params.temperature == 0.5 for s in states):
+            raise ValueError("bad sampling state")
+        return real_sample(logits, states, **kw)
+
+    sched.sampler.sample = sample
+    submit(sched, "good", temperature=1.0)
+    submit(sched, "bad", temperature=0.5)
+    submit(sched, "also-good", temperature=0.0)
+    run_until_idle(sched)
+    done = finished(sched)
+    assert done["good"] == {"type": "length", "length": 4}
+    assert done["also-good"] == {"type": "length", "length": 4}
+    assert done["bad"]["status_code"] == 500 and "bad sampling state" in done["bad"]["message"]
+    assert sched.kv.allocator.num_free + sched.kv.tree.cached_pages() == sched.kv.num_pages
+
+
+def test_forward_failure_on_tp1_fails_the_batch_and_keeps_serving():
+    sched = make_scheduler()
+    submit(sched, "a")
+    sched.runner.fail_next = True
+    sched.step()
+    assert finished(sched)["a"]["status_code"] == 500 and "device fault" in finished(sched)["a"]["message"]
+    submit(sched, "b")
+    run_until_idle(sched)
+    assert finished(sched)["b"] == {"type": "length", "length": 4}
+    assert sched.kv.allocator.num_free + sched.kv.tree.cached_pages() == sched.kv.num_pages
+
+
+class SlowGrammarBackend:
+    """new_grammar blocks until released (a pathological schema); 'fast' compiles at once."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def new_grammar(self, sp):
+        if sp.regex == "slow":
+            self.release.wait(10)
+        return None  # unconstrained after "compiling": the test is about scheduling, not masks
+
+    def restore(self, state):
+        return None
+
+
+def test_grammar_compiles_off_the_loop_with_a_time_limit():
+    backend = SlowGrammarBackend()
+    sched = make_scheduler(grammar_backend=backend, grammar_compile_timeout=0.5)
+    submit(sched, "slow", regex="slow")
+    submit(sched, "plain")
+    t0 = time.time()
+    # The plain request is served while the slow grammar compiles.
+    while "plain" not in finished(sched):
+        sched.poll_grammars()
+        sched.step()
+        assert time.time() - t0 < 0.45, "a compiling grammar stalled the scheduler"
+    while "slow" not in finished(sched):
+        sched.poll_grammars()
+        time.sleep(0.01)
+        assert time.time() - t0 < 5
+    reason = finished(sched)["slow"]
+    assert reason["status_code"] == 400 and "--grammar-compile-timeout" in reason["message"]
+    backend.release.set()
+    submit(sched, "fast", regex="fast")
+    run_until_idle(sched)
+    assert finished(sched)["fast"] == {"type": "length", "length": 4}
+
+
+def test_late_abort_misses_a_newer_request_with_the_same_rid():
+    sched = make_scheduler()
+    t = time.time()
+    submit(sched, "x", max_new=50, arrival=t)
+    sched.step()
+    sched.handle_message(AbortReq("x", issued_at=t + 1))
+    assert finished(sched)["x"]["status_code"] == 499
+    submit(sched, "x", max_new=3, arrival=t + 2)  # the client reuses the rid
+    sched.handle_message(AbortReq("x", issued_at=t + 1))  # a late copy of the first abort
+    run_until_idle(sched)
+    assert finished(sched)["x"] == {"type": "length", "length": 3}
+    sched.handle_message(AbortReq("", abort_all=False))  # an empty rid aborts nothing
+    submit(sched, "y", max_new=3)
+    submit(sched, "z", max_new=3)
+    sched.handle_message(AbortReq("", abort_all=True))
+    assert finished(sched)["y"]["status_code"] == 499 and finished(sched)["z"]["status_code"] == 499
+    assert not sched.batches.has_work
