@@ -98,6 +98,29 @@ def test_transformation_past_its_deadline_fails_only_its_instances(test_model):
         server.stop(check=False)
 
 
+def test_worker_killed_during_a_transformation_fails_it_with_503(test_model):
+    server = ServerProcess(test_model("llama_kv4"), "--dp-size", "2", "--dtype", "float32", "--page-size", "4",
+                           "--enable-gyges", "--gyges-transform-timeout", "120")
+    try:
+        victim = _pid_of(server, [1])
+        os.kill(victim, signal.SIGSTOP)  # holds the merge at its first collective
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(server.post, "/gyges/transform", json={"devices": [0, 1], "tp": 2}, timeout=60)
+            time.sleep(1.0)
+            t0 = time.time()
+            os.kill(victim, signal.SIGKILL)
+            r = pending.result()
+        assert r.status_code == 503, r.text
+        msg = r.json()["error"]["message"]
+        # Whichever the TokenizerManager sees first: the killed worker, or its peer whose collective failed.
+        assert "exited" in msg and "merge of devices [0, 1]" in msg, msg
+        assert time.time() - t0 < 15  # the death is noticed, not the 120 s deadline
+        server.proc.wait(30)  # no instance left: the server exits with an error
+        assert server.proc.returncode != 0
+    finally:
+        server.stop(check=False)
+
+
 @pytest.mark.parametrize("mode", ["dp", "tp", "gyges-auto"])
 def test_burst_of_long_shared_prefix_prompts_is_served(test_model, mode):
     """The burst that froze a static DP server and a Gyges auto server (every request stuck mid-prefill):
