@@ -62,6 +62,15 @@ class StubTM:
         pass
 
 
+def release(tm, url):
+    """Let the warm-up finish and wait for /health 200 (before a test makes the stub fail)."""
+    tm.release_warmup.set()
+    deadline = time.time() + 10
+    while requests.get(url + "/health", timeout=5).status_code != 200:
+        assert time.time() < deadline, "the stub server never became healthy"
+        time.sleep(0.02)
+
+
 @pytest.fixture()
 def stub_server(tmp_path):
     tm = StubTM(str(tmp_path))
@@ -100,7 +109,7 @@ def test_health_waits_for_warmup(stub_server):
 
 def test_tm_errors_map_to_status(stub_server):
     tm, url = stub_server
-    tm.release_warmup.set()
+    release(tm, url)
     body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 1}}
     assert requests.post(url + "/generate", json=body, timeout=5).status_code == 200
     tm.fail_with = ValueError("the prompt is too long: at most 100 tokens")
@@ -117,7 +126,7 @@ def test_tm_errors_map_to_status(stub_server):
 
 def test_metrics_refresh_load_from_internal_state(stub_server):
     tm, url = stub_server
-    tm.release_warmup.set()
+    release(tm, url)
     text = requests.get(url + "/metrics", timeout=5).text
     values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
               if line and not line.startswith("#")}
@@ -144,3 +153,122 @@ def test_metrics_collector_observations():
     assert 'sglang:time_to_first_token_seconds_bucket{le="0.1",model_name="m"} 0.0' in text
     # two collectors do not share a registry
     assert "sglang:prompt_tokens_total" in MetricsCollector(model_name="x").render().decode()
+
+
+# ---- failed instances and ServingState ----------------------------------------------------------------------
+def test_health_503_names_failed_instances(stub_server):
+    tm, url = stub_server
+    release(tm, url)
+    tm.health_problems = lambda: ["instance on devices [2, 3] failed: watchdog: no progress for 300 s"]
+    tm.failed_instances = [([2, 3], "watchdog: no progress for 300 s")]
+    for path in ("/health", "/health_generate"):
+        r = requests.get(url + path, timeout=5)
+        assert r.status_code == 503
+        body = r.json()
+        assert "[2, 3]" in body["error"]["message"] and "watchdog" in body["error"]["message"]
+        assert body["failed_instances"] == [{"devices": [2, 3], "reason": "watchdog: no progress for 300 s"}]
+    # requests still go to the live instances
+    r = requests.post(url + "/generate", json={"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}},
+                      timeout=5)
+    assert r.status_code == 200
+    tm.health_problems = lambda: []
+    assert requests.get(url + "/health", timeout=5).status_code == 200
+
+
+class FakeChild:
+    def __init__(self, name):
+        self.name, self.alive, self.pid = name, True, 1000 + len(name)
+
+    def is_alive(self):
+        return self.alive
+
+    def kill(self):
+        self.alive = False
+
+
+def _bare_tm(children):
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+    tm = object.__new__(TokenizerManager)
+    tm.child_processes = children
+    tm.failed_instances, tm.rid_to_state, tm._reply_waiters = [], {}, {}
+    tm._healthy, tm._dead_reason, tm._shutdown = True, "", False
+    tm.fatal = []
+    tm.on_fatal = tm.fatal.append
+    return tm
+
+
+def test_serving_state_kills_hung_workers_and_reports_failures():
+    from sglang.srt.managers.io_struct import ServingState
+
+    children = [FakeChild("detokenizer"), FakeChild("controller"), FakeChild("worker-0"), FakeChild("worker-1"),
+                FakeChild("worker-10")]
+    tm = _bare_tm(children)
+    tm._on_serving_state(ServingState(1, [[1]], ["watchdog: no progress"], kill_ranks=[1]))
+    assert [c.alive for c in children] == [True, True, True, False, True]
+    assert tm.failed_instances == [([1], "watchdog: no progress")]
+    assert tm.is_healthy() and "devices [1]" in tm.health_problems()[0]
+    assert tm.fatal == []
+    tm._on_serving_state(ServingState(0, [[1], [0]], ["watchdog: no progress", "worker exited"]))
+    assert not tm.is_healthy() and tm.fatal and "no instance left serving" in tm.fatal[0]
+    assert len(tm.health_problems()) == 3
+
+
+def test_request_limits_flags():
+    from sglang.srt.managers.tokenizer_manager import RequestLimits
+
+    lim = RequestLimits.from_server_args(ServerArgs(model_path="/x"), max_req_input_len=1000)
+    assert lim.max_body_bytes == 32 * 2**20 and lim.max_prompt_chars == 16000
+    assert (lim.max_parallel_samples, lim.max_top_logprobs_num, lim.max_batch_prompts) == (64, 20, 1024)
+    for bad in ({"max_parallel_samples": 0}, {"max_request_body_size": "much"}, {"timeout_request_read": 0},
+                {"limit_concurrency": 0}, {"max_stop_str_len": -1}):
+        with pytest.raises(ValueError, match="--" + next(iter(bad)).replace("_", "-")):
+            RequestLimits.from_server_args(ServerArgs(model_path="/x", **bad))
+
+
+# ---- detokenizer ---------------------------------------------------------------------------------------------
+class FlakyTokenizer:
+    """Decodes ids as letters; id 13 cannot be decoded."""
+
+    def decode(self, ids, **kw):
+        if 13 in ids:
+            raise OverflowError("out of range integral type conversion attempted")
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def _delta(rid, ids, finish=None):
+    from sglang.srt.managers.io_struct import ReqOutputDelta
+
+    return ReqOutputDelta(rid=rid, new_output_ids=ids, finish_reason=finish, prompt_tokens=1,
+                          completion_tokens=0, cached_tokens=0)
+
+
+def test_detokenizer_sends_new_ids_and_cumulative_text():
+    from sglang.srt.managers.detokenizer_manager import IncrementalDetokenizer
+
+    d = IncrementalDetokenizer(FlakyTokenizer())
+    outs = [d.update_batch([_delta("a", ids)])[0] for ids in ([0, 1], [2], [3, 4])]
+    assert [o.output_ids for o in outs] == [[0, 1], [2], [3, 4]]
+    assert [o.text for o in outs] == ["ab", "abc", "abcde"]
+    last = d.update_batch([_delta("a", [5], {"type": "length", "length": 6})])[0]
+    assert last.output_ids == [5] and last.text == "abcdef" and "a" not in d.states
+
+
+def test_detokenizer_survives_a_request_whose_decode_fails():
+    from sglang.srt.managers.detokenizer_manager import IncrementalDetokenizer
+    from sglang.srt.managers.tokenizer_manager import RequestFailedError, _raise_for_rejection
+
+    d = IncrementalDetokenizer(FlakyTokenizer())
+    outs = d.update_batch([_delta("bad", [13]), _delta("good", [0])])
+    bad, good = outs
+    assert good.text == "a" and good.delta.finish_reason is None
+    fr = bad.delta.finish_reason
+    assert fr["type"] == "abort" and fr["status_code"] == 500 and "OverflowError" in fr["message"]
+    with pytest.raises(RequestFailedError, match="decoding the output failed"):
+        _raise_for_rejection({"meta_info": {"finish_reason": fr}})
+    # later deltas of the failed request are dropped; its final one is forwarded once, empty
+    outs = d.update_batch([_delta("bad", [1]), _delta("good", [1])])
+    assert [o.rid for o in outs] == ["good"] and outs[0].text == "ab"
+    outs = d.update_batch([_delta("bad", [2], {"type": "abort", "status_code": 499}), _delta("good", [2])])
+    assert [o.rid for o in outs] == ["bad", "good"] and outs[0].output_ids == [] and "bad" not in d.failed
+    assert outs[1].text == "abc"

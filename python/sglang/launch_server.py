@@ -2,7 +2,9 @@
 
 Data flow: argv -> prepare_server_args() -> ServerArgs.check() -> http_server.launch_server(), which starts
 the controller, the workers and the detokenizer, serves until SIGINT/SIGTERM and stops them all.
-Exit status: 0 after a normal shutdown, 2 for invalid flags, 1 when start-up failed.
+Exit status: 0 after a normal shutdown (SIGINT / SIGTERM), 2 for invalid flags, 1 when start-up failed or
+when the server stopped because nothing could serve any more (no instance left, controller or detokenizer
+dead).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ def main(argv=None) -> int:
                         format="[%(asctime)s %(processName)s] %(levelname)s %(name)s: %(message)s")
     try:
         server_args.check()
+        from sglang.srt.managers.tokenizer_manager import RequestLimits
+
+        RequestLimits.from_server_args(server_args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

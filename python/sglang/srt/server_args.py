@@ -105,6 +105,27 @@ class ServerArgs:
     # ---- constrained decoding ------------------------------------------------------------------------
     grammar_backend: str = _f("xgrammar", "Backend for regex / json_schema / ebnf.", choices=["xgrammar"])
 
+    # ---- request limits ------------------------------------------------------------------------------
+    # Beyond each limit a request gets a 400 (413 for the body size) saying which limit, before any
+    # tokenization or scheduling work is done for it.
+    max_request_body_size: str = _f("32MiB", "Largest HTTP request body (e.g. 32MiB); larger bodies get a 413 "
+                                    "before they are read or parsed.")
+    max_prompt_chars: Optional[int] = _f(None, "Most characters in one text prompt, checked before tokenizing "
+                                         "(default: 16 per token of the longest servable prompt).")
+    max_batch_prompts: int = _f(1024, "Most prompts in one request (a batch); prompts x n must not exceed it "
+                                "either.")
+    max_parallel_samples: int = _f(64, "Largest n (parallel samples per prompt).")
+    max_top_logprobs_num: int = _f(20, "Largest top_logprobs_num (alternatives per logprob position; never more "
+                                   "than the vocabulary).")
+    max_stop_strings: int = _f(64, "Most stop strings (stop + stop_regex) and most stop_token_ids of one "
+                               "request.")
+    max_stop_str_len: int = _f(512, "Longest stop string or stop regex, in characters.")
+    timeout_keep_alive: int = _f(5, "Seconds an idle keep-alive HTTP connection is held open.")
+    timeout_request_read: float = _f(30.0, "Seconds a client has to send a request's headers, and again to send "
+                                     "its body; slower clients are disconnected (body: 408).")
+    limit_concurrency: Optional[int] = _f(2048, "Most HTTP connections and in-flight requests at once; beyond it "
+                                          "new connections get a 503 from uvicorn.")
+
     # ---- Gyges ---------------------------------------------------------------------------------------
     enable_gyges: bool = _f(False, "Let the controller merge and split aligned instances at run time.")
     gyges_max_tp: Optional[int] = _f(None, "Largest TP degree Gyges may form (default: all devices). Weights "

@@ -95,6 +95,15 @@ class PortArgs:
         return [e[len("ipc://"):] for e in eps]
 
 
+def remove_ipc_files(port_args: PortArgs) -> None:
+    """Unlink every ipc:// socket file of a server (safe to call more than once, from any exit path)."""
+    for path in port_args.ipc_files():
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def cpu_share(rank: int, world_size: int) -> List[int]:
     """Cores a CPU worker is pinned to: an even share when there are enough, else one core round-robin."""
     cores = sorted(os.sched_getaffinity(0))

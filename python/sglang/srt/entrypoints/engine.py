@@ -15,14 +15,13 @@ import asyncio
 import atexit
 import logging
 import multiprocessing as mp
-import os
 import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Union
 
 from sglang.srt.managers.io_struct import GenerateReqInput, WorkerFailed, WorkerReady
 from sglang.srt.server_args import ServerArgs, server_args_from_kwargs
-from sglang.srt.utils import PortArgs, configure_logger, get_free_port
+from sglang.srt.utils import PortArgs, configure_logger, get_free_port, remove_ipc_files
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ def launch_subprocesses(server_args: ServerArgs):
             infos.append(msg)
     except BaseException:
         kill_processes(procs)
-        _remove_ipc_files(port_args)
+        remove_ipc_files(port_args)
         raise
     max_tokens = max(i.max_total_num_tokens for i in infos)
     max_req_len = max(i.max_req_len for i in infos)
@@ -105,13 +104,6 @@ def launch_subprocesses(server_args: ServerArgs):
     tm.worker_infos = infos
     return tm
 
-
-def _remove_ipc_files(port_args: PortArgs) -> None:
-    for path in port_args.ipc_files():
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 class Engine:
@@ -177,7 +169,12 @@ class Engine:
         return self._run(self.tokenizer_manager.get_internal_state())
 
     def abort_request(self, rid: str) -> None:
+        """Abort the request with this (non-empty) rid."""
         self._run(self.tokenizer_manager.abort_request(rid))
+
+    def abort_all(self) -> None:
+        """Abort every request in flight."""
+        self._run(self.tokenizer_manager.abort_all())
 
     def gyges_topology(self) -> Dict[str, Any]:
         """Instances (devices, tp, load, KV) and the transformation history (needs --enable-gyges)."""
@@ -192,7 +189,7 @@ class Engine:
             return
         self._closed = True
         self.tokenizer_manager.shutdown()
-        _remove_ipc_files(self.tokenizer_manager.port_args)
+        remove_ipc_files(self.tokenizer_manager.port_args)
         self._run(self.tokenizer_manager.stop_background_tasks(), timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)

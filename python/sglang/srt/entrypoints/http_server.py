@@ -5,17 +5,23 @@ Data flow:
       -> engine.launch_subprocesses()            controller, workers, detokenizer; returns the TokenizerManager
       -> MetricsCollector attached to the TM     (the TM reports latencies and token counts into it)
       -> create_app(tm)                          FastAPI routes below
-      -> uvicorn (uvloop) serves; on start-up a warm-up generation runs, and only when it finished does
-         /health answer 200 (503 before, and 503 again once a worker process died)
-      -> SIGINT / SIGTERM: uvicorn stops accepting, the lifespan exit calls tm.shutdown(), and any child
-         process still alive afterwards is terminated, so no process outlives the server.
+      -> uvicorn (uvloop, h11) serves; on start-up a warm-up generation runs, and only when it finished does
+         /health answer 200 (503 before, 503 while any instance has failed, with each failed instance's
+         devices and reason, and 503 when shutting down)
+      -> SIGINT / SIGTERM: every in-flight request is failed with a 503 (JSON; streams get an error event and
+         'data: [DONE]'), uvicorn stops accepting and finishes, then tm.shutdown() stops every child process
+         and removes the ipc socket files, so nothing outlives the server; exit code 0.
+      -> no instance left serving, or the controller / detokenizer died: the same shutdown, exit code 1.
 
-    request -> [ApiKeyMiddleware] -> route
+    connection -> [HeaderTimeoutH11Protocol: headers within --timeout-request-read, else dropped]
+    request -> [BodyLimitMiddleware: 413 beyond --max-request-body-size (Content-Length checked first),
+                408 when the body is slower than --timeout-request-read] -> [ApiKeyMiddleware] -> route
       /generate            JSON -> GenerateReqInput -> tm.generate_request -> JSON, or SSE
                            ("data: {json}\n\n" with cumulative text ..., "data: [DONE]\n\n")
       /v1/*                pydantic models (openai/protocol.py) -> OpenAIServing (openai/serving.py)
       /get_server_info     server args + KV capacity + version + tm.get_internal_state()
       /metrics             tm.get_internal_state() -> load gauges -> Prometheus text
+      /openapi.json        every route with its request and response models (native_protocol.py, openai/)
 
 Errors: every 4xx/5xx body is {"error": {"message", "type", "param", "code"}}. ValueError from the TM means
 the client sent something invalid (400); ServerUnavailableError means the workers are gone (503). A bad
@@ -33,16 +39,36 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, Dict, List, Optional
 
+import h11
 import orjson
 import psutil
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import sglang
-from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from sglang.srt.entrypoints.native_protocol import (
+    AbortRequestBody,
+    GenerateRequest,
+    GenerateResponse,
+    HealthError,
+    ModelInfo,
+    ServerInfo,
+    VersionInfo,
+)
+from sglang.srt.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 from sglang.srt.entrypoints.openai.serving import (
     SSE_DONE,
     APIError,
@@ -56,15 +82,22 @@ from sglang.srt.entrypoints.openai.serving import (
 from sglang.srt.managers.io_struct import GenerateReqInput
 from sglang.srt.metrics.collector import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sglang.srt.metrics.collector import MetricsCollector
+from sglang.srt.server_args import parse_size
 
 logger = logging.getLogger(__name__)
 
 HEALTH_GENERATE_TIMEOUT_S = 60.0
-# Top-level fields of /generate that reach GenerateReqInput (the rest of SGLang's fields are ignored).
+# Top-level fields of /generate that reach GenerateReqInput (it rejects the unsupported ones when set).
 _GENERATE_FIELDS = ("text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
                     "top_logprobs_num", "return_text_in_logprobs", "stream", "log_metrics", "modalities",
-                    "lora_path", "image_data", "custom_logit_processor", "return_hidden_states")
+                    "lora_path", "image_data", "audio_data", "video_data", "custom_logit_processor",
+                    "return_hidden_states")
 _BOOL_FIELDS = ("stream", "return_text_in_logprobs", "return_hidden_states", "log_metrics")
+# Other SGLang /generate fields for features this server does not have: a 400 unless null / false / empty
+# (unknown fields are ignored, as SGLang does).
+_UNSUPPORTED_GENERATE_FIELDS = ("input_embeds", "session_params", "token_ids_logprob", "data_parallel_rank",
+                                "bootstrap_host", "bootstrap_port", "bootstrap_room", "return_routed_experts",
+                                "return_bytes")
 
 
 def _is_unavailable(exc: BaseException) -> bool:
@@ -85,12 +118,30 @@ class ServerState:
         self.openai = OpenAIServing(tokenizer_manager)
         self.ready = False  # set once the warm-up generation finished
         self.warmup_error: Optional[str] = None
+        self.fatal_reason: Optional[str] = None  # why the server stopped serving for good (exit code 1)
+        self.loop: Optional[asyncio.AbstractEventLoop] = None  # the serving event loop (set on start-up)
 
     def healthy(self) -> bool:
+        return not self.health_problems()
+
+    def health_problems(self) -> List[str]:
+        """Why the server is not healthy (empty: healthy)."""
+        if not self.ready:
+            return [self.warmup_error or "the server is starting (warm-up not finished)"]
         try:
-            return self.ready and bool(self.tm.is_healthy())
-        except Exception:  # noqa: BLE001 - a broken TM is not healthy
-            return False
+            problems = getattr(self.tm, "health_problems", None)
+            if problems is not None:
+                return list(problems())
+            return [] if self.tm.is_healthy() else ["a worker process died; the server cannot serve"]
+        except Exception as e:  # noqa: BLE001 - a broken TM is not healthy
+            return [f"{type(e).__name__}: {e}"]
+
+    def health_error(self) -> ORJSONResponse:
+        problems = self.health_problems()
+        body = error_body(503, "; ".join(problems))
+        body["failed_instances"] = [{"devices": d, "reason": r}
+                                    for d, r in getattr(self.tm, "failed_instances", [])]
+        return ORJSONResponse(body, status_code=503)
 
     def warmup_request(self, max_new_tokens: int = 1) -> GenerateReqInput:
         sp = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
@@ -140,6 +191,92 @@ class ApiKeyMiddleware:
         return await self.app(scope, receive, send)
 
 
+class BodyLimitMiddleware:
+    """Pure ASGI middleware bounding request bodies: a Content-Length above max_bytes gets a 413 before
+    anything is read; a body that grows past it while being read (chunked) raises a 413 to the route; a
+    body not complete within timeout_s raises a 408."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    def _too_large(self, size: Optional[int] = None) -> APIError:
+        got = f" ({size} bytes)" if size is not None else ""
+        return APIError(413, f"request body too large{got}: at most {self.max_bytes} bytes are accepted "
+                             f"(--max-request-body-size)")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            exc = self._too_large(int(length))
+            return await error_response(exc.status, exc.message)(scope, receive, send)
+        received = 0
+        complete = False
+        deadline = time.monotonic() + self.timeout_s
+
+        async def bounded_receive():
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body did not arrive within {self.timeout_s:g} s "
+                                    f"(--timeout-request-read)") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
+            return message
+
+        return await self.app(scope, bounded_receive, send)
+
+
+def header_timeout_protocol(timeout_s: float):
+    """uvicorn's h11 protocol, dropping connections that do not send a complete request head within
+    timeout_s of connecting (or of the previous response): slow clients cannot hold connections open."""
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(timeout_s, self._head_timeout)
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.logger.debug("dropping a connection that sent no complete request head in %s s", timeout_s)
+                self.transport.close()
+
+        def _cancel_head_timer(self) -> None:
+            timer = getattr(self, "_head_timer", None)
+            if timer is not None:
+                timer.cancel()
+                self._head_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._cancel_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._cancel_head_timer()
+                self._head_timer = self.loop.call_later(timeout_s, self._head_timeout)
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11Protocol
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
@@ -168,6 +305,9 @@ def validation_message(e: ValidationError) -> str:
 
 
 def generate_input_from_json(data: Dict[str, Any]) -> GenerateReqInput:
+    for k in _UNSUPPORTED_GENERATE_FIELDS:
+        if data.get(k) not in (None, False, [], {}):
+            raise APIError(400, f"'{k}' is not supported by this server; leave it out or null", param=k)
     kwargs = {k: data[k] for k in _GENERATE_FIELDS if k in data}
     for k in _BOOL_FIELDS:
         if k in kwargs and not isinstance(kwargs[k], bool):
@@ -187,6 +327,70 @@ def _rids(obj: GenerateReqInput) -> List[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# OpenAPI: request bodies (the routes parse them themselves) and documented responses
+# ----------------------------------------------------------------------------------------------------------
+_REF = "#/components/schemas/"
+# Request models documented through openapi_extra; install_openapi() adds them to the components.
+_BODY_MODELS = (GenerateRequest, AbortRequestBody, CompletionRequest, ChatCompletionRequest)
+_ERROR_TEXT = {400: "Invalid request (the message says what is wrong).", 401: "Missing or wrong API key.",
+               404: "Unknown route, model or disabled feature.", 408: "The request body arrived too slowly.",
+               413: "Request body too large.", 500: "The server failed this request.",
+               503: "Not serving: starting, shutting down, or instances failed."}
+
+
+def _body(model) -> Dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": _REF + model.__name__}}}}}
+
+
+def _responses(*codes: int, ok: Any = None) -> Dict[int, Any]:
+    out: Dict[int, Any] = {}
+    for code in (*codes, 401):
+        if code == 200:
+            if isinstance(ok, type) and issubclass(ok, BaseModel):
+                out[200] = {"model": ok, "description": "Success."}
+            elif ok is not None:
+                out[200] = ok
+        else:
+            out[code] = {"model": HealthError if code == 503 else ErrorResponse, "description": _ERROR_TEXT[code]}
+    return out
+
+
+def _generate_ok() -> Dict[str, Any]:
+    one = {"$ref": _REF + "GenerateResponse"}
+    return {"description": "One output, or a list for a batch or n > 1; with stream=true, server-sent events "
+                           "('data: {output}' ..., 'data: [DONE]').",
+            "content": {"application/json": {"schema": {"anyOf": [one, {"type": "array", "items": one}]}},
+                        "text/event-stream": {"schema": {"type": "string"}}}}
+
+
+def _openai_ok(model) -> Dict[str, Any]:
+    return {"model": model, "description": "The completion; with stream=true, server-sent events of chunks "
+                                           "and 'data: [DONE]'.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+
+
+def install_openapi(app: FastAPI) -> None:
+    """/openapi.json: FastAPI's document plus the request-body models the routes parse by hand."""
+
+    def openapi() -> Dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                 description="SGLang's native API and the OpenAI API. Errors: "
+                                             '{"error": {"message", "type", "param", "code"}}.')
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (*_BODY_MODELS, GenerateResponse):
+                js = model.model_json_schema(ref_template=_REF + "{model}")
+                for name, sub in js.pop("$defs", {}).items():
+                    comps.setdefault(name, sub)
+                comps[model.__name__] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The app
 # ----------------------------------------------------------------------------------------------------------
 def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, run_warmup: bool = True) -> FastAPI:
@@ -196,6 +400,7 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.loop = asyncio.get_running_loop()
         task = asyncio.create_task(state.warmup()) if run_warmup else None
         if not run_warmup:
             state.ready = True
@@ -206,10 +411,15 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
                 task.cancel()
 
     app = FastAPI(title="SGLang-compatible server (Gyges)", version=sglang.__version__, lifespan=lifespan,
-                  default_response_class=ORJSONResponse, openapi_url=None, docs_url=None, redoc_url=None)
+                  default_response_class=ORJSONResponse, openapi_url="/openapi.json", docs_url=None,
+                  redoc_url=None)
     app.state.server = state
     if args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=args.api_key)
+    limits = getattr(tm, "limits", None)
+    max_body = limits.max_body_bytes if limits is not None else parse_size(args.max_request_body_size)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body, timeout_s=args.timeout_request_read)
+    install_openapi(app)
 
     # ---- errors ------------------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -240,18 +450,18 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
         return error_response(500, f"{type(exc).__name__}: {exc}")
 
     # ---- health ------------------------------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses=_responses(200, 503, ok={
+        "description": "Serving (empty body)."}))
     async def health():
-        if not state.ready:
-            return error_response(503, state.warmup_error or "the server is starting (warm-up not finished)")
         if not state.healthy():
-            return error_response(503, "a worker process died; the server cannot serve")
+            return state.health_error()
         return Response(status_code=200)
 
-    @app.get("/health_generate")
+    @app.get("/health_generate", response_class=Response, responses=_responses(200, 503, ok={
+        "description": "A one-token generation succeeded (empty body)."}))
     async def health_generate(request: Request):
         if not state.healthy():
-            return error_response(503, "the server is not ready or a worker process died")
+            return state.health_error()
         obj = state.warmup_request()
         try:
             async def run():
@@ -285,11 +495,11 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
             "vocab_size": getattr(mc, "vocab_size", None),
         }
 
-    @app.get("/get_model_info")
+    @app.get("/get_model_info", responses=_responses(200, ok=ModelInfo))
     async def get_model_info():
         return model_info()
 
-    @app.get("/model_info")
+    @app.get("/model_info", responses=_responses(200, ok=ModelInfo))
     async def model_info_route():
         return model_info()
 
@@ -306,47 +516,54 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
         )
         return info
 
-    @app.get("/get_server_info")
+    @app.get("/get_server_info", responses=_responses(200, 503, ok=ServerInfo))
     async def get_server_info():
         return await server_info()
 
-    @app.get("/server_info")
+    @app.get("/server_info", responses=_responses(200, 503, ok=ServerInfo))
     async def server_info_route():
         return await server_info()
 
-    @app.get("/version")
-    @app.get("/get_version")
+    @app.get("/version", responses=_responses(200, ok=VersionInfo))
+    @app.get("/get_version", responses=_responses(200, ok=VersionInfo))
     async def version():
         return {"version": sglang.__version__}
 
     # ---- cache / abort -----------------------------------------------------------------------------------
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    flushed = {"description": "Flushed.", "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+    @app.get("/flush_cache", response_class=PlainTextResponse, responses=_responses(200, 400, 503, ok=flushed))
+    @app.post("/flush_cache", response_class=PlainTextResponse, responses=_responses(200, 400, 503, ok=flushed))
     async def flush_cache():
         ok = await tm.flush_cache()
         if ok:
             return PlainTextResponse("Cache flushed.\n", status_code=200)
         return error_response(400, "Cache not flushed: requests are running or waiting. Retry when idle.")
 
-    @app.post("/abort_request")
+    @app.post("/abort_request", openapi_extra=_body(AbortRequestBody), response_class=Response,
+              responses=_responses(200, 400, 413, ok={"description": "Abort sent (empty body)."}))
     async def abort_request(request: Request):
         data = await read_json(request)
-        if data.get("abort_all"):
-            rid = ""
-        else:
-            rid = data.get("rid")
-            if not isinstance(rid, str) or not rid:
-                raise APIError(400, "'rid' must be a non-empty string (or send {\"abort_all\": true})")
+        abort_all = data.get("abort_all", False)
+        if not isinstance(abort_all, bool):
+            raise APIError(400, "'abort_all' must be a boolean")
+        if abort_all:
+            await tm.abort_all()
+            return Response(status_code=200)
+        rid = data.get("rid")
+        if not isinstance(rid, str) or not rid:
+            raise APIError(400, "'rid' must be a non-empty string (or send {\"abort_all\": true})")
         await tm.abort_request(rid)
         return Response(status_code=200)
 
     # ---- Gyges admin ----------------------------------------------------------------------------------------
-    @app.get("/gyges/topology")
+    @app.get("/gyges/topology", tags=["gyges-admin"], responses=_responses(200, 404, 503))
     async def gyges_topology():
         if not args.enable_gyges:
             raise APIError(404, "Gyges is off: start the server with --enable-gyges")
         return await tm.gyges_topology()
 
-    @app.post("/gyges/transform")
+    @app.post("/gyges/transform", tags=["gyges-admin"], responses=_responses(200, 400, 404, 503))
     async def gyges_transform(request: Request):
         if not args.enable_gyges:
             raise APIError(404, "Gyges is off: start the server with --enable-gyges")
@@ -355,7 +572,8 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
         return await tm.gyges_transform(devices, tp)  # ValueError (refused) -> 400 with the reason
 
     # ---- metrics -----------------------------------------------------------------------------------------
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_responses(200, 404, ok={
+        "description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}))
     async def metrics_route():
         if state.metrics is None:
             return error_response(404, "metrics are disabled (start the server with --enable-metrics)")
@@ -366,8 +584,19 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
         return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     # ---- native generate ---------------------------------------------------------------------------------
-    @app.api_route("/generate", methods=["POST", "PUT", "GET"])
+    generate_doc = dict(openapi_extra=_body(GenerateRequest),
+                        responses=_responses(200, 400, 408, 413, 500, 503, ok=_generate_ok()))
+
+    @app.post("/generate", **generate_doc)
+    @app.put("/generate", **generate_doc)
     async def generate(request: Request):
+        return await _generate(request)
+
+    @app.get("/generate", include_in_schema=False)
+    async def generate_get(request: Request):
+        return await _generate(request)
+
+    async def _generate(request: Request):
         data = await read_json(request, allow_empty=request.method == "GET")
         if not data and request.method == "GET":
             data = dict(request.query_params)
@@ -402,7 +631,7 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
                     status = 503 if _is_unavailable(e) else 500
                     if status == 500:
                         logger.exception("error while streaming /generate")
-                    yield sse(error_body(status, f"{type(e).__name__}: {e}"))
+                    yield sse(error_body(status, str(e) if status == 503 else f"{type(e).__name__}: {e}"))
                 yield SSE_DONE
                 finished = True
             finally:
@@ -413,16 +642,17 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
         return StreamingResponse(events(), media_type="text/event-stream")
 
     # ---- OpenAI API --------------------------------------------------------------------------------------
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_responses(200, ok=ModelList))
     async def v1_models():
         return state.openai.list_models()
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=_responses(200, 404, ok=ModelCard))
     async def v1_model(model_id: str):
         state.openai.check_model(model_id)
         return state.openai.list_models()["data"][0]
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body(CompletionRequest),
+              responses=_responses(200, 400, 404, 408, 413, 500, 503, ok=_openai_ok(CompletionResponse)))
     async def v1_completions(request: Request):
         data = await read_json(request)
         try:
@@ -431,7 +661,8 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
             raise APIError(400, validation_message(e)) from e
         return await _map_errors(state.openai.completions(req, request))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest),
+              responses=_responses(200, 400, 404, 408, 413, 500, 503, ok=_openai_ok(ChatCompletionResponse)))
     async def v1_chat_completions(request: Request):
         data = await read_json(request)
         try:
@@ -508,10 +739,49 @@ class _Shutdown:
         _reap_children()
 
 
-def launch_server(server_args) -> None:
-    """Start every process, serve HTTP until SIGINT/SIGTERM, then stop every process."""
+class ServingFailed(RuntimeError):
+    """The server stopped because it could no longer serve (no instance left, a core process died)."""
+
+
+def uvicorn_config(app, server_args):
     import uvicorn
 
+    return uvicorn.Config(app, host=server_args.host, port=server_args.port, loop="uvloop",
+                          http=header_timeout_protocol(server_args.timeout_request_read),
+                          log_level=server_args.log_level, timeout_keep_alive=server_args.timeout_keep_alive,
+                          limit_concurrency=server_args.limit_concurrency, timeout_graceful_shutdown=5,
+                          access_log=server_args.log_level == "debug")
+
+
+def make_uvicorn_server(app, config):
+    """uvicorn.Server that, on SIGINT / SIGTERM, first fails every in-flight request with a 503 (JSON, or an
+    error event + [DONE] on streams) so that the graceful shutdown finishes them instead of cutting them."""
+    import uvicorn
+
+    state: ServerState = app.state.server
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            loop = getattr(state, "loop", None)
+            begin = getattr(state.tm, "begin_shutdown", None)
+            if loop is not None and begin is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(begin, f"the server is shutting down (signal {sig})")
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
+
+    def on_fatal(reason: str) -> None:  # runs on the event loop
+        state.fatal_reason = reason
+        logger.error("the server cannot serve any more (%s); exiting", reason)
+        server.should_exit = True
+
+    state.tm.on_fatal = on_fatal
+    return server
+
+
+def launch_server(server_args) -> None:
+    """Start every process, serve HTTP until SIGINT/SIGTERM (or until nothing can serve: ServingFailed), then
+    stop every process and remove the ipc files."""
     from sglang.srt.entrypoints.engine import launch_subprocesses
 
     shutdown = _Shutdown()
@@ -531,15 +801,14 @@ def launch_server(server_args) -> None:
             metrics = MetricsCollector(model_name=server_args.served_model_name)
             tm.metrics = metrics
         app = create_app(tm, metrics)
-        config = uvicorn.Config(app, host=server_args.host, port=server_args.port, loop="uvloop",
-                                log_level=server_args.log_level, timeout_keep_alive=5,
-                                timeout_graceful_shutdown=5, access_log=server_args.log_level == "debug")
-        server = uvicorn.Server(config)
+        server = make_uvicorn_server(app, uvicorn_config(app, server_args))
         logger.info("HTTP server on http://%s:%d", server_args.host, server_args.port)
         server.run()
         if not server.started:
             raise RuntimeError(f"the HTTP server could not start on {server_args.host}:{server_args.port}")
         if app.state.server.warmup_error:
             raise RuntimeError(f"warm-up failed: {app.state.server.warmup_error}")
+        if app.state.server.fatal_reason:
+            raise ServingFailed(app.state.server.fatal_reason)
     finally:
         shutdown()

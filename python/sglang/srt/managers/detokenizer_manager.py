@@ -5,13 +5,21 @@
 Decoding is incremental: only the tokens after a stable prefix are decoded again each time, and text
 ending in an incomplete UTF-8 sequence ("\\ufffd") is held back until the next token completes it. On
 finish, a matched stop string and everything after it is cut (unless no_stop_trim).
+
+Each ReqStrOut carries the request's cumulative text but only its NEW output ids (the TokenizerManager
+accumulates them), so a stream of L tokens costs O(L) ids on the wire, not O(L^2).
+
+A request whose decoding raises fails alone: it gets a finish_reason {"type": "abort", "status_code": 500,
+"message": ...} (the TokenizerManager answers it with a 500 and aborts it in the scheduler), its later
+deltas are dropped until its final one, and every other request of the batch is served as usual.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Set
 
 import zmq
 
@@ -38,6 +46,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.states: Dict[str, DecodeState] = {}
+        self.failed: Set[str] = set()  # requests failed here that the scheduler has not finished yet
 
     def _decode(self, ids: List[int], delta: ReqOutputDelta) -> str:
         return self.tokenizer.decode(
@@ -66,10 +75,32 @@ class IncrementalDetokenizer:
                     st.prefix_offset = st.read_offset
                     st.read_offset = len(st.ids)
             text = st.text
-        out = ReqStrOut(rid=delta.rid, text=text, output_ids=list(st.ids), delta=delta)
+        out = ReqStrOut(rid=delta.rid, text=text, output_ids=list(delta.new_output_ids), delta=delta)
         if delta.finish_reason is not None:
             del self.states[delta.rid]
         return out
+
+    def update_batch(self, deltas: List[ReqOutputDelta]) -> List[ReqStrOut]:
+        """update() for each delta; a delta whose decoding raises fails its request only."""
+        outs = []
+        for delta in deltas:
+            if delta.rid in self.failed:
+                if delta.finish_reason is not None:  # the scheduler's last word on it: let the TM forget it
+                    self.failed.discard(delta.rid)
+                    outs.append(ReqStrOut(rid=delta.rid, text="", output_ids=[], delta=delta))
+                continue
+            try:
+                outs.append(self.update(delta))
+            except Exception as e:  # noqa: BLE001 - one request's bad output must not stop the others
+                logger.exception("decoding the output of request %s failed; failing that request", delta.rid)
+                self.states.pop(delta.rid, None)
+                if delta.finish_reason is None:
+                    self.failed.add(delta.rid)
+                failed = dataclasses.replace(delta, new_output_ids=[], finish_reason={
+                    "type": "abort", "status_code": 500,
+                    "message": f"decoding the output failed: {type(e).__name__}: {e}"})
+                outs.append(ReqStrOut(rid=delta.rid, text="", output_ids=[], delta=failed))
+        return outs
 
 
 def run_detokenizer_process(server_args: ServerArgs, port_args: PortArgs, pipe_writer) -> None:
@@ -92,4 +123,4 @@ def run_detokenizer_process(server_args: ServerArgs, port_args: PortArgs, pipe_w
         raise
     while True:
         batch: BatchTokenIDOut = recv.recv_pyobj()
-        send.send_pyobj(BatchStrOut([detok.update(d) for d in batch.outputs]))
+        send.send_pyobj(BatchStrOut(detok.update_batch(batch.outputs)))

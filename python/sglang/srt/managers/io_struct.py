@@ -44,11 +44,15 @@ class GenerateReqInput:
     return_text_in_logprobs: bool = False
     # Stream partial results (SSE on HTTP, a generator on Engine).
     stream: bool = False
-    # Accepted for SGLang compatibility; these have no effect here.
+    # Accepted for SGLang compatibility; no effect here.
     log_metrics: bool = True
+    # SGLang features this server does not have: None / False / "text" only (normalize() rejects any other
+    # value with a ValueError naming the field, instead of silently ignoring it).
     modalities: Optional[List[str]] = None
     lora_path: Optional[Any] = None
     image_data: Optional[Any] = None
+    audio_data: Optional[Any] = None
+    video_data: Optional[Any] = None
     custom_logit_processor: Optional[Any] = None
     return_hidden_states: bool = False
 
@@ -59,6 +63,7 @@ class GenerateReqInput:
 
     def normalize(self) -> None:
         """Validate the shape of the input and broadcast per-prompt fields. Raises ValueError."""
+        self._reject_unsupported()
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("exactly one of 'text' or 'input_ids' must be given")
         if self.text is not None:
@@ -89,12 +94,13 @@ class GenerateReqInput:
         elif not (isinstance(sp, list) and len(sp) == self.batch_size and all(isinstance(s, dict) for s in sp)):
             raise ValueError("'sampling_params' must be an object or a list with one object per prompt")
         self.sampling_params = [dict(s) for s in sp]
-        ns = {s.get("n", 1) for s in self.sampling_params}
-        if len(ns) != 1:
-            raise ValueError("'n' must be the same for every prompt of a batch")
-        n = ns.pop()
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"'n' must be a positive integer, got {n!r}")
+        n = self.sampling_params[0].get("n", 1) if self.sampling_params else 1
+        for s in self.sampling_params:
+            v = s.get("n", 1)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"'n' must be a positive integer, got {v!r}")
+            if v != n:
+                raise ValueError("'n' must be the same for every prompt of a batch")
         self.parallel_sample_num = n
 
         def per_prompt(value, default, name):
@@ -118,12 +124,36 @@ class GenerateReqInput:
         total = self.batch_size * n
         if self.rid is None:
             self.rid = [new_rid() for _ in range(total)]
-        elif isinstance(self.rid, str):
+            return
+        if isinstance(self.rid, str):
+            if not self.rid:
+                raise ValueError("'rid' must be a non-empty string")
             self.rid = [self.rid] if total == 1 else [f"{self.rid}-{i}" for i in range(total)]
-        elif not (isinstance(self.rid, list) and len(self.rid) in (self.batch_size, total)):
-            raise ValueError("'rid' must be a string or a list with one id per prompt")
-        elif len(self.rid) != total:
+            return
+        if not (isinstance(self.rid, list) and len(self.rid) in (self.batch_size, total)):
+            raise ValueError(f"'rid' must be a string or a list with one id per prompt ({self.batch_size}) "
+                             f"or per sample ({total})")
+        if not all(isinstance(r, str) and r for r in self.rid):
+            raise ValueError("every entry of 'rid' must be a non-empty string")
+        if len(set(self.rid)) != len(self.rid):
+            raise ValueError("the ids in 'rid' must be unique")
+        if len(self.rid) != total:
             self.rid = [f"{r}-{j}" for r in self.rid for j in range(n)]
+
+    def _reject_unsupported(self) -> None:
+        for name in ("lora_path", "image_data", "audio_data", "video_data", "custom_logit_processor"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"'{name}' is not supported by this server (text-only models, no LoRA, no "
+                                 f"custom logit processors); leave it out or null")
+        if self.return_hidden_states not in (False, None):
+            raise ValueError("'return_hidden_states' is not supported by this server; leave it out or false")
+        m = self.modalities
+        if m is not None:
+            if not isinstance(m, list) or not all(isinstance(x, str) for x in m):
+                raise ValueError("'modalities' must be a list of strings")
+            other = sorted({x for x in m if x != "text"})
+            if other:
+                raise ValueError(f"'modalities' {other} are not supported by this server (text only)")
 
     def prompt(self, i: int) -> Union[str, List[int]]:
         """Prompt i of the normalized request (text or token ids)."""
@@ -246,7 +276,8 @@ class ReqStrOut:
     rid: str
     # Full output text so far (cumulative).
     text: str
-    # All output token ids so far (cumulative).
+    # Output token ids new since this request's previous ReqStrOut (the TokenizerManager accumulates them,
+    # so a long stream costs linear, not quadratic, bytes).
     output_ids: List[int]
     # The delta this text was made from (token ids, logprobs, finish reason, counts).
     delta: ReqOutputDelta

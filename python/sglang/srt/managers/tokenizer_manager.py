@@ -1,14 +1,23 @@
 """TokenizerManager: the main process's side of every request (asyncio).
 
     generate_request(GenerateReqInput)
-      -> validate + tokenize + SamplingParams (ValueError -> HTTP 400)
+      -> shape + type checks (normalize), then the cheap size limits (RequestLimits: batch size, n, prompt
+         characters / ids, stop lists, top_logprobs_num) -- all before any tokenization (ValueError -> 400)
+      -> tokenize + SamplingParams, in a thread when the prompts are large (the event loop keeps serving)
       -> one TokenizedGenerateReqInput per prompt and per parallel sample (n) --ZMQ--> Controller
-      <- BatchStrOut from the Detokenizer: cumulative text, ids, finish reason, logprob deltas
-      -> response dicts in SGLang's /generate format (one at the end, or a stream of them)
+      <- BatchStrOut from the Detokenizer: cumulative text, NEW output ids (accumulated here), finish
+         reason, logprob deltas
+      -> response dicts in SGLang's /generate format (one at the end, or a stream of them), with the
+         cumulative text / output_ids / logprobs SGLang returns
+
+Request ids are unique among live requests: a client rid already in flight, or one whose request was
+aborted and has not been confirmed finished by its scheduler yet ("draining"), is refused with a 400.
 
 Background tasks (created lazily in whichever event loop serves requests): the output receiver, the
-reply receiver (flush / internal state), and a watchdog that marks the server unhealthy and fails every
-in-flight request as soon as a child process dies.
+reply receiver (flush / internal state / ServingState), and a watchdog that reports dead workers to the
+controller. ServingState from the controller: failed instances make /health 503 (requests still go to the
+live ones), kill_ranks are SIGKILLed (hung workers), and no live instance left -- like a dead controller or
+detokenizer -- makes the server unavailable and calls `on_fatal` (the HTTP server then exits non-zero).
 """
 
 from __future__ import annotations
@@ -16,11 +25,15 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
+import pickle
 import random
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, List, Optional
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 import zmq
 import zmq.asyncio
@@ -39,14 +52,60 @@ from sglang.srt.managers.io_struct import (
     WorkerDied,
     TokenizedGenerateReqInput,
 )
-from sglang.srt.server_args import ServerArgs
-from sglang.srt.utils import PortArgs, get_zmq_socket
+from sglang.srt.server_args import ServerArgs, parse_size
+from sglang.srt.utils import PortArgs, get_zmq_socket, remove_ipc_files
 
 logger = logging.getLogger(__name__)
 
+# Prompts with at most this many characters in all are tokenized on the event loop (faster than a thread
+# hop); larger ones in the tokenizer thread pool.
+INLINE_TOKENIZE_CHARS = 8192
+# How long an aborted request's rid stays reserved waiting for its scheduler's final output.
+DRAIN_TIMEOUT_S = 30.0
+
 
 class ServerUnavailableError(RuntimeError):
-    """A worker process died: the server cannot serve (HTTP 503)."""
+    """A worker process died or the server is shutting down: it cannot serve (HTTP 503)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The server failed this one request (its output could not be decoded): HTTP 500, others unaffected."""
+
+
+@dataclass
+class RequestLimits:
+    """The --max-* request limits (server_args "request limits" group), resolved and checked."""
+
+    max_body_bytes: int
+    max_prompt_chars: int
+    max_batch_prompts: int
+    max_parallel_samples: int
+    max_top_logprobs_num: int
+    max_stop_strings: int
+    max_stop_str_len: int
+
+    @classmethod
+    def from_server_args(cls, args: ServerArgs, max_req_input_len: Optional[int] = None) -> "RequestLimits":
+        """Raises ValueError naming the bad flag."""
+        try:
+            body = parse_size(args.max_request_body_size)
+        except ValueError as e:
+            raise ValueError(f"--max-request-body-size: {e}") from None
+        chars = args.max_prompt_chars
+        if chars is None:
+            chars = 16 * (max_req_input_len or 1 << 20)
+        lim = cls(body, chars, args.max_batch_prompts, args.max_parallel_samples, args.max_top_logprobs_num,
+                  args.max_stop_strings, args.max_stop_str_len)
+        for name, value in dataclasses.asdict(lim).items():
+            if value < 1 and name != "max_top_logprobs_num" or value < 0:
+                flag = {"max_body_bytes": "max_request_body_size"}.get(name, name).replace("_", "-")
+                raise ValueError(f"--{flag} must be positive, got {value}")
+        for name in ("timeout_keep_alive", "timeout_request_read"):
+            if not getattr(args, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}")
+        if args.limit_concurrency is not None and args.limit_concurrency < 1:
+            raise ValueError(f"--limit-concurrency must be >= 1, got {args.limit_concurrency}")
+        return lim
 
 
 def _raise_for_rejection(resp: Dict) -> None:
@@ -58,6 +117,8 @@ def _raise_for_rejection(resp: Dict) -> None:
         raise ValueError(reason.get("message", "invalid request"))
     if reason.get("status_code") == 503:
         raise ServerUnavailableError(reason.get("message", "the instance serving the request failed"))
+    if reason.get("status_code") == 500:
+        raise RequestFailedError(reason.get("message", "the server failed this request"))
 
 
 @dataclass
@@ -76,6 +137,7 @@ class ReqState:
     last_token_time: Optional[float] = None
     last_completion_tokens: int = 0
     error: Optional[BaseException] = None
+    output_ids: List[int] = field(default_factory=list)  # cumulative (the detokenizer sends new ids only)
     # Cumulative logprobs (SGLang returns the whole lists in every response).
     input_token_logprobs: List[Any] = field(default_factory=list)
     input_top_logprobs: List[Any] = field(default_factory=list)
@@ -99,10 +161,20 @@ class TokenizerManager:
 
             self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
         self._seed_rng = random.Random(server_args.random_seed)
+        self.limits = RequestLimits.from_server_args(server_args, max_req_input_len)
         self.rid_to_state: Dict[str, ReqState] = {}
+        # rid -> deadline: aborted requests whose scheduler has not confirmed their end yet (rid reserved).
+        self._draining: Dict[str, float] = {}
         self._reply_waiters: Dict[str, asyncio.Future] = {}
         self._healthy = True
         self._dead_reason = ""
+        # (devices, reason) of every failed instance (ServingState); /health is 503 while non-empty.
+        self.failed_instances: List[Tuple[List[int], str]] = []
+        # Called once with the reason when the server can no longer serve at all (set by the HTTP server).
+        self.on_fatal: Optional[Callable[[str], None]] = None
+        self._token_text: Dict[int, str] = {}
+        self._executor = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                                            thread_name_prefix="tokenize")
         self._loop = None
         self._zmq_ctx = zmq.asyncio.Context(2)
         self._send_to_controller = None
@@ -121,14 +193,32 @@ class TokenizerManager:
                        loop.create_task(self._watchdog_loop())]
 
     def is_healthy(self) -> bool:
+        """True while at least one instance serves and the server is not shutting down."""
         return self._healthy and not self._shutdown
 
+    def health_problems(self) -> List[str]:
+        """Why /health must answer 503 (empty: healthy): the server is down, or instances failed."""
+        if self._shutdown:
+            return ["the server is shutting down"]
+        problems = [] if self._healthy else [f"the server cannot serve: {self._dead_reason}"]
+        problems += [f"instance on devices {devices} failed: {reason}" for devices, reason in self.failed_instances]
+        return problems
+
+    def begin_shutdown(self, reason: str = "the server is shutting down") -> None:
+        """Refuse new requests and fail every in-flight one with a 503 (call from the event loop)."""
+        self._fail_all(ServerUnavailableError(reason))
+        self._shutdown = True
+
     def shutdown(self) -> None:
-        """Stop every child process (workers, controller, detokenizer)."""
+        """Stop every child process (workers, controller, detokenizer) and remove the ipc socket files."""
         from sglang.srt.entrypoints.engine import kill_processes
 
         self._shutdown = True
-        kill_processes(self.child_processes)
+        try:
+            kill_processes(self.child_processes)
+        finally:
+            remove_ipc_files(self.port_args)
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def stop_background_tasks(self) -> None:
         """Cancel the receiver / watchdog tasks (call from the loop that runs them)."""
@@ -142,20 +232,29 @@ class TokenizerManager:
         self._ensure_started()
         if not self.is_healthy():
             raise ServerUnavailableError(f"the server is not serving: {self._dead_reason or 'shutting down'}")
-        obj.normalize()
-        tokenized = [self._tokenize_one(obj, i, j) for i in range(obj.batch_size) for j in range(obj.parallel_sample_num)]
-        rids = [t.rid for t in tokenized]
-        clash = sorted({r for r in rids if r in self.rid_to_state or rids.count(r) > 1})
-        if clash:
-            raise ValueError(f"duplicate request id(s) {clash}: every request id must be unique among the "
-                             f"requests in flight")
+        try:
+            obj.normalize()
+            chars = self._check_limits(obj)
+            self._check_rids(obj.rid)  # before tokenizing: cheap
+            if chars <= INLINE_TOKENIZE_CHARS:
+                tokenized = self._tokenize_all(obj)
+            else:
+                loop = asyncio.get_running_loop()
+                tokenized = await loop.run_in_executor(self._executor, self._tokenize_all, obj)
+                if not self.is_healthy():
+                    raise ServerUnavailableError(
+                        f"the server is not serving: {self._dead_reason or 'shutting down'}")
+                self._check_rids(obj.rid)  # again: others may have taken one while this one was tokenized
+            messages = [pickle.dumps(t, pickle.HIGHEST_PROTOCOL) for t in tokenized]
+        except RecursionError:
+            raise ValueError("the request is nested too deeply (a JSON value inside it); flatten it") from None
         states = []
         for t in tokenized:
             st = ReqState(t.rid, t.return_logprob, t.top_logprobs_num, obj.return_text_in_logprobs, time.time())
             self.rid_to_state[t.rid] = st
             states.append(st)
-        for t in tokenized:
-            self._send_to_controller.send_pyobj(t)
+        for m in messages:
+            self._send_to_controller.send(m)  # what send_pyobj sends, pickled above where errors are a 400
         single = obj.is_single and obj.parallel_sample_num == 1
         try:
             if obj.stream:
@@ -167,8 +266,90 @@ class TokenizerManager:
         finally:
             for st in states:
                 if not st.finished and st.rid in self.rid_to_state:
+                    self._drain(st.rid)
                     await self.abort_request(st.rid)
                 self.rid_to_state.pop(st.rid, None)
+
+    # ---- validation --------------------------------------------------------------------------------------
+    def _check_limits(self, obj: GenerateReqInput) -> int:
+        """The size limits, on the normalized request, before any tokenization. Returns the prompt characters.
+        Raises ValueError naming the limit and its flag."""
+        lim = self.limits
+        if obj.batch_size > lim.max_batch_prompts:
+            raise ValueError(f"the request holds {obj.batch_size} prompts; at most {lim.max_batch_prompts} are "
+                             f"accepted in one request (--max-batch-prompts)")
+        n = obj.parallel_sample_num
+        if n > lim.max_parallel_samples:
+            raise ValueError(f"n = {n} parallel samples requested; at most {lim.max_parallel_samples} are "
+                             f"accepted (--max-parallel-samples)")
+        if obj.batch_size * n > lim.max_batch_prompts:
+            raise ValueError(f"{obj.batch_size} prompts x n = {n} make {obj.batch_size * n} requests; at most "
+                             f"{lim.max_batch_prompts} are accepted in one request (--max-batch-prompts)")
+        chars = 0
+        for i in range(obj.batch_size):
+            p = obj.prompt(i)
+            if isinstance(p, str):
+                if len(p) > lim.max_prompt_chars:
+                    raise ValueError(f"the prompt has {len(p)} characters; at most {lim.max_prompt_chars} are "
+                                     f"accepted (--max-prompt-chars), and at most {self.max_req_input_len} "
+                                     f"prompt tokens")
+                chars += len(p)
+            elif len(p) > self.max_req_input_len:
+                raise ValueError(f"the prompt has {len(p)} tokens, longer than the largest servable context: "
+                                 f"at most {self.max_req_input_len} prompt tokens are accepted")
+        top_max = min(lim.max_top_logprobs_num, self.model_config.vocab_size)
+        for v in obj.top_logprobs_num:
+            if v > top_max:
+                raise ValueError(f"top_logprobs_num = {v}; at most {top_max} are accepted (--max-top-logprobs-num, "
+                                 f"and never more than the vocabulary of {self.model_config.vocab_size})")
+        for sp in obj.sampling_params:
+            entries = 0
+            for key in ("stop", "stop_regex"):
+                v = sp.get(key)
+                items = [v] if isinstance(v, str) else v if isinstance(v, list) else []
+                entries += len(items)
+                for x in items:
+                    if isinstance(x, str) and len(x) > lim.max_stop_str_len:
+                        raise ValueError(f"a '{key}' entry has {len(x)} characters; at most {lim.max_stop_str_len} "
+                                         f"are accepted (--max-stop-str-len)")
+            if entries > lim.max_stop_strings:
+                raise ValueError(f"{entries} stop strings / regexes given; at most {lim.max_stop_strings} are "
+                                 f"accepted (--max-stop-strings)")
+            ids = sp.get("stop_token_ids")
+            if isinstance(ids, list) and len(ids) > lim.max_stop_strings:
+                raise ValueError(f"{len(ids)} stop_token_ids given; at most {lim.max_stop_strings} are accepted "
+                                 f"(--max-stop-strings)")
+        return chars
+
+    def _check_rids(self, rids: List[str]) -> None:
+        """Every rid must be free: not in flight, not draining (O(len(rids)))."""
+        now = time.time()
+        clash, seen = [], set()
+        for r in rids:
+            if r in seen:
+                clash.append(r)
+            seen.add(r)
+            if r in self.rid_to_state:
+                clash.append(r)
+            elif r in self._draining:
+                if self._draining[r] > now:
+                    clash.append(r)
+                else:
+                    del self._draining[r]
+        if clash:
+            shown = ", ".join(sorted(clash)[:5]) + (" ..." if len(clash) > 5 else "")
+            raise ValueError(f"request id(s) already in use: {shown}; a request id must be unique among the "
+                             f"requests in flight (an aborted one stays in use until its scheduler has dropped it)")
+
+    def _drain(self, rid: str) -> None:
+        self._draining[rid] = time.time() + DRAIN_TIMEOUT_S
+        if len(self._draining) > 4096:  # expire old ones now and then (they also expire on lookup)
+            now = time.time()
+            for r in [r for r, t in self._draining.items() if t <= now]:
+                del self._draining[r]
+
+    def _tokenize_all(self, obj: GenerateReqInput) -> List[TokenizedGenerateReqInput]:
+        return [self._tokenize_one(obj, i, j) for i in range(obj.batch_size) for j in range(obj.parallel_sample_num)]
 
     def _tokenize_one(self, obj: GenerateReqInput, i: int, j: int) -> TokenizedGenerateReqInput:
         from sglang.srt.sampling.sampling_params import SamplingParams
@@ -184,6 +365,10 @@ class TokenizerManager:
             if not prompt:
                 raise ValueError("the prompt is empty; send a non-empty 'text' or 'input_ids'")
             vocab = self.model_config.vocab_size
+            if len(prompt) > self.max_req_input_len:
+                raise ValueError(
+                    f"the prompt has {len(prompt)} tokens, longer than the largest servable context: "
+                    f"at most {self.max_req_input_len} prompt tokens are accepted")
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"input_ids holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
@@ -282,6 +467,7 @@ class TokenizerManager:
     def _accumulate(self, st: ReqState, out: ReqStrOut) -> None:
         d = out.delta
         now = time.time()
+        st.output_ids.extend(out.output_ids)
         if d.completion_tokens > st.last_completion_tokens:
             m = self.metrics
             if st.first_token_time is None:
@@ -327,17 +513,31 @@ class TokenizerManager:
             else:
                 meta["input_top_logprobs"] = []
                 meta["output_top_logprobs"] = []
-        return {"text": out.text, "output_ids": list(out.output_ids), "meta_info": meta}
+        return {"text": out.text, "output_ids": list(st.output_ids), "meta_info": meta}
 
     def _format_tokens(self, pairs, st: ReqState) -> List[List[Any]]:
         if st.return_text_in_logprobs and self.tokenizer is not None:
-            return [[lp, tid, self.tokenizer.decode([tid])] for lp, tid in pairs]
+            return [[lp, tid, self._text_of(tid)] for lp, tid in pairs]
         return [[lp, tid, None] for lp, tid in pairs]
+
+    def _text_of(self, tid: int) -> str:
+        text = self._token_text.get(tid)
+        if text is None:
+            text = self._token_text[tid] = self.tokenizer.decode([tid])
+        return text
 
     # ---- control -----------------------------------------------------------------------------------------
     async def abort_request(self, rid: str) -> None:
+        """Abort one request (a client's rid). Only requests that arrived before now are hit."""
+        if not isinstance(rid, str) or not rid:
+            raise ValueError("'rid' must be a non-empty string")
         self._ensure_started()
         self._send_to_controller.send_pyobj(AbortReq(rid))
+
+    async def abort_all(self) -> None:
+        """The operator's abort-everything (POST /abort_request {"abort_all": true})."""
+        self._ensure_started()
+        self._send_to_controller.send_pyobj(AbortReq(rid="", abort_all=True))
 
     async def _ask(self, msg, timeout: float = 30.0):
         self._ensure_started()
@@ -373,6 +573,8 @@ class TokenizerManager:
             raise ValueError("'tp' must be a positive integer")
         reply = await self._ask(GygesTransformReq(uuid.uuid4().hex, devices, tp), timeout=timeout)
         if not reply.success:
+            if reply.status_code >= 500:
+                raise ServerUnavailableError(reply.message)
             raise ValueError(reply.message)
         return reply.breakdown
 
@@ -383,7 +585,12 @@ class TokenizerManager:
             for out in batch.outputs:
                 st = self.rid_to_state.get(out.rid)
                 if st is None:
+                    if out.delta.finish_reason is not None:
+                        self._draining.pop(out.rid, None)  # its scheduler dropped it: the rid is free
                     continue
+                if _failed_here(out):  # the detokenizer failed it: stop the scheduler's work on it too
+                    self._drain(out.rid)
+                    self._send_to_controller.send_pyobj(AbortReq(out.rid))
                 st.pending.append(out)
                 st.event.set()
 
@@ -391,8 +598,7 @@ class TokenizerManager:
         while True:
             msg = await self._recv_replies.recv_pyobj()
             if isinstance(msg, ServingState):
-                if msg.live_instances == 0:
-                    self._mark_dead(f"no instance left serving (failed: {msg.failed_instances})")
+                self._on_serving_state(msg)
                 continue
             req_id = msg[0].req_id if isinstance(msg, list) else msg.req_id
             fut = self._reply_waiters.get(req_id)
@@ -415,18 +621,42 @@ class TokenizerManager:
                 else:
                     self._mark_dead(f"process {p.name} exited with code {p.exitcode}")
 
-    def _mark_dead(self, reason: str) -> None:
-        if not self._healthy:
-            return
-        self._dead_reason = reason
-        logger.error("%s; failing in-flight requests", reason)
-        self._healthy = False
-        err = ServerUnavailableError(f"the server cannot serve: {reason}")
+    def _on_serving_state(self, msg: ServingState) -> None:
+        reasons = list(getattr(msg, "reasons", None) or [])
+        reasons += ["failed"] * (len(msg.failed_instances) - len(reasons))
+        self.failed_instances = [(list(d), r) for d, r in zip(msg.failed_instances, reasons)]
+        for rank in getattr(msg, "kill_ranks", None) or []:
+            for p in self.child_processes:
+                if p.name == f"worker-{rank}" and p.is_alive():
+                    logger.error("killing hung worker %s (pid %s)", p.name, p.pid)
+                    try:
+                        p.kill()
+                    except OSError:
+                        pass
+        if msg.live_instances == 0:
+            failed = "; ".join(f"devices {d}: {r}" for d, r in self.failed_instances) or "none reported"
+            self._mark_dead(f"no instance left serving (failed instances: {failed})")
+
+    def _fail_all(self, err: BaseException) -> None:
         for st in list(self.rid_to_state.values()):
             st.error = err
             st.event.set()
         for fut in self._reply_waiters.values():
             if not fut.done():
                 fut.set_exception(err)
-            if reply.status_code >= 500:
-                raise ServerUnavailableError(reply.message)
+
+    def _mark_dead(self, reason: str) -> None:
+        if not self._healthy:
+            return
+        self._dead_reason = reason
+        logger.error("%s; failing in-flight requests", reason)
+        self._healthy = False
+        self._fail_all(ServerUnavailableError(f"the server cannot serve: {reason}"))
+        if self.on_fatal is not None and not self._shutdown:
+            self.on_fatal(reason)
+
+
+def _failed_here(out: ReqStrOut) -> bool:
+    """A finish the detokenizer made (status 500) for a request its scheduler may still be running."""
+    fr = out.delta.finish_reason
+    return bool(fr) and fr.get("type") == "abort" and fr.get("status_code") == 500

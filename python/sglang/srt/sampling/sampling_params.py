@@ -121,6 +121,9 @@ class SamplingParams:
         kwargs = {}
         for key, value in d.items():
             kwargs[key] = _check_type(key, value)
+        if kwargs.get("custom_params"):
+            raise ValueError("sampling parameter 'custom_params' is only read by a custom_logit_processor, which "
+                             "this server does not support; leave it out, null or {}")
         return cls(**kwargs)
 
     def to_dict(self) -> Dict[str, Any]:

@@ -116,6 +116,25 @@ class _SamplingFields(_Model):
     json_schema: Optional[str] = None
     ebnf: Optional[str] = None
     rid: Optional[str] = None
+    # ---- SGLang / OpenAI features this server does not have: a 400 naming the field unless null / false ----
+    lora_path: Optional[Any] = None
+    custom_logit_processor: Optional[Any] = None
+    custom_params: Optional[Dict[str, Any]] = None
+    return_hidden_states: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("lora_path", "custom_logit_processor"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is not supported by this server; leave it out or null")
+        if self.custom_params:
+            raise ValueError("custom_params is only read by a custom_logit_processor, which this server does "
+                             "not support; leave it out or null")
+        if self.return_hidden_states:
+            raise ValueError("return_hidden_states is not supported by this server; leave it out or false")
+        if self.rid == "":
+            raise ValueError("rid must be a non-empty string")
+        return self
 
     @field_validator("temperature")
     @classmethod
@@ -264,6 +283,24 @@ class ChatCompletionRequest(_SamplingFields):
     # SGLang extras for chat: pass the rendered prompt through the template with these kwargs.
     chat_template_kwargs: Optional[Dict[str, Any]] = None
     continue_final_message: bool = False
+    # Output modalities ("text" only here) and audio output parameters (not supported: 400 unless null).
+    modalities: Optional[List[str]] = None
+    audio: Optional[Dict[str, Any]] = None
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, v):
+        other = sorted({m for m in v or [] if m != "text"})
+        if other:
+            raise ValueError(f"modalities {other} are not supported by this server (text only)")
+        return v
+
+    @field_validator("audio")
+    @classmethod
+    def _audio(cls, v):
+        if v is not None:
+            raise ValueError("audio output is not supported by this server; leave it out or null")
+        return v
 
     @field_validator("max_tokens", "max_completion_tokens")
     @classmethod

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Union
 
 import orjson
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from sglang.srt.entrypoints.openai.protocol import (
     ChatCompletionChoice,
@@ -57,8 +57,9 @@ logger = logging.getLogger(__name__)
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-class ORJSONResponse(Response):
-    """JSON response serialized with orjson (FastAPI's own ORJSONResponse is deprecated)."""
+class ORJSONResponse(JSONResponse):
+    """JSON response serialized with orjson (FastAPI's own ORJSONResponse is deprecated). A JSONResponse, so
+    that FastAPI documents routes answering it as JSON in /openapi.json."""
 
     media_type = "application/json"
 
@@ -88,8 +89,8 @@ async def first_output(gen):
 
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                405: "MethodNotAllowed", 422: "BadRequestError", 503: "ServiceUnavailableError",
-                500: "InternalServerError"}
+                405: "MethodNotAllowed", 408: "RequestTimeoutError", 413: "RequestTooLargeError",
+                422: "BadRequestError", 503: "ServiceUnavailableError", 500: "InternalServerError"}
 
 
 def error_body(status: int, message: str, type: Optional[str] = None, param: Optional[str] = None) -> dict:
@@ -417,7 +418,16 @@ class OpenAIServing:
 
     async def chat_completions(self, req: ChatCompletionRequest, raw_request: Optional[Request]):
         self.check_model(req.model)
-        input_ids = self.apply_chat_template(req)
+        limits = getattr(self.tm, "limits", None)
+        chars = sum(len(m.text()) for m in req.messages)
+        if limits is not None and chars > limits.max_prompt_chars:
+            raise APIError(400, f"the messages have {chars} characters; at most {limits.max_prompt_chars} are "
+                                f"accepted (--max-prompt-chars)", param="messages")
+        executor = getattr(self.tm, "_executor", None)
+        if executor is not None and chars > 8192:  # template + tokenize off the event loop
+            input_ids = await asyncio.get_running_loop().run_in_executor(executor, self.apply_chat_template, req)
+        else:
+            input_ids = self.apply_chat_template(req)
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         sp = self._sampling_params(req, max_new)
         rf = req.response_format
@@ -534,8 +544,10 @@ async def _guard_stream(gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     except Exception as e:  # noqa: BLE001 - report to the client instead of cutting the stream
         if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
             raise
-        logger.exception("error while streaming")
-        status = getattr(e, "status", 500)
+        unavailable = any(t.__name__ == "ServerUnavailableError" for t in type(e).__mro__)
+        status = 503 if unavailable else getattr(e, "status", 500)
+        if status >= 500 and not unavailable:
+            logger.exception("error while streaming")
         yield sse(error_body(status, str(e) or type(e).__name__))
         yield SSE_DONE
 
