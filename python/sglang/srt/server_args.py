@@ -138,6 +138,10 @@ class ServerArgs:
                                     "static-hybrid"])
     gyges_split_delay: float = _f(5.0, "Seconds a merged instance's requests must fit the smaller instances "
                                   "before the auto policy splits it (hysteresis).")
+    gyges_transform_timeout: float = _f(120.0, "Seconds a merge or split may take; past it the controller "
+                                        "fails the transformation's instances (their requests get a 503, their "
+                                        "workers are killed) and keeps serving on the others. The collectives "
+                                        "of a transformation time out after the same limit.")
     gyges_cost_model: Optional[str] = _f(None, "JSON file of the transformation cost model (written by "
                                          "`python -m gyges.costmodel fit`); default: built-in constants.")
 
@@ -159,10 +163,6 @@ class ServerArgs:
             return self.gyges_max_tp or self.num_devices
         return self.tp_size
 
-    gyges_transform_timeout: float = _f(120.0, "Seconds a merge or split may take; past it the controller "
-                                        "fails the transformation's instances (their requests get a 503, their "
-                                        "workers are killed) and keeps serving on the others. The collectives "
-                                        "of a transformation time out after the same limit.")
     def device_memory_bytes(self) -> int:
         return parse_size(self.device_memory) if self.device_memory else 2**30
 
@@ -185,6 +185,9 @@ class ServerArgs:
             parse_size(self.device_memory)
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
             raise ValueError("--chunked-prefill-size must be positive or -1 (no chunking)")
+        for name in ("watchdog_timeout", "grammar_compile_timeout", "gyges_transform_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise ValueError("--max-running-requests must be >= 1")
         if self.gyges_policy != "manual" and not self.enable_gyges:
@@ -206,9 +209,6 @@ class ServerArgs:
         for f in dataclasses.fields(ServerArgs):
             flag = "--" + f.name.replace("_", "-")
             help_text = f.metadata.get("help", "")
-        for name in ("watchdog_timeout", "grammar_compile_timeout", "gyges_transform_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}")
             default = f.default if f.default is not dataclasses.MISSING else None
             if f.type in ("bool", bool):
                 # Flags that default to on get a --no-... form to turn them off.

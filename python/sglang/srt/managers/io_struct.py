@@ -189,8 +189,13 @@ class TokenizedGenerateReqInput:
 
 @dataclass
 class AbortReq:
-    # Request id to abort; "" aborts every request.
+    # Request id to abort (a client's rid, never empty; ignored when abort_all is set).
     rid: str
+    # Abort every request of every instance (an operator's action, never a client's).
+    abort_all: bool = False
+    # time.time() when the abort was issued: only requests that arrived at or before it are aborted, so a
+    # late abort never hits a newer request that reuses the rid.
+    issued_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -221,11 +226,6 @@ class GetInternalStateReqOutput:
     req_id: str
     # Instance that answered.
     instance_id: int
-    # Abort every request of every instance (an operator's action, never a client's).
-    abort_all: bool = False
-    # time.time() when the abort was issued: only requests that arrived at or before it are aborted, so a
-    # late abort never hits a newer request that reuses the rid.
-    issued_at: float = field(default_factory=time.time)
     # Scheduler state: running/waiting counts, KV usage, capacity, page size, tp, devices...
     state: Dict[str, Any]
 
@@ -312,6 +312,8 @@ class InstanceReport:
     capacity_by_tp: Optional[Dict[int, int]] = None
     # Requests that finished (or were aborted) since the previous report.
     finished_rids: List[str] = field(default_factory=list)
+    # Forward passes run so far: the controller's watchdog fails an instance with work whose count stops.
+    forward_ct: int = 0
 
 
 @dataclass
@@ -343,8 +345,6 @@ class WorkerFailed:
 # ----------------------------------------------------------------------------------------------------------
 # Gyges: transformations (TokenizerManager -> Controller -> instance leaders -> their followers)
 # ----------------------------------------------------------------------------------------------------------
-    # Forward passes run so far: the controller's watchdog fails an instance with work whose count stops.
-    forward_ct: int = 0
 @dataclass
 class GygesTransformReq:
     # Id the reply carries back.
@@ -366,6 +366,9 @@ class GygesTransformReqOutput:
     # Breakdown: kind, devices, tp, running_requests, kv_bytes, kv_ms, weight_bytes, weight_ms, pause_ms,
     # peak_extra_bytes, total_ms, planning_ms, ...
     breakdown: Dict[str, Any] = field(default_factory=dict)
+    # HTTP status of a failure: 400 when refused (bad devices/tp, another transformation running), 503 when
+    # it failed on the server side (a worker died, the deadline passed).
+    status_code: int = 400
 
 
 @dataclass
@@ -397,9 +400,6 @@ class TransformCmd:
     # time.time() when the controller issued it.
     issued_at: float
 
-    # HTTP status of a failure: 400 when refused (bad devices/tp, another transformation running), 503 when
-    # it failed on the server side (a worker died, the deadline passed).
-    status_code: int = 400
 
 @dataclass
 class TransformDone:
