@@ -73,6 +73,33 @@ def test_frozen_worker_fails_its_instance_after_the_watchdog(test_model):
         stop_and_check(server)
 
 
+def test_server_info_and_flush_answer_without_a_frozen_instance(test_model):
+    """Before the watchdog fires, queries that gather every instance answer within seconds, naming the
+    instance that did not answer, instead of blocking on it."""
+    server = ServerProcess(test_model("llama_kv4"), "--dp-size", "2", "--dtype", "float32", "--page-size", "4")
+    try:
+        frozen = _pid_of(server, [1])
+        os.kill(frozen, signal.SIGSTOP)
+        t0 = time.time()
+        states = server.internal_states()
+        assert time.time() - t0 < 10
+        assert states[0]["devices"] == [0] and "free_pages" in states[0]
+        assert states[1]["devices"] == [1] and "no answer" in states[1]["error"], states
+        t0 = time.time()
+        assert server.post("/flush_cache").status_code != 200  # not every instance flushed
+        assert time.time() - t0 < 10
+        assert server.get("/metrics").status_code == 200
+        assert time.time() - t0 < 20
+        os.kill(frozen, signal.SIGCONT)
+        _wait_for(lambda: "error" not in server.internal_states()[1], 20, "the instance to answer again")
+    finally:
+        try:
+            os.kill(frozen, signal.SIGCONT)
+        except (OSError, NameError):
+            pass
+        stop_and_check(server)
+
+
 def test_transformation_past_its_deadline_fails_only_its_instances(test_model):
     server = ServerProcess(test_model("llama_kv4"), "--dp-size", "2", "--dtype", "float32", "--page-size", "4",
                            "--enable-gyges", "--gyges-transform-timeout", "3")
