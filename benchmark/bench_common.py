@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from typing import List, Optional
 
 
 def cpu_model_name() -> str:
@@ -15,3 +16,13 @@ def cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def pct(xs: List[float], q: float) -> Optional[float]:
+    """The q-th percentile of xs with linear interpolation between closest ranks (None when empty)."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)

@@ -59,6 +59,9 @@ ALL_POLICIES = ["gyges", "static-dp-rr", "static-dp-ll", "static-tp", "static-hy
 
 from gyges.traces import TraceRequest, load_trace, mix_traces, rate, sample, scale_trace, window  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmark"))
+from bench_common import pct  # noqa: E402
+
 
 # =====================================================================================================
 # Workload
@@ -255,15 +258,6 @@ async def replay(url: str, workload: List[TraceRequest], a, label: str):
 # =====================================================================================================
 # Metrics
 # =====================================================================================================
-def pct(xs: List[float], q: float) -> Optional[float]:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
 def summarize(policy: str, results: List[Result], makespan: float, history: List[dict], wall0: float, a) -> dict:
     ok = [r for r in results if r.ok]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]

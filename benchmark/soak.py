@@ -67,6 +67,9 @@ from typing import Dict, List, Optional, Tuple
 import psutil
 import requests
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import cpu_model_name, pct  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmark" / "results"
 
@@ -144,15 +147,6 @@ class Rec:
     ttft_s: Optional[float] = None
     completion_tokens: int = 0
     t_end: float = 0.0
-
-
-def pct(xs: List[float], q: float) -> Optional[float]:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def server_rss_bytes(pid: int) -> Tuple[int, int]:
@@ -745,7 +739,7 @@ def main(argv=None) -> int:
                         f"{log_path.read_text(errors='replace')[-1500:]}")
     result["failures"] = failures
     result["bad_records"] = bad_records(result)[:50]
-    result["machine"] = {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()}
+    result["machine"] = {"cpu": cpu_model_name(), "cores": os.cpu_count(), "python": platform.python_version()}
     result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(result, indent=1, default=str))
@@ -758,16 +752,6 @@ def main(argv=None) -> int:
         return 1
     print("\nall checks passed")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_common import cpu_model_name
-
-        return cpu_model_name()
-    except ImportError:
-        return platform.processor()
 
 
 if __name__ == "__main__":

@@ -104,10 +104,6 @@ class ActiveTransform:
     done: Optional[TransformDone] = None  # set when the workers finished; answered once all new instances report
     deadline: float = 0.0  # time.monotonic() after which the transformation's devices fail
 
-    @property
-    def devices(self) -> List[int]:
-        return sorted({d for inst in self.cmd.src_instances + self.cmd.dst_instances for d in inst})
-
 
 @dataclass
 class PendingReplies:
@@ -452,7 +448,7 @@ class Controller:
         now = time.monotonic()
         active = self.active
         if active is not None and now > active.deadline:
-            self.fail_devices(set(active.devices), f"the {active.cmd.kind} of devices {active.devices} did not "
+            self.fail_devices(set(active.cmd.devices), f"the {active.cmd.kind} of devices {active.cmd.devices} did not "
                               f"finish within {self.args.gyges_transform_timeout:g} s (--gyges-transform-timeout)")
         busy = self._busy_bases()
         for view in list(self.views.values()):
@@ -479,10 +475,10 @@ class Controller:
         doomed = set(devices)
         active = self.active
         held = []
-        if active is not None and doomed & set(active.devices):
-            doomed |= set(active.devices)
+        if active is not None and doomed & set(active.cmd.devices):
+            doomed |= set(active.cmd.devices)
             if f"{active.cmd.kind} of devices" not in reason:
-                reason += f" during a {active.cmd.kind} of devices {active.devices}"
+                reason += f" during a {active.cmd.kind} of devices {active.cmd.devices}"
             self.active = None
             if active.req_id is not None:
                 self.send_to_tokenizer.send_pyobj(GygesTransformReqOutput(

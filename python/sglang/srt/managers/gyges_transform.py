@@ -206,7 +206,7 @@ def _all_gather_object(obj, group: TPGroup) -> list:
 def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[InstanceState]) -> TransformOutcome:
     """Run this device's part of `cmd`. Every device of the transformation calls it at the same point."""
     t_start = time.time()
-    devices = sorted({d for inst in cmd.src_instances + cmd.dst_instances for d in inst})
+    devices = cmd.devices
     group = get_tp_group(devices)
     blobs = _all_gather_object(pickle.dumps(my_state) if my_state is not None else None, group)
     states = {}

@@ -400,6 +400,11 @@ class TransformCmd:
     # time.time() when the controller issued it.
     issued_at: float
 
+    @property
+    def devices(self) -> List[int]:
+        """Every device taking part (sources and destinations), ascending."""
+        return sorted({d for inst in self.src_instances + self.dst_instances for d in inst})
+
 
 @dataclass
 class TransformDone:

@@ -400,23 +400,35 @@ class Scheduler:
             to_sample.append(req)
         if to_sample:
             rows = [row_of[(index[id(r)], r.kv_len - 1)] for r in to_sample]
-            try:
-                self.sample_and_check(to_sample, logits, rows)
-            except Exception:
-                # Find the request that fails: sample each alone, so the others keep their tokens.
-                for req, row in zip(to_sample, rows):
-                    try:
-                        self.sample_and_check([req], logits, [row])
-                    except Exception as e:
-                        logger.exception("sampling request %s failed", req.rid)
-                        req.finished_reason = self._internal_error("sampling failed", e)
+            self.sample_and_append(to_sample, logits, rows)
             updated.extend(to_sample)
         self.batches.finish([r for r in updated if r.finished])
         self.send_outputs([r for r in updated if r.finished or r.stream])
 
-    def sample_and_check(self, reqs: List[Req], logits: torch.Tensor, rows: List[int]) -> None:
-        """Sample one token for each of `reqs` from logits[rows]; nothing changes if it raises."""
-        out = self.sampler.sample(
+    def sample_and_append(self, reqs: List[Req], logits: torch.Tensor, rows: List[int]) -> None:
+        """Sample one token for each of `reqs` from logits[rows] and append it (grammar, logprobs, stop checks).
+        A request whose sampling or token handling raises is finished with a 500; the others are unaffected."""
+        try:
+            groups = [(reqs, self._sample(reqs, logits, rows))]
+        except Exception:
+            # Find the request that fails: sample each alone (sampling changes no request state).
+            groups = []
+            for req, row in zip(reqs, rows):
+                try:
+                    groups.append(([req], self._sample([req], logits, [row])))
+                except Exception as e:
+                    logger.exception("sampling request %s failed", req.rid)
+                    req.finished_reason = self._internal_error("sampling failed", e)
+        for group, out in groups:
+            for j, req in enumerate(group):
+                try:
+                    self._append_token(req, out, j)
+                except Exception as e:
+                    logger.exception("handling the token sampled for request %s failed", req.rid)
+                    req.finished_reason = self._internal_error("handling the sampled token failed", e)
+
+    def _sample(self, reqs: List[Req], logits: torch.Tensor, rows: List[int]):
+        return self.sampler.sample(
             logits[torch.tensor(rows, dtype=torch.int64)],  # [len(reqs), vocab]
             states=[r.sampling_state for r in reqs],
             output_ids=[r.output_ids for r in reqs],
@@ -424,40 +436,37 @@ class Scheduler:
             top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
             eos_token_ids=self.stop_checker.eos_token_ids,
         )
-        for j, req in enumerate(reqs):
-            tok = int(out.next_token_ids[j])
-            req.output_ids.append(tok)
-            if req.grammar is not None:
-                req.grammar.accept_token(tok)
-            if req.return_logprob:
-                req.output_token_logprobs.append((float(out.next_token_logprobs[j]), tok))
-                if req.top_logprobs_num:
-                    req.output_top_logprobs.append(out.top_logprobs[j])
-            self.stop_checker.check(req)
+
+    def _append_token(self, req: Req, out, j: int) -> None:
+        tok = int(out.next_token_ids[j])
+        req.output_ids.append(tok)
+        if req.grammar is not None:
+            req.grammar.accept_token(tok)
+        if req.return_logprob:
+            req.output_token_logprobs.append((float(out.next_token_logprobs[j]), tok))
+            if req.top_logprobs_num:
+                req.output_top_logprobs.append(out.top_logprobs[j])
+        self.stop_checker.check(req)
 
     def collect_input_logprobs(self, req: Req, i: int, start: int, n: int, logits, row_of) -> None:
         prompt = req.origin_input_ids
         positions = [p for p in range(max(start, req.logprob_start_len - 1, 0), min(start + n, len(prompt) - 1))]
-        rows = targets = None
+        picked, top = [], None  # computed in full before anything is recorded: a failure changes nothing
         if positions:
             rows = torch.tensor([row_of[(i, p)] for p in positions], dtype=torch.int64)
             logprobs = torch.log_softmax(logits[rows], dim=-1)  # [len(positions), vocab]
             targets = torch.tensor([prompt[p + 1] for p in positions], dtype=torch.int64)
-            picked = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-            top = None
+            picked = list(zip(logprobs.gather(1, targets[:, None])[:, 0].tolist(), targets.tolist()))
             if req.top_logprobs_num:
-                k = min(req.top_logprobs_num, logprobs.shape[-1])
-                vals, ids = logprobs.topk(k, dim=-1)
+                vals, ids = logprobs.topk(min(req.top_logprobs_num, logprobs.shape[-1]), dim=-1)
                 top = [list(zip(v, t)) for v, t in zip(vals.tolist(), ids.tolist())]
-        # Computed in full before anything is recorded, so a failure leaves the request unchanged.
         if start <= req.logprob_start_len == 0 and not req.input_token_logprobs:
             req.input_token_logprobs.append((None, prompt[0]))
             if req.top_logprobs_num:
                 req.input_top_logprobs.append(None)
-        if positions:
-            req.input_token_logprobs.extend(zip(picked, targets.tolist()))
-            if top is not None:
-                req.input_top_logprobs.extend(top)
+        req.input_token_logprobs.extend(picked)
+        if top is not None:
+            req.input_top_logprobs.extend(top)
 
     # ======================================================================================================
     # outputs

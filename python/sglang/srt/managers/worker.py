@@ -111,7 +111,7 @@ def serve(server_args: ServerArgs, rank: int, runner, tp_group, tokenizer, chann
             if cmd is None:
                 return
             my_state = None
-        devices = sorted({d for inst in cmd.src_instances + cmd.dst_instances for d in inst})
+        devices = cmd.devices
         # A peer that dies or hangs makes a collective here raise after the deadline (this worker then exits
         # and the controller fails the transformation's instances) instead of waiting forever.
         with collective_timeout(get_tp_group(devices), server_args.gyges_transform_timeout):
