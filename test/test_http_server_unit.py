@@ -13,6 +13,7 @@ import uvicorn
 
 from server_utils import free_port
 from sglang.srt.entrypoints.http_server import create_app
+from sglang.srt.managers.tokenizer_manager import RequestLimits
 from sglang.srt.metrics import MetricsCollector
 from sglang.srt.server_args import ServerArgs
 
@@ -34,9 +35,17 @@ class StubTM:
         self.healthy = True
         self.fail_with = None
         self.aborted = []
+        self.limits = RequestLimits.from_server_args(self.server_args, self.max_req_input_len)
+        self.failed_instances = []
 
     def is_healthy(self):
         return self.healthy
+
+    def health_problems(self):
+        return [] if self.healthy else ["no instance left serving (a worker died)"]
+
+    def begin_shutdown(self, reason):
+        self.healthy = False
 
     async def generate_request(self, obj, request=None):
         while not self.release_warmup.is_set():
@@ -264,6 +273,7 @@ def test_detokenizer_survives_a_request_whose_decode_fails():
     assert good.text == "a" and good.delta.finish_reason is None
     fr = bad.delta.finish_reason
     assert fr["type"] == "abort" and fr["status_code"] == 500 and "OverflowError" in fr["message"]
+    assert bad.failed_in_detokenizer and not good.failed_in_detokenizer  # the TM aborts it in the scheduler
     with pytest.raises(RequestFailedError, match="decoding the output failed"):
         _raise_for_rejection({"meta_info": {"finish_reason": fr}})
     # later deltas of the failed request are dropped; its final one is forwarded once, empty
@@ -271,4 +281,5 @@ def test_detokenizer_survives_a_request_whose_decode_fails():
     assert [o.rid for o in outs] == ["good"] and outs[0].text == "ab"
     outs = d.update_batch([_delta("bad", [2], {"type": "abort", "status_code": 499}), _delta("good", [2])])
     assert [o.rid for o in outs] == ["bad", "good"] and outs[0].output_ids == [] and "bad" not in d.failed
+    assert not outs[0].failed_in_detokenizer  # the scheduler's own final word: nothing left to abort
     assert outs[1].text == "abc"

@@ -188,8 +188,7 @@ class Engine:
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        self.tokenizer_manager.shutdown()
-        remove_ipc_files(self.tokenizer_manager.port_args)
+        self.tokenizer_manager.shutdown()  # also removes the ipc files
         self._run(self.tokenizer_manager.stop_background_tasks(), timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)

@@ -77,12 +77,12 @@ from sglang.srt.entrypoints.openai.serving import (
     error_body,
     error_response,
     first_output,
+    is_unavailable,
     sse,
 )
 from sglang.srt.managers.io_struct import GenerateReqInput
 from sglang.srt.metrics.collector import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sglang.srt.metrics.collector import MetricsCollector
-from sglang.srt.server_args import parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +98,6 @@ _BOOL_FIELDS = ("stream", "return_text_in_logprobs", "return_hidden_states", "lo
 _UNSUPPORTED_GENERATE_FIELDS = ("input_embeds", "session_params", "token_ids_logprob", "data_parallel_rank",
                                 "bootstrap_host", "bootstrap_port", "bootstrap_room", "return_routed_experts",
                                 "return_bytes")
-
-
-def _is_unavailable(exc: BaseException) -> bool:
-    """tokenizer_manager.ServerUnavailableError, matched by name so this module imports without it."""
-    return any(t.__name__ == "ServerUnavailableError" for t in type(exc).__mro__)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,18 +124,14 @@ class ServerState:
         if not self.ready:
             return [self.warmup_error or "the server is starting (warm-up not finished)"]
         try:
-            problems = getattr(self.tm, "health_problems", None)
-            if problems is not None:
-                return list(problems())
-            return [] if self.tm.is_healthy() else ["a worker process died; the server cannot serve"]
+            return list(self.tm.health_problems())
         except Exception as e:  # noqa: BLE001 - a broken TM is not healthy
             return [f"{type(e).__name__}: {e}"]
 
     def health_error(self) -> ORJSONResponse:
         problems = self.health_problems()
         body = error_body(503, "; ".join(problems))
-        body["failed_instances"] = [{"devices": d, "reason": r}
-                                    for d, r in getattr(self.tm, "failed_instances", [])]
+        body["failed_instances"] = [{"devices": d, "reason": r} for d, r in self.tm.failed_instances]
         return ORJSONResponse(body, status_code=503)
 
     def warmup_request(self, max_new_tokens: int = 1) -> GenerateReqInput:
@@ -416,9 +407,7 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
     app.state.server = state
     if args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=args.api_key)
-    limits = getattr(tm, "limits", None)
-    max_body = limits.max_body_bytes if limits is not None else parse_size(args.max_request_body_size)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body, timeout_s=args.timeout_request_read)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=tm.limits.max_body_bytes, timeout_s=args.timeout_request_read)
     install_openapi(app)
 
     # ---- errors ------------------------------------------------------------------------------------------
@@ -444,7 +433,7 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
 
     @app.exception_handler(Exception)
     async def _any_error(request: Request, exc: Exception):
-        if _is_unavailable(exc):
+        if is_unavailable(exc):
             return error_response(503, str(exc) or "the server's workers are not available")
         logger.exception("unhandled error on %s", request.url.path)
         return error_response(500, f"{type(exc).__name__}: {exc}")
@@ -628,7 +617,7 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
                 except (asyncio.CancelledError, GeneratorExit):
                     raise
                 except Exception as e:  # noqa: BLE001 - the stream already started: report in-band
-                    status = 503 if _is_unavailable(e) else 500
+                    status = 503 if is_unavailable(e) else 500
                     if status == 500:
                         logger.exception("error while streaming /generate")
                     yield sse(error_body(status, str(e) if status == 503 else f"{type(e).__name__}: {e}"))
@@ -683,7 +672,7 @@ async def _map_errors(coro):
     except ValueError as e:
         raise APIError(400, str(e)) from e
     except Exception as e:
-        if _is_unavailable(e):
+        if is_unavailable(e):
             raise APIError(503, str(e) or "the server's workers are not available") from e
         raise
 
@@ -762,10 +751,9 @@ def make_uvicorn_server(app, config):
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            loop = getattr(state, "loop", None)
-            begin = getattr(state.tm, "begin_shutdown", None)
-            if loop is not None and begin is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(begin, f"the server is shutting down (signal {sig})")
+            loop = state.loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(state.tm.begin_shutdown, f"the server is shutting down (signal {sig})")
             super().handle_exit(sig, frame)
 
     server = Server(config)

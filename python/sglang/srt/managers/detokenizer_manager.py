@@ -99,7 +99,8 @@ class IncrementalDetokenizer:
                 failed = dataclasses.replace(delta, new_output_ids=[], finish_reason={
                     "type": "abort", "status_code": 500,
                     "message": f"decoding the output failed: {type(e).__name__}: {e}"})
-                outs.append(ReqStrOut(rid=delta.rid, text="", output_ids=[], delta=failed))
+                outs.append(ReqStrOut(rid=delta.rid, text="", output_ids=[], delta=failed,
+                                      failed_in_detokenizer=delta.finish_reason is None))
         return outs
 
 

@@ -281,6 +281,9 @@ class ReqStrOut:
     output_ids: List[int]
     # The delta this text was made from (token ids, logprobs, finish reason, counts).
     delta: ReqOutputDelta
+    # The detokenizer failed this request (delta.finish_reason says why) while its scheduler may still be
+    # running it: the TokenizerManager answers the client and aborts it there.
+    failed_in_detokenizer: bool = False
 
 
 @dataclass

@@ -30,8 +30,8 @@ import pickle
 import random
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
@@ -239,8 +239,7 @@ class TokenizerManager:
             if chars <= INLINE_TOKENIZE_CHARS:
                 tokenized = self._tokenize_all(obj)
             else:
-                loop = asyncio.get_running_loop()
-                tokenized = await loop.run_in_executor(self._executor, self._tokenize_all, obj)
+                tokenized = await self.offload(chars, self._tokenize_all, obj)
                 if not self.is_healthy():
                     raise ServerUnavailableError(
                         f"the server is not serving: {self._dead_reason or 'shutting down'}")
@@ -289,10 +288,7 @@ class TokenizerManager:
         for i in range(obj.batch_size):
             p = obj.prompt(i)
             if isinstance(p, str):
-                if len(p) > lim.max_prompt_chars:
-                    raise ValueError(f"the prompt has {len(p)} characters; at most {lim.max_prompt_chars} are "
-                                     f"accepted (--max-prompt-chars), and at most {self.max_req_input_len} "
-                                     f"prompt tokens")
+                self.check_prompt_chars(len(p))
                 chars += len(p)
             elif len(p) > self.max_req_input_len:
                 raise ValueError(f"the prompt has {len(p)} tokens, longer than the largest servable context: "
@@ -347,6 +343,19 @@ class TokenizerManager:
             now = time.time()
             for r in [r for r, t in self._draining.items() if t <= now]:
                 del self._draining[r]
+
+    async def offload(self, chars: int, fn, *args):
+        """fn(*args) for tokenizing / templating `chars` characters: inline when small, else in the
+        tokenizer thread pool so the event loop keeps serving."""
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def check_prompt_chars(self, chars: int, what: str = "the prompt") -> None:
+        """ValueError (400) when `chars` exceeds --max-prompt-chars."""
+        if chars > self.limits.max_prompt_chars:
+            raise ValueError(f"{what} has {chars} characters; at most {self.limits.max_prompt_chars} are "
+                             f"accepted (--max-prompt-chars), and at most {self.max_req_input_len} prompt tokens")
 
     def _tokenize_all(self, obj: GenerateReqInput) -> List[TokenizedGenerateReqInput]:
         return [self._tokenize_one(obj, i, j) for i in range(obj.batch_size) for j in range(obj.parallel_sample_num)]
@@ -588,7 +597,7 @@ class TokenizerManager:
                     if out.delta.finish_reason is not None:
                         self._draining.pop(out.rid, None)  # its scheduler dropped it: the rid is free
                     continue
-                if _failed_here(out):  # the detokenizer failed it: stop the scheduler's work on it too
+                if out.failed_in_detokenizer:  # stop the scheduler's work on it too
                     self._drain(out.rid)
                     self._send_to_controller.send_pyobj(AbortReq(out.rid))
                 st.pending.append(out)
@@ -622,10 +631,9 @@ class TokenizerManager:
                     self._mark_dead(f"process {p.name} exited with code {p.exitcode}")
 
     def _on_serving_state(self, msg: ServingState) -> None:
-        reasons = list(getattr(msg, "reasons", None) or [])
-        reasons += ["failed"] * (len(msg.failed_instances) - len(reasons))
+        reasons = list(msg.reasons) + ["failed"] * (len(msg.failed_instances) - len(msg.reasons))
         self.failed_instances = [(list(d), r) for d, r in zip(msg.failed_instances, reasons)]
-        for rank in getattr(msg, "kill_ranks", None) or []:
+        for rank in msg.kill_ranks:
             for p in self.child_processes:
                 if p.name == f"worker-{rank}" and p.is_alive():
                     logger.error("killing hung worker %s (pid %s)", p.name, p.pid)
@@ -655,8 +663,3 @@ class TokenizerManager:
         if self.on_fatal is not None and not self._shutdown:
             self.on_fatal(reason)
 
-
-def _failed_here(out: ReqStrOut) -> bool:
-    """A finish the detokenizer made (status 500) for a request its scheduler may still be running."""
-    fr = out.delta.finish_reason
-    return bool(fr) and fr.get("type") == "abort" and fr.get("status_code") == 500

@@ -93,6 +93,12 @@ _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFou
                 422: "BadRequestError", 503: "ServiceUnavailableError", 500: "InternalServerError"}
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """tokenizer_manager.ServerUnavailableError (HTTP 503), matched by name so the HTTP layer imports without
+    the TokenizerManager (tests run it on a stub)."""
+    return any(t.__name__ == "ServerUnavailableError" for t in type(exc).__mro__)
+
+
 def error_body(status: int, message: str, type: Optional[str] = None, param: Optional[str] = None) -> dict:
     return {"error": {"message": message, "type": type or _ERROR_TYPES.get(status, "InternalServerError"),
                       "param": param, "code": status}}
@@ -418,16 +424,12 @@ class OpenAIServing:
 
     async def chat_completions(self, req: ChatCompletionRequest, raw_request: Optional[Request]):
         self.check_model(req.model)
-        limits = getattr(self.tm, "limits", None)
         chars = sum(len(m.text()) for m in req.messages)
-        if limits is not None and chars > limits.max_prompt_chars:
-            raise APIError(400, f"the messages have {chars} characters; at most {limits.max_prompt_chars} are "
-                                f"accepted (--max-prompt-chars)", param="messages")
-        executor = getattr(self.tm, "_executor", None)
-        if executor is not None and chars > 8192:  # template + tokenize off the event loop
-            input_ids = await asyncio.get_running_loop().run_in_executor(executor, self.apply_chat_template, req)
-        else:
-            input_ids = self.apply_chat_template(req)
+        try:
+            self.tm.check_prompt_chars(chars, "the messages")
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        input_ids = await self.tm.offload(chars, self.apply_chat_template, req)  # large: off the event loop
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         sp = self._sampling_params(req, max_new)
         rf = req.response_format
@@ -544,7 +546,7 @@ async def _guard_stream(gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     except Exception as e:  # noqa: BLE001 - report to the client instead of cutting the stream
         if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
             raise
-        unavailable = any(t.__name__ == "ServerUnavailableError" for t in type(e).__mro__)
+        unavailable = is_unavailable(e)
         status = 503 if unavailable else getattr(e, "status", 500)
         if status >= 500 and not unavailable:
             logger.exception("error while streaming")
