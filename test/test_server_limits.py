@@ -128,7 +128,9 @@ def test_malformed_fields(server, name):
 def test_deep_json_schema_is_not_a_server_error(server):
     r = server.post("/generate", json={"text": "Hi", "sampling_params": {"json_schema": _deep(900),
                                                                          "max_new_tokens": 4}})
-    assert r.status_code in (200, 400), r.text[:300]
+    # 900 levels of unknown keywords: xgrammar compiles it (any object), so the request is served.
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
     assert_still_serving(server)
 
 

@@ -236,14 +236,12 @@ class TokenizerManager:
             obj.normalize()
             chars = self._check_limits(obj)
             self._check_rids(obj.rid)  # before tokenizing: cheap
-            if chars <= INLINE_TOKENIZE_CHARS:
-                tokenized = self._tokenize_all(obj)
-            else:
-                tokenized = await self.offload(chars, self._tokenize_all, obj)
+            tokenized = await self.offload(chars, self._tokenize_all, obj)
+            if chars > INLINE_TOKENIZE_CHARS:  # it waited for a thread: the world may have changed meanwhile
                 if not self.is_healthy():
                     raise ServerUnavailableError(
                         f"the server is not serving: {self._dead_reason or 'shutting down'}")
-                self._check_rids(obj.rid)  # again: others may have taken one while this one was tokenized
+                self._check_rids(obj.rid)  # others may have taken one while this one was tokenized
             messages = [pickle.dumps(t, pickle.HIGHEST_PROTOCOL) for t in tokenized]
         except RecursionError:
             raise ValueError("the request is nested too deeply (a JSON value inside it); flatten it") from None
