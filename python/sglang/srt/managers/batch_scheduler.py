@@ -253,6 +253,8 @@ class BatchScheduler:
         # 3) new admissions: each one's whole remaining prefill and its share of decode tokens must fit
         # beside what the running requests still claim.
         max_running = cfg.max_running_requests or 1 << 62
+        if not self.waiting or budget <= 0 or len(self.running) >= max_running:
+            return  # nothing to admit: skip ordering the queue (lpm matches every prompt to order it)
         claimed = sum(self._claim_pages(r) for r in self.running)
         admitted = []
         for req in self.policy.order(self.waiting):
