@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gyges.costmodel import TransformCostModel
-from gyges.policy import (ClusterState, GygesPolicy, Hold, InstanceLoad, Place, Reject, RequestInfo,
+from gyges.policy import (ClusterState, GygesPolicy, Hold, InstanceLoad, LoadLedger, Place, Reject, RequestInfo,
                           StaticDPLeastLoad, StaticDPRoundRobin, StaticHybrid, StaticTP, Transform,
                           make_policy, validate_transform)
 from gyges.topology import Instance, Topology, is_aligned
@@ -171,8 +171,8 @@ def check_tick(state: ClusterState, per_device: int, decisions) -> None:
     for t in transforms:
         assert is_aligned(t.devices) and t.tp <= state.max_tp
         validate_transform(t, state)  # a union of instances / exactly one instance
-        if t.is_merge:
-            assert any(needs_merge(h, state) and h.need_tokens <= per_device * len(t.devices) for h in remaining)
+        if t.is_merge:  # the smallest group that holds some held request
+            assert any(size_class(h.need_tokens, per_device) == len(t.devices) for h in remaining)
         else:
             inst = insts[t.devices[0]]
             part = inst.kv_capacity_tokens * t.tp // inst.tp
@@ -183,7 +183,6 @@ def check_tick(state: ClusterState, per_device: int, decisions) -> None:
         waiting_long = [h for h in remaining if needs_merge(h, state)]
         if waiting_long:
             assert transforms and transforms[0].is_merge
-            assert per_device * len(transforms[0].devices) >= waiting_long[0].need_tokens
 
 
 @SETTINGS
@@ -237,9 +236,13 @@ def test_split_waits_for_split_delay_and_resets_when_load_returns():
 def test_no_split_while_a_held_request_needs_the_merged_instance():
     policy = GygesPolicy(split_delay=0.0)
     big = RequestInfo("big", 1500, 100, 0.0)
-    state = ClusterState(4, 4, (load((0, 1), used=1900, in_flight=50, running=1), load((2,)), load((3,))),
-                         now=1.0, held=(big,))
-    assert policy.on_tick(state) == []  # waits for memory on the TP2 instance, no split, no merge
+    busy = (load((2,), in_flight=600, running=2), load((3,), in_flight=600, running=2))
+    state = ClusterState(4, 4, (load((0, 1), used=1900, in_flight=50, running=1),) + busy, now=1.0, held=(big,))
+    assert policy.on_tick(state) == []  # waits for memory on the TP2 instance: no split, and no merge of
+    # (2, 3), which it would not fit right after
+    idle = (load((2,)), load((3,)))
+    state = ClusterState(4, 4, (load((0, 1), used=1900, in_flight=50, running=1),) + idle, now=1.0, held=(big,))
+    assert policy.on_tick(state) == [Transform((2, 3), 2)]  # a second TP2 that serves it at once
     state = ClusterState(4, 4, (load((0, 1)), load((2,)), load((3,))), now=2.0, held=(big,))
     assert policy.on_tick(state) == [Place("big", 0)]
 
@@ -281,8 +284,11 @@ def test_merged_instance_on_its_way_back_admits_only_what_keeps_it_splittable():
 
 def test_split_without_history_needs_everything_in_one_part():
     policy = GygesPolicy(split_delay=0.0)
-    state = ClusterState(4, 4, (load(range(4), used=1500, in_flight=0, running=5),), now=0.0)
+    state = ClusterState(4, 4, (load(range(4), used=2500, in_flight=0, running=5),), now=0.0)
     assert policy.on_tick(state) == []
+    # 1500 tokens fit one TP2 half but no TP1 quarter: a partial split
+    state = ClusterState(4, 4, (load(range(4), used=1500, in_flight=0, running=5),), now=0.0)
+    assert policy.on_tick(state) == [Transform((0, 1, 2, 3), 2)]
     state = ClusterState(4, 4, (load(range(4), used=900, in_flight=100, running=5),), now=0.0)
     assert policy.on_tick(state) == [Transform((0, 1, 2, 3), 1)]
 
@@ -294,8 +300,7 @@ def test_merge_prefers_idle_smallest_group():
     req = RequestInfo("long", 1500, 100, 0.0)
     state = ClusterState(8, 8, insts, 0.0, held=(req,))
     assert policy.on_tick(state) == [Transform((2, 3), 2)]
-    assert policy.merge_for(RequestInfo("l2", 3000, 0, 0.0), state, __import__("gyges.policy").policy.LoadLedger(state)) \
-        == (4, 5, 6, 7)
+    assert policy.merge_group(RequestInfo("l2", 3000, 0, 0.0), 4, state, LoadLedger(state)) == ((4, 5, 6, 7), True)
 
 
 def test_short_requests_keep_flowing_while_a_long_one_waits_for_its_merge():
@@ -313,9 +318,11 @@ def test_short_requests_keep_flowing_while_a_long_one_waits_for_its_merge():
 def test_held_long_request_does_not_block_short_ones_but_reserves_its_instance():
     policy = GygesPolicy()
     long_req = RequestInfo("long", 1800, 100, 0.0)
-    insts = (load((0, 1), used=500, in_flight=100, running=1), load((2,)), load((3,)))
+    insts = (load((0, 1), used=500, in_flight=100, running=1), load((2,), in_flight=600, running=2),
+             load((3,), in_flight=600, running=2))
     state = ClusterState(4, 4, insts, 0.0, held=(long_req,))
-    # fits the TP2 now, but the TP2 is what the held long request waits for
+    # fits the TP2 now, but the TP2 is what the held long request waits for (merging (2, 3) would not
+    # serve it sooner: they hold too much)
     d = policy.on_request(RequestInfo("s", 100, 10, 0.1), state)
     assert isinstance(d, Place) and d.instance in (2, 3)
     full = (insts[0], load((2,), in_flight=1000, running=3), load((3,), in_flight=1000, running=3))
@@ -415,7 +422,7 @@ def test_split_uses_the_runtime_part_capacity_when_known():
     naive = ClusterState(2, 2, (merged,), now=100.0)
     known = ClusterState(2, 2, (merged,), now=100.0, capacity_by_tp=((1, 2048), (2, 7200)))
     policy.on_tick(naive)
-    assert policy.split_is_safe(merged)  # 3000 tokens fit one half of 7200
+    assert policy.split_target(merged) == 1  # 3000 tokens fit one half of 7200
     policy.on_tick(known)
-    assert not policy.split_is_safe(merged)  # but not one TP1 instance of 2048
+    assert policy.split_target(merged) is None  # but not one TP1 instance of 2048
     assert not any(isinstance(d, Transform) for d in policy.on_tick(known))

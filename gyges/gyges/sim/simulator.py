@@ -2,19 +2,30 @@
 
 Data flow. Requests (gyges.traces.TraceRequest) arrive at their trace times. The simulator plays the
 live controller: on each arrival it describes the instances in a policy.ClusterState and applies the
-policy's Place / Hold / Reject; every `tick_s` it calls on_tick and applies its placements, rejects and
-transformations. Each instance runs continuous batching: one iteration takes every decoding request (one
-token each) plus prefill chunks of the others up to `chunk_tokens`, and lasts
-costmodel.StepTimeModel.step_time(batch tokens, context tokens, tp). A request's KV reservation is
-prompt + output tokens (the policy sees max_new_tokens = the trace's output length), so admitted work
-never runs out of memory. Capacity: `kv_tokens_per_device` per device at any TP (an instance of TP t
-holds t times that). A transformation waits for the current iteration of each instance involved, pauses
-them for costmodel.TransformCostModel's estimate, then the requests continue on the new instances (a
-merge pools them; a split deals them over the parts, which must have room: otherwise the policy was
-wrong and SimulationError is raised, like any other invalid decision).
+policy's Place / Hold / Reject; every `tick_s` (and, with `tick_on_step`, after every iteration, as the
+live controller ticks on every load report) it calls on_tick and applies its placements, rejects and
+transformations. A placed request reaches its instance `dispatch_s` later (controller -> leader hop) and
+joins the first iteration that starts after that. Each instance runs continuous batching the way
+python/sglang/srt/managers/batch_scheduler.py does: one iteration takes every decoding request (one token
+each), then prefill chunks of the admitted requests (at most `chunked_prefill_size` tokens each,
+`max_prefill_tokens` in all, and never more than `chunk_tokens` tokens with the decodes), then admits
+placed requests first come first served while `max_running_requests` allows and their claim (remaining
+prompt + new_token_ratio x remaining output, in pages of `page_size`) fits beside the admitted ones'.
+It lasts costmodel.StepTimeModel.step_time(batch tokens, context tokens, tp), context = the KV tokens the
+batch attends (each item's KV length after the step). A request's KV reservation is prompt + output
+tokens (the policy sees max_new_tokens = the trace's output length), so placed work never runs out of
+memory; loads are reported as the live leaders report them (used KV rounded up to whole pages, tokens in
+flight = what the requests may still write). Capacity: `capacity_by_tp[t]` KV tokens for an instance of
+TP t when given (what the runtime reports), else `kv_tokens_per_device` x t. A transformation waits for
+the current iteration of each instance involved, pauses them for costmodel.TransformCostModel's estimate,
+then the requests continue on the new instances (a merge pools them; a split deals them over the parts,
+which must have room: otherwise the policy was wrong and SimulationError is raised, like any other
+invalid decision). With `tick_during_transform` off (the live controller) no tick runs meanwhile. What a
+client sees trails the engine by `response_s` (detokenizer, HTTP): added to TTFT and to the finish time.
 
 Results (SimResult): TTFT / TPOT percentiles, throughput, SLO attainment, rejected and unfinished
-requests, merges / splits and a timeline of instance shapes; per trace source as well.
+requests, merges / splits and a timeline of instance shapes; per trace source as well. Per request:
+`Simulator.reqs` after `run()` (arrival, first_token_at and finished_at on the engine's clock).
 
 CLI: python -m gyges.sim.simulator --help
 """
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import inspect
 import itertools
 import json
 import math
@@ -31,8 +43,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from gyges.costmodel import StepTimeModel, TransformCostModel
-from gyges.policy import (ClusterState, Hold, InstanceLoad, Place, Policy, Reject, RequestInfo, Transform,
-                          make_policy, validate_transform)
+from gyges.policy import (POLICIES, ClusterState, Hold, InstanceLoad, Place, Policy, Reject, RequestInfo,
+                          Transform, make_policy, validate_transform)
 from gyges.topology import Instance, Topology
 from gyges.traces import (TraceRequest, load_trace, mix_traces, sample, scale_trace, synthetic_trace,
                           window)
@@ -49,6 +61,18 @@ class SimConfig:
     kv_tokens_per_device: int = 16384
     chunk_tokens: int = 4096  # prefill + decode tokens per iteration of one instance
     tick_s: float = 0.1  # how often the policy's on_tick runs
+    # The instance scheduler (batch_scheduler.py's rules and ServerArgs' flags of the same names); the
+    # defaults leave chunk_tokens the only limit.
+    chunked_prefill_size: Optional[int] = None  # longest prefill chunk of one request per iteration
+    max_prefill_tokens: Optional[int] = None  # prefill tokens per iteration, all requests together
+    max_running_requests: Optional[int] = None  # admitted requests per instance
+    page_size: int = 1  # KV is allocated, claimed and reported in pages of this many tokens
+    capacity_by_tp: Optional[Dict[int, int]] = None  # KV tokens of an instance of TP t (None: per device x t)
+    # The controller and the way to the client.
+    tick_on_step: bool = False  # also tick after every iteration (the live controller ticks on each report)
+    tick_during_transform: bool = True  # False: no tick while a transformation runs (the live controller)
+    dispatch_s: float = 0.0  # a Place -> the request can join an iteration of its instance
+    response_s: float = 0.0  # a token sampled -> the client has it (added to TTFT and finish times)
     slo_ttft_s: float = 5.0
     slo_tpot_s: float = 0.1
     report_largest_request: bool = True  # InstanceLoad.largest_request_tokens (False: policy infers it)
@@ -56,6 +80,12 @@ class SimConfig:
     drain_s: float = 3600.0  # give up this long after the last arrival (requests left: unfinished)
     step_model: StepTimeModel = field(default_factory=StepTimeModel)
     transform_model: TransformCostModel = field(default_factory=TransformCostModel)
+
+    def capacity(self, tp: int) -> int:
+        """KV tokens of an instance of TP tp."""
+        if self.capacity_by_tp and tp in self.capacity_by_tp:
+            return int(self.capacity_by_tp[tp])
+        return self.kv_tokens_per_device * tp
 
 
 # =====================================================================================================
@@ -73,6 +103,9 @@ class SimRequest:
     first_token_at: Optional[float] = None
     finished_at: Optional[float] = None
     rejected: Optional[str] = None
+    ready_at: float = 0.0  # when it reaches its instance (placement + dispatch_s)
+    admitted: bool = False  # the instance's scheduler admitted it (running; else waiting there)
+    placed_at: Optional[float] = None
 
     @property
     def need(self) -> int:
@@ -87,6 +120,11 @@ class SimRequest:
         return self.prompt - self.prefilled + self.output - self.generated
 
     @property
+    def kv_len(self) -> int:
+        """Tokens whose KV is written: the prompt so far, then every token but the last sampled one."""
+        return self.prefilled + max(0, self.generated - 1)
+
+    @property
     def decoding(self) -> bool:
         return self.prefilled >= self.prompt
 
@@ -94,43 +132,95 @@ class SimRequest:
         return RequestInfo(self.rid, self.prompt, self.output, self.arrival)
 
 
+# batch_scheduler.py's new_token_ratio: the share of a request's remaining output claimed at admission
+INIT_NEW_TOKEN_RATIO = 0.5
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001  # per iteration with decodes
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
+
 @dataclass
 class SimInstance:
     instance: Instance
     capacity: int
-    requests: List[SimRequest] = field(default_factory=list)
+    requests: List[SimRequest] = field(default_factory=list)  # placed here, in placement order
     busy: bool = False  # an iteration is running
     paused: bool = False  # part of a transformation (no new iterations)
     report_largest: bool = True  # report largest_request_tokens (as a controller that tracks requests does)
     idle_since: Optional[float] = 0.0
+    page_size: int = 1
+    new_token_ratio: float = INIT_NEW_TOKEN_RATIO
 
     @property
     def base(self) -> int:
         return self.instance.base
 
+    def used_tokens(self) -> int:
+        """KV held, in whole pages (what a leader reports)."""
+        return sum(pages_for(r.kv_len, self.page_size) for r in self.requests) * self.page_size
+
     def load(self) -> InstanceLoad:
-        used = sum(r.context for r in self.requests)
-        in_flight = sum(r.remaining for r in self.requests)
-        running = sum(1 for r in self.requests if r.decoding)
+        in_flight = sum(r.need - r.kv_len for r in self.requests)
+        running = sum(1 for r in self.requests if r.admitted)
         return InstanceLoad(self.instance.devices, self.instance.tp, running, len(self.requests) - running,
-                            self.capacity, used, 0, in_flight, self.paused,
+                            self.capacity, self.used_tokens(), 0, in_flight, self.paused,
                             None if self.requests else self.idle_since,
-                            max((r.need for r in self.requests), default=0) if self.report_largest else None)
+                            max((r.need for r in self.requests), default=0) if self.report_largest else None,
+                            max((r.prompt - r.prefilled for r in self.requests), default=0))
 
     def free(self) -> int:
-        return self.capacity - sum(r.need for r in self.requests)
+        return self.capacity - self.used_tokens() - sum(r.need - r.kv_len for r in self.requests)
 
-    def next_batch(self, chunk_tokens: int) -> List[Tuple[SimRequest, int]]:
-        """(request, new tokens) of the next iteration: all decodes, then prefill chunks, FCFS."""
-        batch = [(r, 1) for r in self.requests if r.decoding]
-        budget = chunk_tokens - len(batch)
-        for r in self.requests:
+    def _claim_pages(self, r: SimRequest, new_tokens: int = 0) -> int:
+        """Pages r may still allocate beyond its KV after this iteration: batch_scheduler._claim_pages."""
+        seq_len = r.prompt + r.generated
+        tokens = seq_len + int((r.output - r.generated) * min(1.0, self.new_token_ratio))
+        return max(0, pages_for(tokens, self.page_size) - pages_for(r.kv_len + new_tokens, self.page_size))
+
+    def next_batch(self, cfg: "SimConfig", now: float) -> List[Tuple[SimRequest, int]]:
+        """(request, new tokens) of the next iteration (module docstring): decodes, chunks of admitted
+        prefills, then admissions in placement order. Marks the requests it admits."""
+        ps = self.page_size
+        admitted = [r for r in self.requests if r.admitted]
+        batch = [(r, 1) for r in admitted if r.decoding]
+        if batch:
+            self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        budget = cfg.chunk_tokens - len(batch)
+        if cfg.max_prefill_tokens is not None:
+            budget = min(budget, cfg.max_prefill_tokens)
+        chunk_cap = cfg.chunked_prefill_size or (1 << 62)
+        for r in admitted:
             if budget <= 0:
                 break
             if not r.decoding:
-                n = min(r.prompt - r.prefilled, budget)
+                n = min(r.prompt - r.prefilled, chunk_cap, budget)
                 batch.append((r, n))
                 budget -= n
+        max_running = cfg.max_running_requests or (1 << 62)
+        pages = self.capacity // ps
+        new = dict((id(r), n) for r, n in batch)
+        used = sum(pages_for(r.kv_len + new.get(id(r), 0), ps) for r in admitted)
+        claimed = sum(self._claim_pages(r, new.get(id(r), 0)) for r in admitted)
+        running = len(admitted)
+        for r in self.requests:
+            if r.admitted or r.ready_at > now:
+                continue
+            if budget <= 0 or running >= max_running:
+                break
+            n = min(r.prompt - r.prefilled, chunk_cap, budget)
+            alone = running == 0
+            need_now = pages_for(r.kv_len + n, ps)
+            if (not alone and self._claim_pages(r, n) + need_now > pages - used - claimed) or used + need_now > pages:
+                break
+            r.admitted = True
+            used += need_now
+            claimed += self._claim_pages(r, n)
+            running += 1
+            batch.append((r, n))
+            budget -= n
         return batch
 
 
@@ -190,7 +280,7 @@ class Simulator:
         groups = policy.initial_instances(self.cfg.num_devices, self.cfg.max_tp)
         self.topology = Topology(self.cfg.num_devices, tuple(Instance.of(g) for g in groups), self.cfg.max_tp)
         self.instances: Dict[int, SimInstance] = {
-            i.base: self._new_instance(i, self.cfg.kv_tokens_per_device * i.tp) for i in self.topology.instances}
+            i.base: self._new_instance(i, self.cfg.capacity(i.tp)) for i in self.topology.instances}
         self.held: List[SimRequest] = []
         self.transform: Optional[PendingTransform] = None
         self.now = 0.0
@@ -201,7 +291,8 @@ class Simulator:
         self.timeline: List[Tuple[float, Tuple[int, ...]]] = [(0.0, self._shapes())]
 
     def _new_instance(self, inst: Instance, capacity: int) -> SimInstance:
-        return SimInstance(inst, capacity, report_largest=self.cfg.report_largest_request)
+        return SimInstance(inst, capacity, report_largest=self.cfg.report_largest_request,
+                           page_size=self.cfg.page_size)
 
     # -- events ----------------------------------------------------------------------------------------
     def _at(self, t: float, kind: str, data=None) -> None:
@@ -225,8 +316,12 @@ class Simulator:
                 self._on_step_done(*data)
             elif kind == "transform":
                 self._on_transform_done()
+            elif kind == "kick":
+                if self.instances.get(data.base) is data:  # not replaced by a transformation meanwhile
+                    self._kick(data)
             elif kind == "tick":
-                self._on_tick()
+                if self.transform is None or self.cfg.tick_during_transform:
+                    self._on_tick()
                 if self._all_done():
                     done_at = self.now if done_at is None else done_at
                 else:
@@ -243,7 +338,8 @@ class Simulator:
     def state(self) -> ClusterState:
         loads = tuple(self.instances[b].load() for b in sorted(self.instances))
         return ClusterState(self.cfg.num_devices, self.cfg.max_tp, loads, self.now,
-                            tuple(r.info() for r in self.held))
+                            tuple(r.info() for r in self.held),
+                            tuple(sorted(self.cfg.capacity_by_tp.items())) if self.cfg.capacity_by_tp else ())
 
     def _on_arrival(self, req: SimRequest) -> None:
         d = self.policy.on_request(req.info(), self.state())
@@ -286,17 +382,24 @@ class Simulator:
         if req.need > inst.free():
             raise SimulationError(f"{self.policy.name}: placed {req.rid} ({req.need} tokens) on instance {base} "
                                   f"with {inst.free()} free")
+        req.placed_at = self.now
+        req.ready_at = self.now + self.cfg.dispatch_s
         inst.requests.append(req)
         inst.idle_since = None
-        self._kick(inst)
+        if self.cfg.dispatch_s > 0:
+            self._at(req.ready_at, "kick", inst)
+        else:
+            self._kick(inst)
 
     # -- iterations ------------------------------------------------------------------------------------
     def _kick(self, inst: SimInstance) -> None:
         if inst.busy or inst.paused or not inst.requests:
             return
-        batch = inst.next_batch(self.cfg.chunk_tokens)
+        batch = inst.next_batch(self.cfg, self.now)
+        if not batch:
+            return  # nothing has reached the instance yet (dispatch_s): a kick follows
         tokens = sum(n for _, n in batch)
-        context = sum(r.context + n for r, n in batch)
+        context = sum(r.kv_len + n for r, n in batch)
         dt = self.cfg.step_model.step_time(tokens, context, inst.instance.tp)
         inst.busy = True
         self._at(self.now + dt, "step", (inst, batch))
@@ -320,6 +423,8 @@ class Simulator:
             self._maybe_begin_transform()
         else:
             self._kick(inst)
+        if self.cfg.tick_on_step and (self.transform is None or self.cfg.tick_during_transform):
+            self._on_tick()  # the leader's load report wakes the controller
 
     # -- transformations -------------------------------------------------------------------------------
     def _start_transform(self, t: Transform) -> None:
@@ -360,14 +465,19 @@ class Simulator:
         if t.is_merge:
             self.topology = self.topology.merge(t.devices)
             merged = Instance.of(t.devices)
-            inst = self._new_instance(merged, sum(s.capacity for s in pt.sources))
+            capacity = (self.cfg.capacity(merged.tp) if self.cfg.capacity_by_tp
+                        else sum(s.capacity for s in pt.sources))
+            inst = self._new_instance(merged, capacity)
             inst.requests = sorted((r for s in pt.sources for r in s.requests), key=lambda r: r.arrival)
+            inst.new_token_ratio = max(s.new_token_ratio for s in pt.sources)
             new = [inst]
             self.merges += 1
         else:
             src = pt.sources[0]
             self.topology = self.topology.split(t.devices, t.tp)
-            parts = [self._new_instance(i, src.capacity * t.tp // src.instance.tp) for i in self.topology.instances
+            part_capacity = (self.cfg.capacity(t.tp) if self.cfg.capacity_by_tp
+                             else src.capacity * t.tp // src.instance.tp)
+            parts = [self._new_instance(i, part_capacity) for i in self.topology.instances
                      if set(i.devices) <= set(t.devices)]
             for r in sorted(src.requests, key=lambda r: -r.need):  # largest first into the emptiest part
                 part = max(parts, key=lambda p: (p.free(), -p.base))
@@ -377,6 +487,7 @@ class Simulator:
                 part.requests.append(r)
             for p in parts:
                 p.requests.sort(key=lambda r: r.arrival)
+                p.new_token_ratio = src.new_token_ratio
             new = parts
             self.splits += 1
         for s in pt.sources:
@@ -407,13 +518,14 @@ class Simulator:
 
     def _summarise(self, reqs: Sequence[SimRequest]) -> dict:
         done = [r for r in reqs if r.finished_at is not None]
-        ttft = [r.first_token_at - r.arrival for r in done]
+        lag = self.cfg.response_s
+        ttft = [r.first_token_at + lag - r.arrival for r in done]
         tpot = [(r.finished_at - r.first_token_at) / (r.output - 1) for r in done if r.output > 1]
         if done:
-            span = max(r.finished_at for r in done) - min(r.arrival for r in reqs)
+            span = max(r.finished_at for r in done) + lag - min(r.arrival for r in reqs)
         else:
             span = 0.0
-        ok = sum(1 for r in done if r.first_token_at - r.arrival <= self.cfg.slo_ttft_s
+        ok = sum(1 for r in done if r.first_token_at + lag - r.arrival <= self.cfg.slo_ttft_s
                  and (r.output <= 1 or (r.finished_at - r.first_token_at) / (r.output - 1) <= self.cfg.slo_tpot_s))
         rejected = sum(1 for r in reqs if r.rejected is not None)
         return {
@@ -434,7 +546,7 @@ def simulate(policy: Policy, trace: Sequence[TraceRequest], config: Optional[Sim
 def compare(policy_specs: Sequence[str], trace: Sequence[TraceRequest], config: Optional[SimConfig] = None
             ) -> List[SimResult]:
     """Run each policy ('name' or 'name:key=value,...') on the same trace and config."""
-    return [simulate(build_policy(spec), trace, config) for spec in policy_specs]
+    return [simulate(build_policy(spec, config or SimConfig()), trace, config) for spec in policy_specs]
 
 
 # =====================================================================================================
@@ -453,10 +565,19 @@ def _parse_kv(text: str) -> Dict[str, object]:
     return out
 
 
-def build_policy(spec: str) -> Policy:
-    """'gyges' or 'gyges:split_delay=2' or 'static-hybrid:big_tp=2,long_threshold_tokens=8000'."""
+def build_policy(spec: str, config: Optional[SimConfig] = None) -> Policy:
+    """'gyges' or 'gyges:split_delay=2' or 'static-hybrid:big_tp=2,long_threshold_tokens=8000'. A policy that
+    predicts with a step-time model (GygesPolicy's step_model, chunk_tokens) gets the one the simulation
+    runs on, as the live controller gives it the one loaded with --gyges-cost-model."""
     name, _, args = spec.partition(":")
-    return make_policy(name.strip(), **_parse_kv(args))
+    kwargs = _parse_kv(args)
+    if config is not None:
+        accepted = inspect.signature(POLICIES[name.strip()]).parameters if name.strip() in POLICIES else {}
+        if "step_model" in accepted:
+            kwargs.setdefault("step_model", config.step_model)
+        if "chunk_tokens" in accepted:
+            kwargs.setdefault("chunk_tokens", config.chunk_tokens)
+    return make_policy(name.strip(), **kwargs)
 
 
 TRACE_OPTIONS = ("start", "duration", "sample", "seed", "time_scale", "length_scale", "output_scale",

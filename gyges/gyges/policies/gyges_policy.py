@@ -1,0 +1,349 @@
+"""Gyges: base-TP instances for throughput, merged on demand for the requests that need more memory or
+more speed, split back as soon as what they still run fits the parts.
+
+Target TP. Every request gets one (`target_tp`): the smallest aligned group size whose KV capacity holds
+prompt + max_new (memory). With a step-time model and a TTFT target, a request whose predicted prefill at
+that size misses the target is raised to the smallest size that meets it (or, if none does, the fastest),
+provided the speed-up is at least `min_speedup`: on hardware where TP buys no speed (this CPU host) no
+merge is ever made for speed. Requests of one target form a class; each class is served FIFO, so a held
+long request never delays a short one.
+
+Placement of a request of target T (arrivals, then held requests oldest first):
+  1. an instance of TP >= T that fits it now, not reserved (below): base-TP work goes to base-TP instances,
+     the least loaded; only when none fits does it spill onto a merged instance, and then only as long as
+     that keeps the instance splittable once its long work ends; larger work takes the smallest TP that
+     fits, least loaded (an instance already merged is used before another group is merged);
+  2. otherwise, for T > base TP, a plan (`plan_for`): merge the aligned group of size T that the request
+     fits right after merging (fewest KV tokens held, i.e. least moved and soonest free; then fewest
+     requests disturbed; lowest device), or, when no group fits it right away and an instance of TP >= T
+     exists or is forming, wait for that instance instead of merging another group;
+  3. otherwise hold.
+The instances a held request waits for, and the members of the merge planned for it, take no new work of
+a smaller class (they would delay it). One merge starts per tick, for the oldest held request that plans
+one.
+
+Splits. A merged instance splits to the smallest TP its requests allow (a partial split, e.g. TP4 -> 2 x
+TP2, when one of them still needs a larger part; the part without it splits again on a later tick) as
+soon as, for split_delay seconds: its requests fit the parts (proved from aggregate reports by
+RequestSizeBound: largest M <= part capacity C and held H <= k*C - (k-1)*M), no request still prefilling
+there needs the larger TP for speed, and no held request needs more than a part (it would be merged
+again).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+from gyges.costmodel import TransformCostModel
+from gyges.policies.base import (ClusterState, Decision, Hold, InstanceLoad, LoadLedger, Place, Policy, Reject,
+                                 RequestInfo, TickDecision, Transform, can_ever_fit, fits_now, group_capacity,
+                                 least_loaded, too_long_message, uniform_groups)
+from gyges.policies.size_bound import RequestSizeBound
+from gyges.topology import aligned_groups, is_power_of_two
+
+# A plan for a held request that no instance takes now: ("merge", group) or ("wait", instance bases).
+Plan = Tuple[str, Tuple[int, ...]]
+
+
+class GygesPolicy(Policy):
+    """See the module docstring. step_model: anything with step_time(batch_tokens, context_tokens, tp)
+    (gyges.costmodel.StepTimeModel); with ttft_target_s it lets requests merge for speed."""
+
+    name = "gyges"
+
+    def __init__(self, split_delay: float = 1.0, cost_model: Optional[TransformCostModel] = None,
+                 base_tp: int = 1, step_model=None, ttft_target_s: Optional[float] = None,
+                 min_speedup: float = 1.5, chunk_tokens: int = 8192):
+        if split_delay < 0:
+            raise ValueError("split_delay must be >= 0")
+        if not is_power_of_two(base_tp):
+            raise ValueError(f"base_tp={base_tp} is not a power of two")
+        if ttft_target_s is not None and ttft_target_s <= 0:
+            raise ValueError("ttft_target_s must be > 0")
+        if min_speedup < 1 or chunk_tokens < 1:
+            raise ValueError("min_speedup must be >= 1 and chunk_tokens >= 1")
+        self.split_delay = split_delay
+        self.cost_model = cost_model or TransformCostModel()
+        self.base_tp = base_tp
+        self.step_model = step_model
+        self.ttft_target_s = ttft_target_s
+        self.min_speedup = min_speedup
+        self.chunk_tokens = chunk_tokens
+        self._sizes = RequestSizeBound()
+        self._split_ready_since: Dict[Tuple[int, ...], float] = {}
+        self._forming: Optional[Tuple[int, ...]] = None  # devices of the merge this policy started last
+        self._prefill_s: Dict[Tuple[int, int], float] = {}
+        self._capacity_by_tp: Tuple[Tuple[int, int], ...] = ()
+        self._plans: Dict[str, Optional[Plan]] = {}  # per decision round
+
+    def initial_instances(self, num_devices: int, max_tp: int) -> List[Tuple[int, ...]]:
+        return uniform_groups(num_devices, min(self.base_tp, max_tp))
+
+    # -- sizes ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def formable_groups(state: ClusterState) -> List[Tuple[int, ...]]:
+        return aligned_groups(state.num_devices, state.max_tp)
+
+    def largest_formable(self, state: ClusterState) -> Tuple[int, Tuple[int, ...]]:
+        """(capacity, devices) of the largest instance a merge can ever make."""
+        groups = self.formable_groups(state)
+        top = max(len(g) for g in groups)
+        return max((group_capacity(state, g), g) for g in groups if len(g) == top)
+
+    def size_class(self, req: RequestInfo, state: ClusterState) -> int:
+        """The smallest group size whose capacity can ever hold req (0: none can)."""
+        for g in self.formable_groups(state):  # smallest first
+            if len(g) >= self.base_tp and group_capacity(state, g) >= req.need_tokens:
+                return len(g)
+        return 0
+
+    def prefill_seconds(self, prompt_tokens: int, tp: int) -> float:
+        """Predicted time to prefill prompt_tokens alone on an instance of TP tp, chunk by chunk."""
+        key = (prompt_tokens, tp)
+        if key not in self._prefill_s:
+            total, done = 0.0, 0
+            while done < prompt_tokens:
+                chunk = min(self.chunk_tokens, prompt_tokens - done)
+                done += chunk
+                total += self.step_model.step_time(chunk, done, tp)
+            self._prefill_s[key] = total
+        return self._prefill_s[key]
+
+    def speed_tp(self, prompt_tokens: int, tp: int, top: int) -> int:
+        """The TP (>= tp, <= top) at which a prefill of prompt_tokens should run: tp unless its predicted
+        time misses the TTFT target and a larger TP is min_speedup times faster."""
+        if self.step_model is None or self.ttft_target_s is None or prompt_tokens <= 0:
+            return tp
+        here = self.prefill_seconds(prompt_tokens, tp)
+        if here <= self.ttft_target_s:
+            return tp
+        best, best_s = tp, here
+        t = tp * 2
+        while t <= top:
+            s = self.prefill_seconds(prompt_tokens, t)
+            if s < best_s:
+                best, best_s = t, s
+            if s <= self.ttft_target_s:
+                best, best_s = t, s
+                break
+            t *= 2
+        return best if best_s * self.min_speedup <= here else tp
+
+    def target_tp(self, req: RequestInfo, state: ClusterState) -> int:
+        mem = self.size_class(req, state)
+        if mem == 0:
+            return 0
+        top = max(len(g) for g in self.formable_groups(state))
+        return self.speed_tp(req.prompt_tokens, mem, top)
+
+    def _part_capacity(self, inst: InstanceLoad, part_tp: int) -> int:
+        """KV tokens of one part of TP part_tp after a split: what the runtime reports when it knows (a
+        merge turned freed weight memory into KV, which a split gives back), else an even share."""
+        known = dict(self._capacity_by_tp)
+        if part_tp in known:
+            return known[part_tp]
+        return inst.kv_capacity_tokens * part_tp // inst.tp
+
+    # -- placement -----------------------------------------------------------------------------------------
+    def _fits_parts(self, inst: InstanceLoad, part_tp: int, extra: Optional[RequestInfo] = None) -> bool:
+        """inst's requests (plus extra) can be dealt over its parts of TP part_tp."""
+        parts = inst.tp // part_tp
+        cap = self._part_capacity(inst, part_tp)
+        largest = self._sizes.bound(inst)
+        held = inst.held_tokens
+        if extra is not None:
+            largest, held = max(largest, extra.need_tokens), held + extra.need_tokens
+        return largest <= cap and held <= parts * cap - (parts - 1) * largest
+
+    def _spill_ok(self, req: RequestInfo, inst: InstanceLoad) -> bool:
+        """A merged instance takes base-TP work only while its long work runs, or when the work keeps it
+        splittable (it is on its way back to base TP)."""
+        if self._sizes.bound(inst) > self._part_capacity(inst, self.base_tp):
+            return True
+        return self._fits_parts(inst, self.base_tp, req)
+
+    def _choose(self, req: RequestInfo, target: int, ledger: LoadLedger, reserved: Set[int]
+                ) -> Optional[InstanceLoad]:
+        cands = [i for i in ledger.loads() if i.base not in reserved and i.tp >= target and fits_now(req, i)]
+        if target <= self.base_tp:
+            base = [i for i in cands if i.tp <= self.base_tp]
+            if base:
+                return least_loaded(base)
+            cands = [i for i in cands if self._spill_ok(req, i)]
+        if not cands:
+            return None
+        smallest = min(i.tp for i in cands)
+        return least_loaded([i for i in cands if i.tp == smallest])
+
+    # -- plans for requests no instance takes now ----------------------------------------------------------
+    def _forming_instance(self, state: ClusterState) -> Optional[Tuple[int, ...]]:
+        """Devices of the merge this policy started that is still in flight."""
+        if self._forming is None:
+            return None
+        devs = set(self._forming)
+        if any(i.transforming and set(i.devices) <= devs for i in state.instances):
+            return self._forming
+        self._forming = None
+        return None
+
+    def merge_group(self, req: RequestInfo, target: int, state: ClusterState, ledger: LoadLedger
+                    ) -> Optional[Tuple[Tuple[int, ...], bool]]:
+        """(group, fits right after the merge) of the best aligned group of size target to merge for req;
+        None when no such group can start now."""
+        best = None
+        for g in self.formable_groups(state):
+            if len(g) != target or group_capacity(state, g) < req.need_tokens:
+                continue
+            members = [ledger.load(i.base) for i in state.instances if set(i.devices) <= set(g)]
+            if len(members) < 2 or sum(m.tp for m in members) != len(g):
+                continue  # already one instance, or cut by a larger one
+            if any(m.transforming for m in members):
+                continue
+            held = sum(m.held_tokens for m in members)
+            fits_after = req.need_tokens <= group_capacity(state, g) - held
+            key = (not fits_after, held, sum(m.num_requests for m in members), g[0])
+            if best is None or key < best[0]:
+                best = (key, g, fits_after)
+        return (best[1], best[2]) if best else None
+
+    def plan_for(self, req: RequestInfo, target: int, state: ClusterState, ledger: LoadLedger) -> Optional[Plan]:
+        if req.rid in self._plans:
+            return self._plans[req.rid]
+        homes = [i.base for i in state.instances if i.tp >= target and can_ever_fit(req, i)]
+        forming = self._forming_instance(state)
+        if forming is not None and len(forming) >= target and group_capacity(state, forming) >= req.need_tokens:
+            homes.append(forming[0])
+        plan: Optional[Plan] = None
+        merge = self.merge_group(req, target, state, ledger) if target > self.base_tp else None
+        if merge is not None and (merge[1] or not homes):
+            plan = ("merge", merge[0])
+        elif homes:
+            plan = ("wait", tuple(homes))
+        self._plans[req.rid] = plan
+        return plan
+
+    def _reserved(self, target: int, ahead: Sequence[Tuple[RequestInfo, int]], state: ClusterState,
+                  ledger: LoadLedger) -> Set[int]:
+        """Instances kept from a request of class target for the held larger requests ahead of it."""
+        out: Set[int] = set()
+        for h, ht in ahead:
+            if ht <= target:
+                continue
+            plan = self.plan_for(h, ht, state, ledger)
+            if plan is None:
+                continue
+            kind, devs = plan
+            if kind == "wait":
+                out.update(devs)
+            else:
+                out.update(i.base for i in state.instances if set(i.devices) <= set(devs))
+        return out
+
+    # -- the interface -------------------------------------------------------------------------------------
+    def _begin_round(self, state: ClusterState) -> None:
+        self._capacity_by_tp = state.capacity_by_tp
+        self._plans = {}
+
+    def on_request(self, req: RequestInfo, state: ClusterState) -> Decision:
+        self._begin_round(state)
+        limit, group = self.largest_formable(state)
+        if req.need_tokens > limit:
+            return Reject(req.rid, too_long_message(
+                req, limit, f"the largest instance Gyges can form (TP {len(group)} on devices {list(group)})"))
+        target = self.target_tp(req, state)
+        held = [(h, self.target_tp(h, state)) for h in state.held]
+        if any(ht == target for _, ht in held):
+            return Hold(req.rid, f"queued behind earlier held requests of its class (TP {target})")
+        ledger = LoadLedger(state)
+        inst = self._choose(req, target, ledger, self._reserved(target, held, state, ledger))
+        if inst is not None:
+            self._sizes.on_place(inst, req.need_tokens)
+            return Place(req.rid, inst.base)
+        if target > self.base_tp:
+            return Hold(req.rid, f"needs an instance of TP {target}: waiting for a merge or for room on one")
+        return Hold(req.rid, "waiting for KV memory on an instance that can hold it")
+
+    def on_tick(self, state: ClusterState) -> List[TickDecision]:
+        self._begin_round(state)
+        out: List[TickDecision] = []
+        ledger = LoadLedger(state)
+        limit, _ = self.largest_formable(state)
+        still_held: List[Tuple[RequestInfo, int]] = []
+        blocked: Set[int] = set()
+        for h in state.held:
+            if h.need_tokens > limit:
+                out.append(Reject(h.rid, too_long_message(h, limit, "the largest instance Gyges can form")))
+                continue
+            target = self.target_tp(h, state)
+            inst = None
+            if target not in blocked:
+                inst = self._choose(h, target, ledger, self._reserved(target, still_held, state, ledger))
+            if inst is not None:
+                self._sizes.on_place(inst, h.need_tokens)
+                out.append(ledger.place(h, inst.base))
+            else:
+                blocked.add(target)
+                still_held.append((h, target))
+
+        if state.transform_in_flight:
+            self._split_decision(still_held, state, ledger)  # keeps the readiness timers current
+            return out
+        self._sizes.forget_missing(state)
+        transform = self._merge_decision(still_held, state, ledger)
+        split = self._split_decision(still_held, state, ledger)
+        transform = transform or split
+        if transform is not None:
+            if transform.is_merge:
+                self._sizes.on_merge(transform.devices, [ledger.load(i.base) for i in state.instances
+                                                         if set(i.devices) <= set(transform.devices)])
+                self._forming = transform.devices
+            out.append(transform)
+        return out
+
+    # -- transformations -----------------------------------------------------------------------------------
+    def _merge_decision(self, held: Sequence[Tuple[RequestInfo, int]], state: ClusterState,
+                        ledger: LoadLedger) -> Optional[Transform]:
+        for h, target in held:
+            if target <= self.base_tp:
+                continue
+            plan = self.plan_for(h, target, state, ledger)
+            if plan is not None and plan[0] == "merge":
+                return Transform(plan[1], len(plan[1]))
+        return None
+
+    def split_target(self, inst: InstanceLoad, held: Sequence[Tuple[RequestInfo, int]] = ()) -> Optional[int]:
+        """The smallest TP inst can split into now (None: it must stay as it is)."""
+        part = self.base_tp
+        while part < inst.tp:
+            wanted = any(t > part for _, t in held)  # a held request needs more than a part
+            fast_enough = (inst.prefill_tokens_left is None
+                           or self.speed_tp(inst.prefill_tokens_left, part, inst.tp) <= part)
+            if not wanted and fast_enough and self._fits_parts(inst, part):
+                return part
+            part *= 2
+        return None
+
+    def _split_decision(self, held: Sequence[Tuple[RequestInfo, int]], state: ClusterState,
+                        ledger: LoadLedger) -> Optional[Transform]:
+        """Track, per merged instance, since when some split is possible; the one ready longest, once
+        ready for split_delay seconds, splits to the smallest TP it allows now."""
+        ready: List[Tuple[float, Tuple[int, ...], int]] = []
+        alive = set()
+        for inst in ledger.loads():
+            if inst.tp <= self.base_tp or inst.transforming:
+                continue
+            alive.add(inst.devices)
+            part = self.split_target(inst, held)
+            if part is None:
+                self._split_ready_since.pop(inst.devices, None)
+                continue
+            since = self._split_ready_since.setdefault(inst.devices, state.now)
+            if state.now - since >= self.split_delay:
+                ready.append((since, inst.devices, part))
+        for devs in list(self._split_ready_since):
+            if devs not in alive:
+                del self._split_ready_since[devs]
+        if not ready:
+            return None
+        _, devices, part = min(ready)
+        return Transform(devices, part)
