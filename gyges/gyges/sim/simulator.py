@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import inspect
 import itertools
 import json
 import math
@@ -42,8 +43,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from gyges.costmodel import StepTimeModel, TransformCostModel
-from gyges.policy import (ClusterState, Hold, InstanceLoad, Place, Policy, Reject, RequestInfo, Transform,
-                          make_policy, validate_transform)
+from gyges.policy import (POLICIES, ClusterState, Hold, InstanceLoad, Place, Policy, Reject, RequestInfo,
+                          Transform, make_policy, validate_transform)
 from gyges.topology import Instance, Topology
 from gyges.traces import (TraceRequest, load_trace, mix_traces, sample, scale_trace, synthetic_trace,
                           window)
@@ -167,7 +168,8 @@ class SimInstance:
         return InstanceLoad(self.instance.devices, self.instance.tp, running, len(self.requests) - running,
                             self.capacity, self.used_tokens(), 0, in_flight, self.paused,
                             None if self.requests else self.idle_since,
-                            max((r.need for r in self.requests), default=0) if self.report_largest else None)
+                            max((r.need for r in self.requests), default=0) if self.report_largest else None,
+                            max((r.prompt - r.prefilled for r in self.requests), default=0))
 
     def free(self) -> int:
         return self.capacity - self.used_tokens() - sum(r.need - r.kv_len for r in self.requests)
@@ -544,7 +546,7 @@ def simulate(policy: Policy, trace: Sequence[TraceRequest], config: Optional[Sim
 def compare(policy_specs: Sequence[str], trace: Sequence[TraceRequest], config: Optional[SimConfig] = None
             ) -> List[SimResult]:
     """Run each policy ('name' or 'name:key=value,...') on the same trace and config."""
-    return [simulate(build_policy(spec), trace, config) for spec in policy_specs]
+    return [simulate(build_policy(spec, config or SimConfig()), trace, config) for spec in policy_specs]
 
 
 # =====================================================================================================
@@ -563,10 +565,19 @@ def _parse_kv(text: str) -> Dict[str, object]:
     return out
 
 
-def build_policy(spec: str) -> Policy:
-    """'gyges' or 'gyges:split_delay=2' or 'static-hybrid:big_tp=2,long_threshold_tokens=8000'."""
+def build_policy(spec: str, config: Optional[SimConfig] = None) -> Policy:
+    """'gyges' or 'gyges:split_delay=2' or 'static-hybrid:big_tp=2,long_threshold_tokens=8000'. A policy that
+    predicts with a step-time model (GygesPolicy's step_model, chunk_tokens) gets the one the simulation
+    runs on, as the live controller gives it the one loaded with --gyges-cost-model."""
     name, _, args = spec.partition(":")
-    return make_policy(name.strip(), **_parse_kv(args))
+    kwargs = _parse_kv(args)
+    if config is not None:
+        accepted = inspect.signature(POLICIES[name.strip()]).parameters if name.strip() in POLICIES else {}
+        if "step_model" in accepted:
+            kwargs.setdefault("step_model", config.step_model)
+        if "chunk_tokens" in accepted:
+            kwargs.setdefault("chunk_tokens", config.chunk_tokens)
+    return make_policy(name.strip(), **kwargs)
 
 
 TRACE_OPTIONS = ("start", "duration", "sample", "seed", "time_scale", "length_scale", "output_scale",
