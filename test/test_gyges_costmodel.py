@@ -44,3 +44,21 @@ def test_json_round_trip(tmp_path):
     path.write_text('{"base_s": 1, "bogus": 2}')
     with pytest.raises(ValueError, match="bogus"):
         StepTimeModel.load(str(path))
+
+
+def test_per_request_and_attention_terms():
+    m = StepTimeModel(base_s=0.0, weight_s=0.0, per_token_s=0.0, per_context_token_s=0.0, allreduce_s=0.0,
+                      allreduce_per_token_s=0.0, per_request_s=2.0, per_attended_s=0.5)
+    # one prefill chunk of 4 tokens over 10 context tokens: 1 request, 40 query-key pairs
+    assert m.step_time(4, 10, 1, requests=1) == 2.0 + 0.5 * 40
+    assert m.step_time(4, 10, 2, requests=1) == 2.0 + 0.5 * 20  # attention splits over the ranks, the rest not
+    # decodes by default: 4 requests of 1 token over 10 context tokens in all -> 10 pairs
+    assert m.step_time(4, 10, 1) == 4 * 2.0 + 0.5 * 10
+    # batch_time sums per sequence: equal to step_time for equal sequences, exact for mixed ones
+    assert m.batch_time([(2, 5), (2, 5)], 1) == m.step_time(4, 10, 1, requests=2)
+    assert m.batch_time([(1, 100), (64, 64)], 1) == 2 * 2.0 + 0.5 * (100 + 64 * 64)
+    assert m.batch_time([], 1) == 0.0
+    with pytest.raises(ValueError):
+        m.step_time(4, 10, 1, requests=0)
+    with pytest.raises(ValueError):
+        m.batch_time([(-1, 3)], 1)

@@ -1,55 +1,65 @@
-"""Cost models the policy and the simulator use (pure arithmetic, parameters in a small JSON file).
+"""Cost models the policy and the simulator use (pure arithmetic, parameters in a small JSON file), and their fit.
 
 Data flow: `gyges.plans` gives the bytes a transformation moves; `transform_cost` turns them into
 seconds with a link bandwidth. `StepTimeModel.step_time` predicts one forward iteration of an instance of
-TP tp; the simulator advances time with it and the policy compares options with it. Parameters are fitted
-offline (benchmark/) and saved with `save` / loaded with `load`. `TransformCostModel` estimates what a
-merge or a split moves (KV bytes from the members' used tokens, weight bytes from the model size) and how
-long it pauses the instances involved; the Gyges policy ranks candidate merges with it and the simulator
-pauses instances for its estimate.
+TP tp; the simulator advances time with it and the policy compares options with it. `TransformCostModel`
+estimates what a merge or a split moves (KV bytes from the members' used tokens, weight bytes from the model
+size) and how long it pauses the instances involved; the Gyges policy ranks candidate merges with it and the
+simulator pauses instances for its estimate. Parameters come from measurements on the engine
+(`benchmark/measure_costs.py` measures, `fit_step_time` / `fit_transform_cost` fit, `save_models` writes) or
+from first principles for GPUs (`gyges.hardware`).
 
-Step-time model (seconds), per forward iteration of an instance of TP tp:
+Step-time model (seconds), per forward iteration of an instance of TP tp running `requests` sequences with
+batch_tokens new tokens over context_tokens tokens of KV (new ones included):
 
     step_time = base_s
-              + weight_s / tp                       (reading the weight shard once)
-              + per_token_s * batch_tokens / tp     (GEMM work of the new tokens)
-              + per_context_token_s * context_tokens / tp   (attention reads of the KV cache)
+              + weight_s / tp                             (reading the weight shard once)
+              + per_token_s * batch_tokens / tp           (GEMM work of the new tokens)
+              + per_request_s * requests                  (per-sequence work every rank repeats: sampling,
+                                                           outputs, attention set-up)
+              + per_context_token_s * context_tokens / tp (attention reads of the KV cache)
+              + per_attended_s * attended / tp            (attention compute: query-key pairs)
               + (allreduce_s + allreduce_per_token_s * batch_tokens) * allreduce_scale(tp)   (0 at tp=1)
 
 with allreduce_scale(tp) = 2 * (tp - 1) / tp (ring all-reduce traffic per byte; 1 at TP2), so TP adds a
 communication cost per step that TP1 does not pay: that is why k TP1 instances out-serve one TP-k.
+attended = sum over the sequences of new tokens x context tokens; `step_time` estimates it as
+batch_tokens * context_tokens / requests (exact for a batch of equal sequences: one prefill chunk, or decodes
+of equal context); `batch_time` takes the sequences one by one and sums exactly. requests defaults to
+batch_tokens (every sequence decodes one token), which makes attended = context_tokens.
 
-Parameter file (what `--gyges-cost-model` and `python -m gyges.sim --step-model` load; written by
-`python -m gyges.costmodel fit`, see `main`):
+Parameter file (what `--gyges-cost-model` and `python -m gyges.sim.simulator --step-model` load; written by
+`benchmark/measure_costs.py`):
 
     {"format": "gyges-costmodel/1",
-     "step_time": {"base_s": .., "weight_s": .., "per_token_s": .., "per_context_token_s": ..,
+     "step_time": {"base_s": .., "weight_s": .., "per_token_s": .., "per_request_s": ..,
+                   "per_context_token_s": .., "per_attended_s": ..,
                    "allreduce_s": .., "allreduce_per_token_s": ..},                  (StepTimeModel, seconds)
      "transform": {"kv_bytes_per_token": .., "weight_bytes": ..,                        (TransformCostModel)
                    "link_bandwidth_bytes_per_s": .., "fixed_overhead_s": ..},
      "fit": {...}}                                  (provenance: sources, points, residuals; not read back)
 
 `StepTimeModel.load` / `TransformCostModel.load` read their section of such a file, or a flat file holding
-only their own fields (what their `save` writes); a section that is missing keeps the defaults.
+only their own fields (what their `save` writes); a missing section or field keeps the defaults (the
+defaults are round placeholders for tests; reported results use a measured or a `gyges.hardware` model).
 
 Fitting (`fit_step_time`, `fit_transform_cost`): relative least squares (each point weighted by 1/measured
-time, so a 2 ms step counts as much as a 2 s one) with every parameter >= 0 (Lawson-Hanson NNLS, written
-out here: gyges has no dependencies). base_s, weight_s and allreduce_s can never be told apart from step
-times alone, at any set of TP degrees: allreduce_scale(tp) = 2 - 2/tp, so base_s + weight_s/tp +
-allreduce_s*allreduce_scale(tp) only determines base_s + 2*allreduce_s and weight_s - 2*allreduce_s. The fit
-command therefore fixes weight_s to weight bytes / memory bandwidth when it knows them (bench_one_batch's
-roofline, or --measure), else fixes allreduce_s to 0; the predicted step times are the same either way.
+time, so a 2 ms step counts as much as a 2 s one) with every parameter >= 0 (`scipy.optimize.nnls`).
+base_s, weight_s and allreduce_s can never be told apart from step times alone, at any set of TP degrees:
+allreduce_scale(tp) = 2 - 2/tp, so base_s + weight_s/tp + allreduce_s*allreduce_scale(tp) only determines
+base_s + 2*allreduce_s and weight_s - 2*allreduce_s. A caller that knows weight_s (weight bytes / memory
+bandwidth) pins it with `fixed`; otherwise allreduce_s is pinned to 0. The predicted step times at the
+measured TP degrees are the same either way.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import os
-import sys
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy.optimize import nnls
 
 FORMAT = "gyges-costmodel/1"
 
@@ -100,20 +110,38 @@ class StepTimeModel:
     per_context_token_s: float = 5e-8  # per cached token attended, at TP1
     allreduce_s: float = 0.003  # all-reduce latency per step of a TP2 instance (scaled for larger tp)
     allreduce_per_token_s: float = 1e-5  # all-reduce traffic per new token at TP2 (activations)
+    per_request_s: float = 0.0  # per sequence in the batch, on every rank (not divided by tp)
+    per_attended_s: float = 0.0  # per query-key pair (new token x context token), at TP1
 
     @staticmethod
     def allreduce_scale(tp: int) -> float:
         return 2.0 * (tp - 1) / tp
 
-    def step_time(self, batch_tokens: int, context_tokens: int, tp: int) -> float:
+    def step_time(self, batch_tokens: int, context_tokens: int, tp: int, requests: Optional[int] = None) -> float:
+        """One iteration of `requests` sequences (default: batch_tokens, i.e. all decoding) with batch_tokens
+        new tokens over context_tokens of KV."""
         if tp < 1:
             raise ValueError(f"tp must be >= 1, got {tp}")
         if batch_tokens < 0 or context_tokens < 0:
             raise ValueError("token counts must be >= 0")
-        comm = (self.allreduce_s + self.allreduce_per_token_s * batch_tokens) * self.allreduce_scale(tp) \
-            if tp > 1 else 0.0
-        return (self.base_s + self.weight_s / tp + self.per_token_s * batch_tokens / tp
-                + self.per_context_token_s * context_tokens / tp + comm)
+        reqs = batch_tokens if requests is None else requests
+        if reqs < 0 or (batch_tokens > 0 and reqs == 0):
+            raise ValueError(f"requests must be >= 1 when there are tokens, got {requests}")
+        attended = batch_tokens * context_tokens / reqs if reqs else 0.0
+        return self._time(batch_tokens, context_tokens, reqs, attended, tp)
+
+    def batch_time(self, seqs: Sequence[Tuple[int, int]], tp: int) -> float:
+        """One iteration over seqs = (new tokens, context tokens incl. the new ones) per sequence."""
+        if tp < 1:
+            raise ValueError(f"tp must be >= 1, got {tp}")
+        if any(n < 0 or c < 0 for n, c in seqs):
+            raise ValueError("token counts must be >= 0")
+        return self._time(sum(n for n, _ in seqs), sum(c for _, c in seqs), len(seqs),
+                          float(sum(n * c for n, c in seqs)), tp)
+
+    def _time(self, batch_tokens: float, context_tokens: float, requests: float, attended: float, tp: int) -> float:
+        f = step_features(batch_tokens, context_tokens, tp, requests, attended)
+        return float(sum(getattr(self, k) * v for k, v in zip(STEP_PARAMS, f)))
 
     # -- persistence -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -132,6 +160,18 @@ class StepTimeModel:
         """A flat file (save) or the "step_time" section of a combined parameter file."""
         with open(path) as f:
             return cls.from_dict(_section(json.load(f), "step_time"))
+
+
+STEP_PARAMS = ("base_s", "weight_s", "per_token_s", "per_context_token_s", "allreduce_s", "allreduce_per_token_s",
+               "per_request_s", "per_attended_s")
+
+
+def step_features(batch_tokens: float, context_tokens: float, tp: int, requests: float,
+                  attended: float) -> Tuple[float, ...]:
+    """What multiplies each of STEP_PARAMS in the step time (same order)."""
+    s = StepTimeModel.allreduce_scale(tp)
+    return (1.0, 1.0 / tp, batch_tokens / tp, context_tokens / tp, s, s * batch_tokens, float(requests),
+            attended / tp)
 
 
 @dataclass(frozen=True)
@@ -204,130 +244,91 @@ def save_models(path: str, step: Optional[StepTimeModel] = None, transform: Opti
 
 
 # =====================================================================================================
-# Fitting: non-negative least squares, by hand
+# Fitting (scipy NNLS on relative errors)
 # =====================================================================================================
-def _solve(m: List[List[float]], v: List[float]) -> List[float]:
-    """Gaussian elimination with partial pivoting (m square; a singular pivot gives 0 for that unknown)."""
-    n = len(v)
-    a = [row[:] + [v[i]] for i, row in enumerate(m)]
-    for c in range(n):
-        p = max(range(c, n), key=lambda r: abs(a[r][c]))
-        a[c], a[p] = a[p], a[c]
-        if abs(a[c][c]) < 1e-300:
-            continue
-        for r in range(c + 1, n):
-            f = a[r][c] / a[c][c]
-            if f:
-                for k in range(c, n + 1):
-                    a[r][k] -= f * a[c][k]
-    x = [0.0] * n
-    for c in reversed(range(n)):
-        if abs(a[c][c]) < 1e-300:
-            continue
-        x[c] = (a[c][n] - sum(a[c][k] * x[k] for k in range(c + 1, n))) / a[c][c]
+class StepPoint(NamedTuple):
+    """One measured iteration (a plain (batch_tokens, context_tokens, tp, seconds) tuple works too)."""
+
+    batch_tokens: float
+    context_tokens: float
+    tp: int
+    seconds: float
+    requests: Optional[int] = None  # sequences in the batch; None: batch_tokens (all decoding)
+    with_call_overhead: bool = False  # the time also holds one request's way in and out of the engine
+
+
+def relative_nnls(rows: np.ndarray, y: np.ndarray, target: Optional[np.ndarray] = None) -> np.ndarray:
+    """argmin_x sum((rows @ x - target) / y)^2 subject to x >= 0 (y > 0; target defaults to y): least
+    squares on relative errors. Columns are scaled to unit norm for conditioning; all-zero columns get 0."""
+    y = np.asarray(y, dtype=float)
+    if y.size == 0:
+        raise ValueError("no data points to fit")
+    w = np.asarray(rows, dtype=float) / y[:, None]
+    t = (y if target is None else np.asarray(target, dtype=float)) / y
+    norms = np.linalg.norm(w, axis=0)
+    use = norms > 0
+    x = np.zeros(w.shape[1])
+    if use.any():
+        sol, _ = nnls(w[:, use] / norms[use], t, maxiter=50 * w.shape[1])
+        x[use] = sol / norms[use]
     return x
 
 
-def _lstsq_on(cols: Sequence[Sequence[float]], y: Sequence[float], active: Sequence[int]) -> Dict[int, float]:
-    """Unconstrained least squares using only the `active` columns (unit-norm columns, tiny ridge so that
-    exactly collinear columns still give one answer)."""
-    m = [[sum(a * b for a, b in zip(cols[i], cols[j])) for j in active] for i in active]
-    for k in range(len(active)):
-        m[k][k] += 1e-12
-    v = [sum(a * b for a, b in zip(cols[i], y)) for i in active]
-    return dict(zip(active, _solve(m, v)))
-
-
-def nnls(rows: Sequence[Sequence[float]], y: Sequence[float], max_iter: int = 200) -> List[float]:
-    """argmin ||A x - y||_2 subject to x >= 0 (Lawson-Hanson active set). rows: A's rows."""
-    if not rows:
-        raise ValueError("no data points to fit")
-    n = len(rows[0])
-    if any(len(r) != n for r in rows) or len(rows) != len(y):
-        raise ValueError("rows and y do not match")
-    # scale every column to unit norm (conditioning); all-zero columns stay out of the fit
-    norms = [math.sqrt(sum(r[j] ** 2 for r in rows)) for j in range(n)]
-    cols = [[r[j] / norms[j] for r in rows] if norms[j] > 0 else [0.0] * len(rows) for j in range(n)]
-    usable = [j for j in range(n) if norms[j] > 0]
-    x = [0.0] * n
-    passive: List[int] = []
-    tol = 1e-12 * max(1.0, math.sqrt(sum(v * v for v in y)))
-
-    def residual() -> List[float]:
-        return [yi - sum(cols[j][i] * x[j] for j in passive) for i, yi in enumerate(y)]
-
-    for _ in range(max_iter):
-        res = residual()
-        grad = {j: sum(c * r for c, r in zip(cols[j], res)) for j in usable if j not in passive}
-        if not grad:
-            break
-        j, g = max(grad.items(), key=lambda kv: kv[1])
-        if g <= tol:
-            break
-        passive.append(j)
-        while True:
-            z = _lstsq_on(cols, y, passive)
-            if all(z[k] > 0 for k in passive):
-                for k in passive:
-                    x[k] = z[k]
-                break
-            # step from x towards z until the first passive coefficient reaches 0; that one leaves
-            steps = {k: (x[k] / (x[k] - z[k]) if x[k] - z[k] > 0 else 0.0) for k in passive if z[k] <= 0}
-            first = min(steps, key=steps.get)
-            alpha = steps[first]
-            for k in passive:
-                x[k] = x[k] + alpha * (z[k] - x[k])
-            eps = 1e-12 * max(abs(x[k]) for k in passive) if passive else 0.0
-            passive = [k for k in passive if k != first and x[k] > eps]
-            for k in range(n):
-                if k not in passive:
-                    x[k] = 0.0
-            if not passive:
-                break
-    return [x[j] / norms[j] if norms[j] > 0 else 0.0 for j in range(n)]
-
-
 def _fit_report(pred: Sequence[float], y: Sequence[float]) -> dict:
-    rel = [(p - t) / t for p, t in zip(pred, y) if t > 0]
+    rel = np.array([(p - t) / t for p, t in zip(pred, y) if t > 0])
     return {"points": len(y),
-            "rms_rel_error": math.sqrt(sum(r * r for r in rel) / len(rel)) if rel else 0.0,
-            "max_rel_error": max((abs(r) for r in rel), default=0.0)}
+            "rms_rel_error": float(np.sqrt(np.mean(rel ** 2))) if rel.size else 0.0,
+            "max_rel_error": float(np.max(np.abs(rel))) if rel.size else 0.0}
 
 
-STEP_PARAMS = ("base_s", "weight_s", "per_token_s", "per_context_token_s", "allreduce_s", "allreduce_per_token_s")
-
-
-def _step_features(batch_tokens: float, context_tokens: float, tp: int) -> List[float]:
-    s = StepTimeModel.allreduce_scale(tp) if tp > 1 else 0.0
-    return [1.0, 1.0 / tp, batch_tokens / tp, context_tokens / tp, s, s * batch_tokens]
-
-
-def fit_step_time(points: Iterable[Tuple[float, float, int, float]],
-                  fixed: Optional[Dict[str, float]] = None) -> Tuple[StepTimeModel, dict]:
-    """Fit StepTimeModel to (batch_tokens, context_tokens, tp, seconds) measurements. `fixed`: parameters
-    held at the given values (e.g. weight_s from bytes / bandwidth). Returns the model and a report
-    (points, rms/max relative error)."""
-    pts = [(float(b), float(c), int(t), float(s)) for b, c, t, s in points]
-    pts = [p for p in pts if p[3] > 0]
+def fit_step_time(points: Iterable[Sequence], fixed: Optional[Dict[str, float]] = None) -> Tuple[StepTimeModel, dict]:
+    """Fit StepTimeModel to measured iterations: StepPoint or (batch_tokens, context_tokens, tp, seconds)
+    tuples. `fixed`: parameters held at the given values (e.g. weight_s from bytes / bandwidth). base_s,
+    weight_s and allreduce_s are not separable (module docstring): when `fixed` pins neither weight_s nor
+    allreduce_s, both ways of pinning one of them to 0 are fitted and the better fit is kept (allreduce_s = 0
+    cannot express a TP step that costs more than TP1's at no batch, weight_s = 0 not one that costs less).
+    Points marked with_call_overhead get one more unknown, the engine's per-call overhead, reported as
+    call_overhead_s and kept out of the model. Returns the model and a report (points, rms/max relative
+    error of the fitted times, tp_degrees, fixed, call_overhead_s)."""
+    pts = [StepPoint(*p) for p in points]
+    pts = [p for p in pts if p.seconds > 0]
     if not pts:
         raise ValueError("no step-time measurements")
     fixed = dict(fixed or {})
     unknown = set(fixed) - set(STEP_PARAMS)
     if unknown:
         raise ValueError(f"unknown step-time parameters: {sorted(unknown)}")
+    if "weight_s" in fixed or "allreduce_s" in fixed:
+        return _fit_step_time(pts, fixed)
+    fits = [_fit_step_time(pts, dict(fixed, **{k: 0.0})) for k in ("allreduce_s", "weight_s")]
+    return min(fits, key=lambda f: f[1]["rms_rel_error"])
+
+
+def _fit_step_time(pts: List[StepPoint], fixed: Dict[str, float]) -> Tuple[StepTimeModel, dict]:
     free = [k for k in STEP_PARAMS if k not in fixed]
-    rows, y = [], []
-    for b, c, t, s in pts:
-        f = dict(zip(STEP_PARAMS, _step_features(b, c, t)))
-        rest = s - sum(fixed[k] * f[k] for k in fixed)
-        rows.append([f[k] / s for k in free])  # relative least squares
-        y.append(rest / s)
-    sol = dict(zip(free, nnls(rows, y)))
+    feats = np.array([_point_features(p) for p in pts])  # [points, len(STEP_PARAMS)]
+    y = np.array([p.seconds for p in pts])
+    rest = y - feats @ np.array([fixed.get(k, 0.0) for k in STEP_PARAMS])
+    over = np.array([[1.0 if p.with_call_overhead else 0.0] for p in pts])
+    a = np.hstack([feats[:, [STEP_PARAMS.index(k) for k in free]], over])
+    x = relative_nnls(a, y, rest)  # relative errors of the whole time, fixed part included
+    sol = dict(zip(free, x[:-1]))
     model = StepTimeModel(**{k: float(fixed.get(k, sol.get(k, 0.0))) for k in STEP_PARAMS})
-    report = _fit_report([model.step_time(int(b), int(c), t) for b, c, t, _ in pts], [p[3] for p in pts])
-    report["tp_degrees"] = sorted({p[2] for p in pts})
+    overhead = float(x[-1])
+    pred = [model.step_time(p.batch_tokens, p.context_tokens, p.tp, requests=p.requests) +
+            (overhead if p.with_call_overhead else 0.0) for p in pts]
+    report = _fit_report(pred, y)
+    report["tp_degrees"] = sorted({p.tp for p in pts})
     report["fixed"] = fixed
+    if any(p.with_call_overhead for p in pts):
+        report["call_overhead_s"] = overhead
     return model, report
+
+
+def _point_features(p: StepPoint) -> Tuple[float, ...]:
+    reqs = p.batch_tokens if p.requests is None else p.requests
+    attended = p.batch_tokens * p.context_tokens / reqs if reqs else 0.0
+    return step_features(p.batch_tokens, p.context_tokens, int(p.tp), reqs, attended)
 
 
 def fit_transform_cost(points: Iterable[Tuple[float, int, float]], base: Optional[TransformCostModel] = None
@@ -339,209 +340,17 @@ def fit_transform_cost(points: Iterable[Tuple[float, int, float]], base: Optiona
     if not pts:
         raise ValueError("no transformation measurements")
     base = base or TransformCostModel()
-    rows = [[1.0 / s, b / d / s] for b, d, s in pts]
-    fixed_s, inv_bw = nnls(rows, [1.0] * len(pts))
-    if inv_bw <= 0:
+    rows = np.array([[1.0, b / d] for b, d, _ in pts])
+    fixed_s, inv_bw = relative_nnls(rows, np.array([s for _, _, s in pts]))
+    if inv_bw * max(b / d for b, d, _ in pts) <= 1e-6 * max(s for _, _, s in pts):  # no byte term (round-off)
         raise ValueError("the measurements show no dependence on the bytes moved: cannot fit a bandwidth "
                          "(measure transformations that move different amounts of KV)")
     model = TransformCostModel(kv_bytes_per_token=base.kv_bytes_per_token, weight_bytes=base.weight_bytes,
-                               link_bandwidth_bytes_per_s=1.0 / inv_bw, fixed_overhead_s=fixed_s)
+                               link_bandwidth_bytes_per_s=float(1.0 / inv_bw), fixed_overhead_s=float(fixed_s))
     pred = [model.fixed_overhead_s + b / (model.link_bandwidth_bytes_per_s * d) for b, d, _ in pts]
     return model, _fit_report(pred, [p[2] for p in pts])
 
 
-# =====================================================================================================
-# Reading the benchmarks' JSON, describing a checkpoint, measuring
-# =====================================================================================================
-_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8}
-
-
-def model_sizes(model_path: str, dtype: Optional[str] = None) -> Tuple[float, float]:
-    """(KV bytes per token over all layers and KV heads, weight bytes) of an HF checkpoint directory, at
-    `dtype` (default: the checkpoint's torch_dtype)."""
-    with open(os.path.join(model_path, "config.json")) as f:
-        cfg = json.load(f)
-    cfg = cfg.get("text_config", cfg)
-    layers = int(cfg["num_hidden_layers"])
-    heads = int(cfg["num_attention_heads"])
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
-    ckpt_dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
-    want = (dtype or ckpt_dtype).replace("torch.", "")
-    nbytes = _DTYPE_BYTES.get(want, 4)
-    stored = sum(os.path.getsize(os.path.join(model_path, n)) for n in os.listdir(model_path)
-                 if n.endswith(".safetensors"))
-    weight_bytes = stored * nbytes / _DTYPE_BYTES.get(ckpt_dtype, 4)
-    return float(2 * layers * kv_heads * head_dim * nbytes), float(weight_bytes)
-
-
-def step_points_from_one_batch(d: dict) -> Tuple[List[Tuple[float, float, int, float]], Optional[float]]:
-    """Step-time points from benchmark/bench_one_batch.py's JSON (sglang rows): prefill = B x input_len
-    new tokens over as many context tokens; decode step i = B new tokens over B x (input_len + i) context.
-    Also the weight_s its roofline implies (decode weight bytes / copy bandwidth), if the file has them."""
-    args = d.get("args", {})
-    L = int(args.get("input_len", 128))
-    pts = []
-    for r in d.get("results", []):
-        if r.get("runtime", "sglang") != "sglang":
-            continue
-        B, tp = int(r["batch_size"]), int(r.get("tp", 1))
-        for s in r.get("prefill_s", []):
-            pts.append((B * L, B * L, tp, float(s)))
-        for run in r.get("decode_step_s_runs", []):
-            for i, s in enumerate(run):
-                pts.append((B, B * (L + i), tp, float(s)))
-    weight_s = None
-    model, bw = d.get("model", {}), d.get("copy_bandwidth_bytes_s")
-    if model.get("decode_weight_params") and bw:
-        nbytes = _DTYPE_BYTES.get(str(args.get("dtype", "float32")), 4)
-        weight_s = model["decode_weight_params"] * nbytes / float(bw)
-    return pts, weight_s
-
-
-def transform_points_from_bench(d: dict) -> List[Tuple[float, int, float]]:
-    """(bytes moved, devices, seconds) from benchmark/bench_transform.py's JSON: the engine's merge/split
-    breakdowns (bytes = kv_bytes + weight_bytes, seconds = pause) and the executor rows of the Gyges
-    method on real buffers (rows marked WRONG are skipped)."""
-    pts = []
-    eng = d.get("engine") or {}
-    for key in ("all_merges", "all_splits"):
-        for b in eng.get(key) or []:
-            pts.append((b["kv_bytes"] + b["weight_bytes"], len(b.get("devices") or [0, 1]), b["pause_ms"] / 1e3))
-    for r in d.get("rows", []):
-        method, note = str(r.get("method", "")), str(r.get("note", ""))
-        if "(Engine)" in str(r.get("model", "")) or not method.startswith("gyges:") or "WRONG" in note:
-            continue
-        pts.append((r["bytes"], 2, r["ms"] / 1e3))
-    return pts
-
-
-def measure(model_path: str, dtype: str = "float32", page_size: int = 16, device: str = "cpu",
-            log=print) -> Tuple[List[Tuple[float, float, int, float]], List[Tuple[float, int, float]], float]:
-    """A quick measurement on the runtime itself (needs sglang; ~1-2 min on CPU): step times from
-    Engine(tp_size=1) and Engine(tp_size=2) (prefill = a max_new_tokens=1 batch; decode step = the extra
-    time of 17 more tokens / 16), merges and splits of Engine(dp_size=2, enable_gyges) holding 0-64 cached
-    prompts, and the memory copy bandwidth (for weight_s). Returns (step points, transform points,
-    copy bytes/s)."""
-    import random
-    import time
-
-    import torch
-
-    import sglang
-
-    rng = random.Random(0)
-
-    def prompts(n: int, length: int) -> List[List[int]]:
-        return [[1] + [rng.randrange(3, 500) for _ in range(length - 1)] for _ in range(n)]
-
-    common = dict(model_path=model_path, device=device, dtype=dtype, page_size=page_size, log_level="warning")
-    step_pts: List[Tuple[float, float, int, float]] = []
-    L, N = 64, 16
-    for tp in (1, 2):
-        eng = sglang.Engine(tp_size=tp, **common)
-        try:
-            eng.generate(input_ids=prompts(2, 16), sampling_params={"max_new_tokens": 4, "ignore_eos": True})
-            for B in (1, 4, 16):
-                for _ in range(2):
-                    t0 = time.perf_counter()
-                    eng.generate(input_ids=prompts(B, L), sampling_params={"max_new_tokens": 1, "ignore_eos": True})
-                    t1 = time.perf_counter()
-                    eng.generate(input_ids=prompts(B, L),
-                                 sampling_params={"max_new_tokens": N + 1, "ignore_eos": True})
-                    t2 = time.perf_counter()
-                    step_pts.append((B * L, B * L, tp, t1 - t0))
-                    step_pts.append((B, B * (L + N // 2), tp, max(1e-6, (t2 - t1 - (t1 - t0)) / N)))
-            log(f"measured step times at TP{tp}")
-        finally:
-            eng.shutdown()
-    tr_pts: List[Tuple[float, int, float]] = []
-    eng = sglang.Engine(dp_size=2, enable_gyges=True, **common)
-    try:
-        for cached in (0, 16, 64):
-            if cached:
-                eng.generate(input_ids=prompts(cached, 128), sampling_params={"max_new_tokens": 1})
-            for devices, tp in (([0, 1], 2), ([0, 1], 1)):
-                b = eng.gyges_transform(devices, tp)
-                tr_pts.append((b["kv_bytes"] + b["weight_bytes"], len(b["devices"]), b["pause_ms"] / 1e3))
-        log("measured merges and splits")
-    finally:
-        eng.shutdown()
-    src = torch.empty(64 << 20, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    copy_bw = 2 * src.numel() / best  # read + write bytes, as bench_one_batch counts them
-    return step_pts, tr_pts, copy_bw
-
-
-# =====================================================================================================
-# Command line
-# =====================================================================================================
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gyges.costmodel",
-                                description="Fit the step-time and transformation cost models.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fit", help="fit both models and write the JSON --gyges-cost-model loads")
-    f.add_argument("--transform-json", help="benchmark/results/bench_transform.json")
-    f.add_argument("--one-batch-json", help="benchmark/results/bench_one_batch.json")
-    f.add_argument("--measure", action="store_true",
-                   help="measure on the runtime itself (needs sglang and --model-path; used for what no JSON gives)")
-    f.add_argument("--model-path", help="the checkpoint that will be served: its KV bytes per token and weight "
-                                        "bytes go into the transform model (and --measure runs it)")
-    f.add_argument("--dtype", default="float32", help="dtype the model is served in (default float32)")
-    f.add_argument("--device", default="cpu", help="device for --measure")
-    f.add_argument("--out", required=True, help="output JSON")
-    args = p.parse_args(argv)
-
-    if not (args.transform_json or args.one_batch_json or args.measure):
-        p.error("give --transform-json and/or --one-batch-json, or --measure")
-    if args.measure and not args.model_path:
-        p.error("--measure needs --model-path")
-    step_pts: List[Tuple[float, float, int, float]] = []
-    tr_pts: List[Tuple[float, int, float]] = []
-    weight_s: Optional[float] = None
-    sources: Dict[str, str] = {}
-    if args.one_batch_json:
-        with open(args.one_batch_json) as fh:
-            step_pts, weight_s = step_points_from_one_batch(json.load(fh))
-        sources["step_time"] = args.one_batch_json
-    if args.transform_json:
-        with open(args.transform_json) as fh:
-            tr_pts = transform_points_from_bench(json.load(fh))
-        sources["transform"] = args.transform_json
-    if args.measure and (not step_pts or not tr_pts):
-        m_step, m_tr, copy_bw = measure(args.model_path, args.dtype, device=args.device,
-                                        log=lambda m: print(m, file=sys.stderr))
-        if not step_pts:
-            step_pts, sources["step_time"] = m_step, "measured"
-            weight_s = model_sizes(args.model_path, args.dtype)[1] / copy_bw
-        if not tr_pts:
-            tr_pts, sources["transform"] = m_tr, "measured"
-
-    base = TransformCostModel()
-    if args.model_path:
-        kvt, wb = model_sizes(args.model_path, args.dtype)
-        base = TransformCostModel(kv_bytes_per_token=kvt, weight_bytes=wb)
-        sources["model"] = args.model_path
-    info: dict = {"sources": sources}
-    step = transform = None
-    if step_pts:
-        # base / weight / allreduce are not separable (module docstring): pin one of them
-        fixed = {"weight_s": weight_s} if weight_s is not None else {"allreduce_s": 0.0}
-        step, info["step_time"] = fit_step_time(step_pts, fixed)
-    if tr_pts:
-        transform, info["transform"] = fit_transform_cost(tr_pts, base)
-    elif args.model_path:
-        transform = base
-    out = save_models(args.out, step, transform, info)
-    print(json.dumps(out, indent=2, sort_keys=True))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit("gyges.costmodel has no command line any more: measure and fit with "
+                     "`python benchmark/measure_costs.py --model-path DIR --out FILE.json` (README, cost models)")

@@ -1,0 +1,322 @@
+"""Measure the engine's step time and transformation cost on this machine, fit the cost models, write the file
+that `python -m gyges.sim.simulator --step-model` and the server's `--gyges-cost-model` load.
+
+    python benchmark/measure_costs.py --model-path DIR --out FILE.json [--tp 1 2] [--quick]
+
+One in-process engine (`sglang.Engine`) does everything, the way a Gyges server runs:
+
+    Engine(dp_size=D, enable_gyges=True, gyges_policy="manual")     D = max(--tp) devices, all at TP1
+      for each TP t in --tp (ascending):
+          merge every aligned group of t devices into one TP-t instance   -> transformation points
+          step cases (below), D / t copies of each request batch at once -> step points at TP t
+      split back down to TP1, one degree at a time                         -> transformation points
+      fill the prefix cache with K tokens per instance, merge, split       -> more transformation points
+
+A step case (b, P, S, N): every instance gets b requests whose first P tokens are a prefix already in its
+radix cache (P = 0: none) followed by S fresh tokens; the manual policy spreads equal requests evenly over
+the instances (least loaded first), so every instance runs the same batch at the same time, as under load.
+Two calls per case, each timed around `Engine.generate` (best of --repeats):
+
+    max_new_tokens = 1       one prefill iteration: b*S new tokens over b*(P+S) context tokens
+                             (+ the request's way through tokenizer manager, controller, detokenizer)
+    max_new_tokens = N + 1   the same prefill, then N decode iterations of b tokens; the difference of the
+                             two calls / N is one decode step over b*(P+S+(N+1)/2) context tokens
+
+The fit (gyges.costmodel.fit_step_time, scipy NNLS) takes the per-call overhead as one extra unknown of the
+prefill points (it is not part of a step: the simulator adds no such term). Transformations: each merge or
+split's breakdown gives (kv_bytes + weight_bytes moved, devices, pause_ms) -> fit_transform_cost.
+KV bytes per token and weight bytes come from the checkpoint (model_sizes).
+
+Output: a table of measured against fitted step times with the relative error (stdout), and FILE.json in the
+format of gyges/gyges/costmodel.py's docstring, with every raw measurement under "fit".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from gyges.costmodel import (StepPoint, TransformCostModel, fit_step_time, fit_transform_cost, save_models)
+
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8}
+
+
+# =====================================================================================================
+# The checkpoint
+# =====================================================================================================
+def model_sizes(model_path: str, dtype: Optional[str] = None) -> Tuple[float, float]:
+    """(KV bytes per token over all layers and KV heads, weight bytes) of an HF checkpoint directory, at
+    `dtype` (default: the checkpoint's own dtype)."""
+    cfg = _config(model_path)
+    layers = int(cfg["num_hidden_layers"])
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    ckpt_dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
+    want = ckpt_dtype if dtype in (None, "auto") else dtype.replace("torch.", "")
+    nbytes = _DTYPE_BYTES.get(want, 4)
+    stored = sum(os.path.getsize(os.path.join(model_path, n)) for n in os.listdir(model_path)
+                 if n.endswith(".safetensors"))
+    weight_bytes = stored * nbytes / _DTYPE_BYTES.get(ckpt_dtype, 4)
+    return float(2 * layers * kv_heads * head_dim * nbytes), float(weight_bytes)
+
+
+def _config(model_path: str) -> dict:
+    with open(os.path.join(model_path, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg.get("text_config", cfg)
+
+
+# =====================================================================================================
+# What is measured
+# =====================================================================================================
+@dataclass(frozen=True)
+class StepCase:
+    batch: int  # requests per instance
+    prefix: int  # tokens of each prompt already in the instance's radix cache (a multiple of the page size)
+    suffix: int  # fresh prompt tokens of each request (<= the chunked-prefill size: one prefill iteration)
+    decode_steps: int  # N
+
+
+def step_cases(quick: bool) -> List[StepCase]:
+    """The grid: batch x cached prefix x fresh tokens. Quick: fewer points, shorter contexts."""
+    if quick:
+        return [StepCase(b, p, s, 8) for b in (1, 8) for p in (0, 512) for s in (16, 256)]
+    return [StepCase(b, p, s, 16) for b in (1, 4, 16) for p in (0, 512, 2048) for s in (16, 128, 512)]
+
+
+def fill_tokens(quick: bool) -> List[int]:
+    """KV tokens cached per instance before the extra merge/split pairs (bytes moved vary with them)."""
+    return [4096] if quick else [4096, 16384, 65536]
+
+
+# =====================================================================================================
+# Measuring on the engine
+# =====================================================================================================
+def start_engine(args, devices: int):
+    """The engine measured: `devices` TP1 instances, Gyges on, transformations by hand (manual policy)."""
+    import sglang
+
+    kw = dict(model_path=args.model_path, device=args.device, dtype=args.dtype, page_size=args.page_size,
+              log_level="warning", dp_size=devices, enable_gyges=True, gyges_policy="manual", gyges_max_tp=devices)
+    if args.threads_per_device:
+        kw["cpu_threads_per_worker"] = args.threads_per_device
+    if args.device_memory:
+        kw["device_memory"] = args.device_memory
+    return sglang.Engine(**kw)
+
+
+class EngineProbe:
+    """Times generate calls and transformations on a Gyges engine of `devices` devices (anything with
+    sglang.Engine's generate / gyges_topology / gyges_transform / flush_cache / shutdown)."""
+
+    def __init__(self, engine, devices: int, vocab: int, page_size: int, seed: int = 0, clock=time.perf_counter):
+        self.engine = engine
+        self.devices = devices
+        self.vocab = vocab
+        self.page_size = page_size
+        self.rng = random.Random(seed)
+        self.clock = clock
+        self.transforms: List[Dict] = []  # every breakdown, in order
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def tokens(self, n: int) -> List[int]:
+        return [self.rng.randrange(3, self.vocab) for _ in range(n)]
+
+    def instances(self) -> int:
+        return len(self.engine.gyges_topology()["instances"])
+
+    def generate(self, prompts: List[List[int]], max_new: int) -> float:
+        """Seconds for one generate call of all prompts (ignore_eos: exactly max_new tokens each)."""
+        t = self.clock()
+        self.engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": max_new, "ignore_eos": True})
+        return self.clock() - t
+
+    def transform(self, devices: List[int], tp: int) -> Dict:
+        b = self.engine.gyges_transform(devices, tp)
+        self.transforms.append(b)
+        return b
+
+    def set_tp(self, tp: int) -> None:
+        """Merge or split every aligned group of tp devices into one instance of TP tp."""
+        topo = self.engine.gyges_topology()["instances"]
+        now = {int(i["tp"]) for i in topo}
+        assert len(now) == 1, f"mixed topology {topo}"
+        cur = now.pop()
+        if cur == tp:
+            return
+        if tp > cur:  # merge
+            for g in range(0, self.devices, tp):
+                self.transform(list(range(g, g + tp)), tp)
+        else:  # split one degree at a time (cur -> cur/2 -> ... -> tp)
+            t = cur
+            while t > tp:
+                for g in range(0, self.devices, t):
+                    self.transform(list(range(g, g + t)), t // 2)
+                t //= 2
+
+    def warm(self) -> None:
+        n = self.instances()
+        for _ in range(2):
+            self.generate([[1] + self.tokens(15) for _ in range(n)], 4)
+
+    def step_case(self, case: StepCase, repeats: int) -> Dict:
+        """Time one case on every instance at once (module docstring). Returns the raw timings."""
+        n = self.instances()
+        prefix = [1] + self.tokens(case.prefix - 1) if case.prefix else []
+        if prefix:  # one copy per instance: the least-loaded placement gives each instance its own
+            self.generate([prefix + self.tokens(1) for _ in range(n)], 1)
+        one, many = [], []
+        for _ in range(repeats):
+            fresh = lambda: [(prefix or [1]) + self.tokens(case.suffix - (0 if prefix else 1))  # noqa: E731
+                             for _ in range(case.batch * n)]
+            one.append(self.generate(fresh(), 1))
+            many.append(self.generate(fresh(), case.decode_steps + 1))
+        return {"case": asdict(case), "instances": n, "prefill_call_s": one, "decode_call_s": many}
+
+    def fill(self, tokens_per_instance: int, prompt_len: int = 512) -> None:
+        """Cache about tokens_per_instance KV tokens on every instance (distinct prompts, 1 token each)."""
+        n = self.instances()
+        k = max(1, tokens_per_instance // prompt_len)
+        for start in range(0, k, 16):
+            batch = min(16, k - start)
+            self.generate([[1] + self.tokens(prompt_len - 1) for _ in range(batch * n)], 1)
+
+
+def step_points(raw: Dict, tp: int) -> List[StepPoint]:
+    """The prefill and the decode point of one case's timings (best run of each)."""
+    c = StepCase(**raw["case"])
+    b, ctx = c.batch, c.prefix + c.suffix
+    t1, tn = min(raw["prefill_call_s"]), min(raw["decode_call_s"])
+    pts = [StepPoint(b * c.suffix, b * ctx, tp, t1, requests=b, with_call_overhead=True)]
+    decode = (tn - t1) / c.decode_steps
+    if decode > 0:
+        pts.append(StepPoint(b, b * (ctx + (c.decode_steps + 1) / 2), tp, decode, requests=b))
+    return pts
+
+
+def transform_points(breakdowns: Sequence[Dict]) -> List[Tuple[float, int, float]]:
+    """(bytes moved, devices, seconds paused) of every merge and split."""
+    return [(float(b["kv_bytes"] + b["weight_bytes"]), len(b["devices"]), b["pause_ms"] / 1e3)
+            for b in breakdowns]
+
+
+def measure(args, log=print, engine_factory=start_engine, clock=time.perf_counter) -> Dict:
+    """Run every measurement; returns the raw data (steps per TP, transformation breakdowns)."""
+    tps = sorted(set(args.tp))
+    devices = max(tps)
+    cases = step_cases(args.quick)
+    repeats = args.repeats or (2 if args.quick else 3)
+    vocab = int(_config(args.model_path).get("vocab_size", 512))
+    probe = EngineProbe(engine_factory(args, devices), devices, vocab, args.page_size, clock=clock)
+    raw: Dict = {"steps": {}, "transforms": []}
+    try:
+        for tp in tps:
+            probe.set_tp(tp)
+            probe.warm()
+            t0 = time.perf_counter()
+            raw["steps"][str(tp)] = [probe.step_case(c, repeats) for c in cases]
+            log(f"TP{tp}: {len(cases)} step cases on {probe.instances()} instance(s) in "
+                f"{time.perf_counter() - t0:.0f} s")
+        probe.set_tp(1)
+        if devices > 1:
+            for k in fill_tokens(args.quick):
+                probe.engine.flush_cache()
+                probe.fill(k)
+                probe.set_tp(devices)
+                probe.set_tp(1)
+            log(f"{len(probe.transforms)} transformations")
+        raw["transforms"] = probe.transforms
+    finally:
+        probe.close()
+    return raw
+
+
+# =====================================================================================================
+# Fit and report
+# =====================================================================================================
+def fit_all(raw: Dict, model_path: str, dtype: str) -> Tuple[dict, List[Tuple[StepPoint, float]]]:
+    """Fit both models to the raw measurements; returns what save_models wrote's parts and the step points
+    with their fitted times."""
+    pts = [p for tp, cases in raw["steps"].items() for c in cases for p in step_points(c, int(tp))]
+    step, step_report = fit_step_time(pts)
+    kvt, wb = model_sizes(model_path, dtype)
+    base = TransformCostModel(kv_bytes_per_token=kvt, weight_bytes=wb)
+    tr_pts = transform_points(raw["transforms"])
+    transform, tr_report = (fit_transform_cost(tr_pts, base) if tr_pts else (base, None))
+    fitted = [(p, step.step_time(int(p.batch_tokens), int(p.context_tokens), p.tp, requests=p.requests)
+               + (step_report.get("call_overhead_s", 0.0) if p.with_call_overhead else 0.0)) for p in pts]
+    return {"step": step, "transform": transform, "step_report": step_report, "transform_report": tr_report,
+            "transform_points": tr_pts}, fitted
+
+
+def table(fitted: List[Tuple[StepPoint, float]]) -> str:
+    head = "| kind | TP | requests | batch tokens | context tokens | measured ms | fitted ms | rel. error |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for p, f in fitted:
+        kind = "prefill (+call)" if p.with_call_overhead else "decode"
+        lines.append(f"| {kind} | {p.tp} | {p.requests} | {p.batch_tokens:,.0f} | {p.context_tokens:,.0f} | "
+                     f"{p.seconds * 1e3:.2f} | {f * 1e3:.2f} | {(f - p.seconds) / p.seconds:+.1%} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-path", required=True, help="HF checkpoint directory (the model that will be served)")
+    p.add_argument("--out", required=True, help="model file to write (JSON)")
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2],
+                   help="TP degrees to measure; the engine uses max(--tp) devices")
+    p.add_argument("--quick", action="store_true", help="a smaller grid (about a minute on the demo model)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per call (default 3, quick 2)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", help="dtype the model is served in")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--threads-per-device", type=int, default=None,
+                   help="torch threads per CPU worker; default: the server's (cores / devices)")
+    p.add_argument("--device-memory", default=None, help="per-device memory budget on CPU (server default: 1GiB)")
+    p.add_argument("--raw-json", default=None, help="also write the raw measurements here")
+    args = p.parse_args(argv)
+    if min(args.tp) < 1 or any(t & (t - 1) for t in args.tp):
+        p.error("--tp takes powers of two")
+    return args
+
+
+def main(argv=None, engine_factory=start_engine, clock=time.perf_counter) -> int:
+    """engine_factory / clock: the engine and the clock it is timed with (tests pass a simulated one)."""
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    raw = measure(args, log, engine_factory, clock)
+    if args.raw_json:
+        with open(args.raw_json, "w") as f:
+            json.dump(raw, f, indent=1)
+    parts, fitted = fit_all(raw, args.model_path, args.dtype)
+    print(table(fitted))
+    sr = parts["step_report"]
+    print(f"\nstep time: {sr['points']} points, rms relative error {sr['rms_rel_error']:.1%}, max "
+          f"{sr['max_rel_error']:.1%}; per-call overhead (not in the model) {sr.get('call_overhead_s', 0) * 1e3:.2f} ms")
+    print("fitted:", json.dumps(parts["step"].to_dict()))
+    tr = parts["transform_report"]
+    if tr:
+        print(f"transformations: {tr['points']} points, rms relative error {tr['rms_rel_error']:.1%}; "
+              f"link {parts['transform'].link_bandwidth_bytes_per_s / 1e9:.2f} GB/s per device, fixed "
+              f"{parts['transform'].fixed_overhead_s * 1e3:.1f} ms")
+    info = {"source": "benchmark/measure_costs.py", "command": " ".join(["python"] + sys.argv),
+            "model_path": args.model_path, "dtype": args.dtype, "tp": sorted(set(args.tp)), "quick": args.quick,
+            "step_time": sr, "transform": tr, "raw": raw, "wall_s": time.perf_counter() - t0}
+    save_models(args.out, parts["step"], parts["transform"], info)
+    print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
