@@ -426,3 +426,50 @@ def test_split_uses_the_runtime_part_capacity_when_known():
     policy.on_tick(known)
     assert policy.split_target(merged) is None  # but not one TP1 instance of 2048
     assert not any(isinstance(d, Transform) for d in policy.on_tick(known))
+
+
+# -- Gyges: merges for speed (step-time model + TTFT target) ---------------------------------------------
+def gpu_like_step_model():
+    """TP divides the work and adds a small all-reduce: TP4 prefills about 3.5x faster than TP1."""
+    from gyges.costmodel import StepTimeModel
+    return StepTimeModel(base_s=0.002, weight_s=0.003, per_token_s=1e-4, per_context_token_s=0.0,
+                         allreduce_s=0.0005, allreduce_per_token_s=1e-7)
+
+
+def test_long_prompt_that_fits_tp1_merges_for_speed_and_short_ones_stay_tp1():
+    policy = GygesPolicy(step_model=gpu_like_step_model(), ttft_target_s=1.0, chunk_tokens=1024)
+    insts = tuple(load((d,), cap_per_device=100_000) for d in range(4))
+    state = ClusterState(4, 4, insts, 0.0)
+    long_req = RequestInfo("long", 20_000, 10, 0.0)  # ~2 s at TP1, ~0.55 s at TP4, 1.05 s at TP2
+    assert policy.target_tp(long_req, state) == 4
+    assert isinstance(policy.on_request(long_req, state), Hold)
+    assert policy.on_tick(ClusterState(4, 4, insts, 0.1, held=(long_req,))) == [Transform((0, 1, 2, 3), 4)]
+    short = RequestInfo("short", 500, 10, 0.0)
+    assert policy.target_tp(short, state) == 1 and policy.on_request(short, state) == Place("short", 0)
+    # a merged instance still prefilling the long prompt stays merged; once the prefill is done it splits
+    merged = lambda left: InstanceLoad((0, 1, 2, 3), 4, 1, 0, 400_000, 15_000, 0, 5_010, False, None, 20_010, left)
+    assert policy.on_tick(ClusterState(4, 4, (merged(5_000),), 1.0)) == []
+    policy.on_tick(ClusterState(4, 4, (merged(0),), 1.1))
+    assert policy.on_tick(ClusterState(4, 4, (merged(0),), 2.2)) == [Transform((0, 1, 2, 3), 1)]
+
+
+def test_no_merge_for_speed_where_tp_is_not_faster():
+    from gyges.costmodel import StepTimeModel
+    cpu_like = StepTimeModel(base_s=0.002, weight_s=0.003, per_token_s=1e-4, per_context_token_s=0.0,
+                             allreduce_s=0.01, allreduce_per_token_s=1.2e-4)  # TP2 costs more than it saves
+    policy = GygesPolicy(step_model=cpu_like, ttft_target_s=0.5, chunk_tokens=1024)
+    state = ClusterState(2, 2, tuple(load((d,), cap_per_device=100_000) for d in range(2)), 0.0)
+    long_req = RequestInfo("long", 20_000, 10, 0.0)
+    assert policy.target_tp(long_req, state) == 1
+    assert policy.on_request(long_req, state) == Place("long", 0)
+
+
+def test_partial_split_frees_devices_while_a_long_request_still_needs_a_tp2():
+    """TP4 holding one request of 1500 tokens (parts of TP1: 1000, of TP2: 2000): split into two TP2s, then
+    the TP2 without it splits into TP1s."""
+    policy = GygesPolicy(split_delay=0.0)
+    tp4 = InstanceLoad((0, 1, 2, 3), 4, 1, 0, 4000, 1400, 0, 100, False, None, 1500)
+    assert policy.on_tick(ClusterState(4, 4, (tp4,), 0.0)) == [Transform((0, 1, 2, 3), 2)]
+    with_long = InstanceLoad((0, 1), 2, 1, 0, 2000, 1400, 0, 100, False, None, 1500)
+    empty = InstanceLoad((2, 3), 2, 0, 0, 2000, 0, 0, 0, False, 0.0, 0)
+    assert policy.on_tick(ClusterState(4, 4, (with_long, empty), 1.0)) == [Transform((2, 3), 1)]

@@ -41,7 +41,8 @@ def parse_size(text: str) -> int:
 @dataclass
 class ServerArgs:
     # ---- model and tokenizer -------------------------------------------------------------------------
-    model_path: str = _f("", "Local directory of a HF checkpoint (config.json + *.safetensors + tokenizer).")
+    model_path: str = _f("", "Local directory of a HF checkpoint (config.json + *.safetensors + tokenizer), or a "
+                            "GGUF file (*.gguf: config and tokenizer read from it, weights dequantized at load).")
     tokenizer_path: Optional[str] = _f(None, "Tokenizer directory; defaults to --model-path.")
     skip_tokenizer_init: bool = _f(False, "Do not load a tokenizer; requests must pass input_ids.")
     dtype: str = _f("auto", "Weight and activation dtype. 'auto' takes the dtype in config.json "
@@ -136,17 +137,30 @@ class ServerArgs:
                            "static-tp, static-hybrid.",
                            choices=["manual", "auto", "gyges", "static-dp-rr", "static-dp-ll", "static-tp",
                                     "static-hybrid"])
-    gyges_split_delay: float = _f(5.0, "Seconds a merged instance's requests must fit the smaller instances "
-                                  "before the auto policy splits it (hysteresis).")
+    gyges_split_delay: float = _f(1.0, "Seconds a merged instance's requests must fit the smaller instances "
+                                  "before the auto policy splits it (hysteresis against flapping).")
+    gyges_ttft_target: Optional[float] = _f(None, "Prefill-time target in seconds: a request whose predicted "
+                                            "prefill (step-time model of --gyges-cost-model) misses it at the "
+                                            "smallest TP that holds it is served merged, at the smallest TP that "
+                                            "meets it, when that is at least 1.5x faster. Unset: merges only for "
+                                            "memory.")
     gyges_transform_timeout: float = _f(120.0, "Seconds a merge or split may take; past it the controller "
                                         "fails the transformation's instances (their requests get a 503, their "
                                         "workers are killed) and keeps serving on the others. The collectives "
                                         "of a transformation time out after the same limit.")
-    gyges_cost_model: Optional[str] = _f(None, "JSON file of the transformation cost model (written by "
-                                         "`python -m gyges.costmodel fit`); default: built-in constants.")
+    gyges_cost_model: Optional[str] = _f(None, "JSON file of the step-time and transformation cost models "
+                                         "measured on this machine (written by benchmark/measure_costs.py); "
+                                         "default: built-in constants, and no merges for speed.")
 
     # ------------------------------------------------------------------------------------------------
     def __post_init__(self):
+        if self.model_path.endswith(".gguf") and os.path.isfile(self.model_path):
+            # Served from a side directory (config + tokenizer from the file; model_loader dequantizes its weights).
+            from sglang.srt.model_executor.gguf_loader import gguf_model_dir
+
+            if self.served_model_name is None:
+                self.served_model_name = self.model_path
+            self.model_path = gguf_model_dir(self.model_path)
         if self.tokenizer_path is None:
             self.tokenizer_path = self.model_path
         if self.served_model_name is None:
@@ -171,7 +185,7 @@ class ServerArgs:
         if not self.model_path:
             raise ValueError("--model-path is required (a local HF checkpoint directory)")
         if not os.path.isdir(self.model_path):
-            raise ValueError(f"--model-path {self.model_path!r} is not a directory")
+            raise ValueError(f"--model-path {self.model_path!r} is not a directory (nor a .gguf file)")
         for name in ("tp_size", "dp_size", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -190,6 +204,9 @@ class ServerArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise ValueError("--max-running-requests must be >= 1")
+        if self.gyges_ttft_target is not None and (self.gyges_ttft_target <= 0 or not self.gyges_cost_model):
+            raise ValueError("--gyges-ttft-target needs a positive value and --gyges-cost-model (the step-time "
+                             "model that predicts prefill times)")
         if self.gyges_policy != "manual" and not self.enable_gyges:
             raise ValueError(f"--gyges-policy {self.gyges_policy} needs --enable-gyges")
         g = self.weight_shard_granularity

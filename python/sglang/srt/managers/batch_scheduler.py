@@ -316,3 +316,7 @@ class BatchScheduler:
     # ======================================================================================================
     def tokens_in_flight(self) -> int:
         return sum(r.remaining_new_tokens + r.extend_remaining for r in self.running + self.waiting)
+
+    def largest_prefill_left(self) -> int:
+        """The most prompt tokens one admitted or waiting request has still to prefill."""
+        return max((r.extend_remaining for r in self.running + self.waiting), default=0)

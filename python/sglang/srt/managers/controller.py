@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 
 import zmq
 
-from gyges.costmodel import TransformCostModel
+from gyges.costmodel import StepTimeModel, TransformCostModel
 from gyges.policy import ClusterState, Hold, InstanceLoad, Place, Reject, RequestInfo, Transform, make_policy
 from gyges.topology import Instance, Topology
 from sglang.srt.managers.io_struct import (
@@ -77,6 +77,7 @@ class InstanceView:
     report: Optional[InstanceReport] = None
     routed_since_report: int = 0  # requests sent after the last report (not yet counted by it)
     routed_tokens_since_report: int = 0  # their prompt + max_new_tokens
+    routed_prompt_since_report: int = 0  # the longest of their prompts
     idle_since: Optional[float] = None  # when the instance last became idle (None while busy)
     progress_at: float = field(default_factory=time.monotonic)  # last forward_ct change, or last seen idle
 
@@ -157,8 +158,13 @@ class Controller:
         if name == "manual":
             return None
         if name in ("auto", "gyges"):
-            cost = TransformCostModel.load(args.gyges_cost_model) if args.gyges_cost_model else None
-            return make_policy(name, split_delay=args.gyges_split_delay, cost_model=cost, base_tp=args.tp_size)
+            cost = step = None
+            if args.gyges_cost_model:
+                cost = TransformCostModel.load(args.gyges_cost_model)
+                step = StepTimeModel.load(args.gyges_cost_model)
+            chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else args.max_prefill_tokens
+            return make_policy(name, split_delay=args.gyges_split_delay, cost_model=cost, base_tp=args.tp_size,
+                               step_model=step, ttft_target_s=args.gyges_ttft_target, chunk_tokens=chunk)
         if name in ("static-dp-rr", "static-dp-ll"):
             return make_policy(name, tp=args.tp_size)
         return make_policy(name)
@@ -287,6 +293,7 @@ class Controller:
         self.routed[req.rid] = base
         view.routed_since_report += 1
         view.routed_tokens_since_report += len(req.input_ids) + self._max_new(req)
+        view.routed_prompt_since_report = max(view.routed_prompt_since_report, len(req.input_ids))
         self.send_to_worker[base].send_pyobj(req)
 
     # ---- policy ------------------------------------------------------------------------------------------
@@ -314,6 +321,7 @@ class Controller:
                 tokens_in_flight=(r.tokens_in_flight if r else 0) + view.routed_tokens_since_report,
                 transforming=view.instance_id in busy or r is None,
                 idle_since=view.idle_since,
+                prefill_tokens_left=max(r.prefill_tokens_left if r else 0, view.routed_prompt_since_report),
             ))
         return ClusterState(self.args.num_devices, self.max_tp, tuple(loads), time.time(),
                             tuple(self._request_info(m) for m in self.held), tuple(sorted(self.capacity_by_tp.items())))
@@ -566,6 +574,7 @@ class Controller:
                 view.report = msg
                 view.routed_since_report = 0
                 view.routed_tokens_since_report = 0
+                view.routed_prompt_since_report = 0
                 if msg.running + msg.waiting == 0:
                     view.idle_since = view.idle_since or time.time()
                 else:

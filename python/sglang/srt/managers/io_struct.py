@@ -317,6 +317,9 @@ class InstanceReport:
     finished_rids: List[str] = field(default_factory=list)
     # Forward passes run so far: the controller's watchdog fails an instance with work whose count stops.
     forward_ct: int = 0
+    # The most prompt tokens one request here has still to prefill (the Gyges policy keeps an instance
+    # merged while a prefill needs its speed).
+    prefill_tokens_left: int = 0
 
 
 @dataclass

@@ -548,7 +548,7 @@ class Scheduler:
         """Send an InstanceReport when the load changed, a request finished, or a heartbeat is due."""
         waiting = self.batches.num_waiting + len(self.grammar_pending)
         key = (len(self.running), waiting, self.kv.used_pages(), self.kv.num_pages,
-               self.batches.tokens_in_flight(), self.kv.tree.evictable_pages())
+               self.batches.tokens_in_flight(), self.kv.tree.evictable_pages(), self.batches.largest_prefill_left())
         now = time.monotonic()
         if (key == self._last_report_key and not self._finished_since_report
                 and now - self._last_report_time < REPORT_HEARTBEAT_S):
@@ -564,6 +564,7 @@ class Scheduler:
             capacity_by_tp=self.capacity_by_tp,
             finished_rids=self._finished_since_report,
             forward_ct=self.forward_ct,
+            prefill_tokens_left=key[6],
         )
         self._last_report_key = key
         self._last_report_time = now
