@@ -473,3 +473,17 @@ def test_partial_split_frees_devices_while_a_long_request_still_needs_a_tp2():
     with_long = InstanceLoad((0, 1), 2, 1, 0, 2000, 1400, 0, 100, False, None, 1500)
     empty = InstanceLoad((2, 3), 2, 0, 0, 2000, 0, 0, 0, False, 0.0, 0)
     assert policy.on_tick(ClusterState(4, 4, (with_long, empty), 1.0)) == [Transform((2, 3), 1)]
+
+
+def test_naive_placement_ablations_ignore_reservations_and_merged_instances():
+    """gyges-ll / gyges-rr keep the mechanism (the same merge for the held long request) but place short work
+    where Gyges would not: on the TP2 instance the long request waits for."""
+    long_req = RequestInfo("long", 1800, 100, 0.0)
+    insts = (load((0, 1), used=100, in_flight=100, running=1), load((2,), in_flight=600, running=2),
+             load((3,), in_flight=600, running=2))
+    state = ClusterState(4, 4, insts, 0.0, held=(long_req,))
+    short = RequestInfo("s", 100, 10, 0.1)
+    assert GygesPolicy().on_request(short, state) in (Place("s", 2), Place("s", 3))
+    assert make_policy("gyges-ll").on_request(short, state) == Place("s", 0)  # least loaded: the TP2
+    rr = make_policy("gyges-rr")
+    assert {rr.on_request(RequestInfo(f"s{k}", 100, 10, 0.1), state).instance for k in range(3)} == {0, 2, 3}

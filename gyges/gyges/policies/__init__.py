@@ -4,6 +4,7 @@ One policy per module, all behind the interface in `gyges.policies.base` (Cluste
 Reject / Transform out), so the live controller and gyges.sim drive every policy the same way:
 
     gyges_policy   GygesPolicy: base-TP instances, merged on demand, split back as soon as possible
+    gyges_naive    GygesRoundRobin, GygesLeastLoaded: the same mechanism, placement blind to it (ablations)
     static_dp      StaticDPLeastLoad, StaticDPRoundRobin (and StaticPolicy, the static machinery)
     static_tp      StaticTP: one instance over all devices
     static_hybrid  StaticHybrid: TP1 instances plus one large instance, requests split by length
@@ -14,6 +15,7 @@ Reject / Transform out), so the live controller and gyges.sim drive every policy
 from gyges.policies.base import (ClusterState, Decision, Hold, InstanceLoad, LoadLedger, Place, Policy, Reject,
                                  RequestInfo, TickDecision, Transform, can_ever_fit, fits_now, group_capacity,
                                  least_loaded, too_long_message, uniform_groups, validate_transform)
+from gyges.policies.gyges_naive import GygesLeastLoaded, GygesRoundRobin
 from gyges.policies.gyges_policy import GygesPolicy
 from gyges.policies.size_bound import RequestSizeBound
 from gyges.policies.static_dp import StaticDPLeastLoad, StaticDPRoundRobin, StaticPolicy
@@ -23,6 +25,8 @@ from gyges.policies.static_tp import StaticTP
 POLICIES = {
     "gyges": GygesPolicy,
     "auto": GygesPolicy,
+    "gyges-rr": GygesRoundRobin,
+    "gyges-ll": GygesLeastLoaded,
     "static-dp-rr": StaticDPRoundRobin,
     "static-dp-ll": StaticDPLeastLoad,
     "static-tp": StaticTP,
@@ -39,7 +43,7 @@ def make_policy(name: str, **kwargs) -> Policy:
 
 
 __all__ = [
-    "ClusterState", "Decision", "GygesPolicy", "Hold", "InstanceLoad", "LoadLedger", "POLICIES", "Place", "Policy",
+    "ClusterState", "Decision", "GygesLeastLoaded", "GygesPolicy", "GygesRoundRobin", "Hold", "InstanceLoad", "LoadLedger", "POLICIES", "Place", "Policy",
     "Reject", "RequestInfo", "RequestSizeBound", "StaticDPLeastLoad", "StaticDPRoundRobin", "StaticHybrid",
     "StaticPolicy", "StaticTP", "TickDecision", "Transform", "can_ever_fit", "fits_now", "group_capacity",
     "least_loaded", "make_policy", "too_long_message", "uniform_groups", "validate_transform",

@@ -134,9 +134,10 @@ class ServerArgs:
     gyges_policy: str = _f("manual", "Who places requests and decides transformations: 'manual' (least-loaded "
                            "routing, transformations only through POST /gyges/transform), 'auto' (the Gyges "
                            "policy), or a baseline with the same interface: static-dp-rr, static-dp-ll, "
-                           "static-tp, static-hybrid.",
-                           choices=["manual", "auto", "gyges", "static-dp-rr", "static-dp-ll", "static-tp",
-                                    "static-hybrid"])
+                           "static-tp, static-hybrid, and gyges-rr / gyges-ll (Gyges' merges and splits with "
+                           "round-robin / least-loaded placement).",
+                           choices=["manual", "auto", "gyges", "gyges-rr", "gyges-ll", "static-dp-rr",
+                                    "static-dp-ll", "static-tp", "static-hybrid"])
     gyges_split_delay: float = _f(1.0, "Seconds a merged instance's requests must fit the smaller instances "
                                   "before the auto policy splits it (hysteresis against flapping).")
     gyges_ttft_target: Optional[float] = _f(None, "Prefill-time target in seconds: a request whose predicted "

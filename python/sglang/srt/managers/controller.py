@@ -157,7 +157,7 @@ class Controller:
         name = args.gyges_policy
         if name == "manual":
             return None
-        if name in ("auto", "gyges"):
+        if name in ("auto", "gyges", "gyges-rr", "gyges-ll"):
             cost = step = None
             if args.gyges_cost_model:
                 cost = TransformCostModel.load(args.gyges_cost_model)
