@@ -236,12 +236,11 @@ def test_missing_tensors_are_listed(test_model, tmp_path):
         make_runner(str(dst))
 
 
-def test_tp_not_dividing_heads_is_rejected(test_model):
-    with pytest.raises(ValueError, match=r"tp_size=8 does not divide num_attention_heads=4 and "
-                                         r"num_key_value_heads=2.*allowed TP sizes for this model: \[1, 2\]"):
-        ModelConfig.from_server_args(ServerArgs(model_path=test_model("llama"), tp_size=8))
-    with pytest.raises(ValueError, match=r"granularity.*=4 does not divide.*num_key_value_heads=2"):
-        ModelConfig.from_server_args(ServerArgs(model_path=test_model("llama"), enable_gyges=True, gyges_max_tp=4))
+def test_tp_above_the_kv_heads_replicates_them(test_model):
+    """4 heads / 2 KV heads at TP8: KV heads replicated, one per rank (test_head_padding.py covers the rest)."""
+    cfg = ModelConfig.from_server_args(ServerArgs(model_path=test_model("llama"), tp_size=8))
+    assert (cfg.local_attention_heads, cfg.local_kv_heads) == (1, 1)
+    assert cfg.heads.kv_source == (0, 0, 0, 0, 1, 1, 1, 1)
 
 
 def test_budget_too_small_is_rejected(test_model):
@@ -269,7 +268,7 @@ def _tp_worker(rank, world, port, paths, out_dir):
     results = {}
     for name, path in paths.items():
         runner = make_runner(path, 16, tp_group=group, tp_size=world)
-        assert runner.kv_pool.local_kv_heads == runner.model_config.num_kv_heads // world
+        assert runner.kv_pool.local_kv_heads == runner.model_config.kv_heads_per_rank(world)
         vocab = runner.model_config.vocab_size
         ids = _tokens(vocab)
         pages = Pages(runner).take(SEQ_LEN)

@@ -65,7 +65,7 @@ PageKey = Tuple[int, int]  # (instance index in its list, page id)
 # =====================================================================================================
 @dataclass(frozen=True)
 class KVLayout:
-    num_kv_heads: int  # H, all heads of the model
+    num_kv_heads: int  # H, all KV heads of the model as stored (padded: gyges.heads.HeadLayout.padded_kv_heads)
     num_layers: int
     page_size: int
     head_dim: int
@@ -79,8 +79,8 @@ class KVLayout:
     def heads_local(self, tp: int) -> int:
         if tp < 1 or self.num_kv_heads % tp:
             raise ValueError(
-                f"{self.num_kv_heads} KV heads cannot be split over tp={tp} without replication "
-                f"(not supported by Gyges transformations)")
+                f"{self.num_kv_heads} KV heads cannot be split over tp={tp}; pad them first "
+                f"(padding and KV-head replication for every TP up to G: gyges.heads.pad_heads)")
         return self.num_kv_heads // tp
 
     def page_bytes(self, tp: int) -> int:

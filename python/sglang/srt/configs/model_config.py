@@ -3,7 +3,10 @@
 Data flow:
     ServerArgs.model_path --transformers.AutoConfig--> hf_config
     hf_config + generation_config.json + ServerArgs (dtype, context_length, tp_size, weight granularity G)
-        --> ModelConfig (validated: supported architecture, heads divisible by tp_size and G)
+        --> ModelConfig (validated: supported architecture, tp_size divides G)
+    ModelConfig.heads = gyges.heads.pad_heads(H, Hkv, G): the padded query / KV heads every TP degree
+        dividing G shards evenly (identity when G divides Hkv; otherwise zero query heads and replicated
+        KV heads, see gyges/heads.py). The KV pool holds heads.padded_kv_heads / tp heads per rank.
 
 Both rope conventions are accepted: transformers >= 5 `rope_parameters` and the legacy
 `rope_theta` / `rope_scaling` keys (see `rope_parameters`).
@@ -17,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Set
 
 import torch
+
+from gyges.heads import HeadLayout, pad_heads
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -49,14 +54,6 @@ def rope_parameters(hf_config) -> Dict[str, Any]:
     if "rope_type" not in out:
         out["rope_type"] = out.pop("type", "default")
     out.setdefault("rope_theta", 10000.0)
-    return out
-
-
-def _pow2_divisors(n: int) -> list:
-    out, t = [], 1
-    while t <= n and n % t == 0:
-        out.append(t)
-        t *= 2
     return out
 
 
@@ -132,32 +129,32 @@ class ModelConfig:
         return cfg
 
     def check_parallelism(self) -> None:
-        """tp_size and G must divide both head counts (no KV-head replication yet)."""
-        allowed = _pow2_divisors(_gcd(self.num_attention_heads, self.num_kv_heads))
-        for what, value in (("tp_size", self.tp_size), ("weight shard granularity (gyges_max_tp)",
-                                                         self.weight_granularity)):
-            if self.num_attention_heads % value or self.num_kv_heads % value:
-                raise ValueError(
-                    f"{what}={value} does not divide num_attention_heads={self.num_attention_heads} and "
-                    f"num_key_value_heads={self.num_kv_heads} of {self.architecture}; allowed TP sizes for "
-                    f"this model: {allowed}")
+        """Any head counts work at any TP degree dividing G (heads are padded, KV heads replicated as
+        needed); tp_size must divide G and the query heads must be a multiple of the KV heads."""
         if self.weight_granularity % self.tp_size:
             raise ValueError(f"tp_size={self.tp_size} must divide the weight shard granularity "
                              f"{self.weight_granularity}")
+        try:
+            self.heads
+        except ValueError as e:
+            raise ValueError(f"{self.architecture}: {e}") from None
+
+    @property
+    def heads(self) -> HeadLayout:
+        """The padded heads of this model for weight granularity G (cached, the same for every TP)."""
+        return pad_heads(self.num_attention_heads, self.num_kv_heads, self.weight_granularity)
+
+    def kv_heads_per_rank(self, tp: int) -> int:
+        """KV heads one rank of TP `tp` stores per token (padded: replicas included)."""
+        return self.heads.kv_heads_per_rank(tp)
 
     @property
     def local_kv_heads(self) -> int:
-        return self.num_kv_heads // self.tp_size
+        return self.kv_heads_per_rank(self.tp_size)
 
     @property
     def local_attention_heads(self) -> int:
-        return self.num_attention_heads // self.tp_size
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
+        return self.heads.heads_per_rank(self.tp_size)
 
 
 def _as_id_set(value) -> Set[int]:

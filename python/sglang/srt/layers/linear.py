@@ -1,9 +1,11 @@
 """Tensor-parallel linear layers over the padded shard-major layout (model_executor/weight_layout.py).
 
-Data flow (one decoder layer on one rank of TP t, G fine shards, n = G/t local fine shards):
-    x [T, hidden] --QKVParallelLinear--> [T, n, q_f + k_f + v_f] --split--> q [T, H/t*D], k, v [T, Hkv/t*D]
+Data flow (one decoder layer on one rank of TP t, G fine shards, n = G/t local fine shards; H', Hkv' the
+padded head counts of gyges.heads.HeadLayout, equal to H, Hkv when G divides Hkv):
+    x [T, hidden] --QKVParallelLinear--> [T, n, q_f + k_f + v_f] --split--> q [T, H'/t*D], k, v [T, Hkv'/t*D]
     x [T, hidden] --MergedColumnParallelLinear--> [T, n, 2*i_f]  (gate piece | up piece per fine shard)
     x_local [T, in/t] --RowParallelLinear (weight stored [in/t, out])--> partial [T, out] --all-reduce--> out
+    (o_proj: in = H'*D; the columns of padding heads are zero)
 
 Each layer exposes `weight_targets(hf names...)` telling the loader which rows of which HF tensor land in
 which rows of its local parameter.
@@ -16,9 +18,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from gyges.heads import HeadLayout
 from sglang.srt.distributed.parallel_state import TPGroup
 from sglang.srt.model_executor.weight_layout import (
     WeightTarget,
+    head_shard_copies,
     local_rows,
     padded_size,
     replicated_target,
@@ -35,21 +39,29 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T (+ b) with W's output rows split; fused parts are interleaved per fine shard.
 
     part_sizes: true output rows of each fused part (one part = plain column-parallel).
+    head_sources (with head_dim): parts laid out by heads, padded head u of part j = HF head
+    head_sources[j][u] or zero (gyges.heads.HeadLayout); the padded part has len(head_sources[j]) heads.
     Output: [T, G/t, sum(padded_part / G)] view; `forward_flat` gives [T, local_out].
     """
 
     def __init__(self, in_features: int, part_sizes: Sequence[int], tp_group: TPGroup, granularity: int,
-                 bias: bool, dtype: torch.dtype, device, pad_parts: bool = False):
+                 bias: bool, dtype: torch.dtype, device, pad_parts: bool = False,
+                 head_sources: Optional[Sequence[Sequence[int]]] = None, head_dim: int = 0):
         super().__init__()
         self.in_features = in_features
         self.part_sizes = list(part_sizes)
         self.granularity = granularity
         self.tp_group = tp_group
-        if not pad_parts:
+        self.head_sources = [tuple(s) for s in head_sources] if head_sources is not None else None
+        self.head_dim = head_dim
+        if not pad_parts and head_sources is None:
             for s in self.part_sizes:
                 if s % granularity:
                     raise ValueError(f"output size {s} is not divisible by the weight granularity {granularity}")
-        self.padded_sizes = [padded_size(s, granularity) for s in self.part_sizes]
+        if self.head_sources is not None:
+            self.padded_sizes = [len(src) * head_dim for src in self.head_sources]
+        else:
+            self.padded_sizes = [padded_size(s, granularity) for s in self.part_sizes]
         self.local_fine_shards = granularity // tp_group.size
         self.local_out = local_rows(self.padded_sizes, granularity, tp_group.size)
         self.weight = new_param((self.local_out, in_features), dtype, device)  # [local_out, in]
@@ -69,7 +81,11 @@ class ColumnParallelLinear(nn.Module):
         out: Dict[str, WeightTarget] = {}
         rank, tp = self.tp_group.shard_rank, self.tp_group.size
         for j, name in enumerate(hf_names):
-            copies = shard_copies(self.part_sizes, self.padded_sizes, j, self.granularity, rank, tp)
+            if self.head_sources is not None:
+                copies = head_shard_copies(self.head_sources[j], self.head_dim, self.padded_sizes, j,
+                                           self.granularity, rank, tp)
+            else:
+                copies = shard_copies(self.part_sizes, self.padded_sizes, j, self.granularity, rank, tp)
             out[name] = WeightTarget(self.weight, (self.part_sizes[j], self.in_features), copies)
             if self.bias is not None and bias_names is not None:
                 out[bias_names[j]] = WeightTarget(self.bias, (self.part_sizes[j],), copies)
@@ -77,15 +93,20 @@ class ColumnParallelLinear(nn.Module):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused q/k/v projection; every fine shard holds H/G query heads and Hkv/G KV heads."""
+    """Fused q/k/v projection over the padded heads of `heads`: every fine shard holds H'/G query heads and
+    Hkv'/G KV heads (padding query heads zero, replicated KV heads copies of their source)."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, tp_group: TPGroup,
+    def __init__(self, hidden_size: int, head_dim: int, heads: HeadLayout, tp_group: TPGroup,
                  granularity: int, bias: bool, dtype: torch.dtype, device):
-        super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
-                         tp_group, granularity, bias, dtype, device)
+        if heads.granularity != granularity:
+            raise ValueError(f"head layout for granularity {heads.granularity}, weights for {granularity}")
+        super().__init__(hidden_size, [heads.num_heads * head_dim, heads.num_kv_heads * head_dim,
+                                       heads.num_kv_heads * head_dim],
+                         tp_group, granularity, bias, dtype, device,
+                         head_sources=[heads.q_source, heads.kv_source, heads.kv_source], head_dim=head_dim)
 
     def forward(self, x: torch.Tensor):
-        """x [T, hidden] -> q [T, H/t*D], k [T, Hkv/t*D], v [T, Hkv/t*D]."""
+        """x [T, hidden] -> q [T, H'/t*D], k [T, Hkv'/t*D], v [T, Hkv'/t*D]."""
         return self.split_parts(super().forward(x))
 
 
@@ -104,17 +125,25 @@ class RowParallelLinear(nn.Module):
     """y = x W^T (+ b) with W's input columns split; W stored transposed [in_local, out] (shard-major).
 
     in_features is padded to a multiple of G (zero rows: padded inputs, which are zero anyway, add nothing).
+    head_sources (with head_dim): the input is laid out by heads (o_proj), padded head u = HF head
+    head_sources[u] or zero rows; padded_in = len(head_sources) * head_dim.
     """
 
     def __init__(self, in_features: int, out_features: int, tp_group: TPGroup, granularity: int, bias: bool,
-                 dtype: torch.dtype, device, reduce_results: bool = True):
+                 dtype: torch.dtype, device, reduce_results: bool = True,
+                 head_sources: Optional[Sequence[int]] = None, head_dim: int = 0):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.granularity = granularity
         self.tp_group = tp_group
         self.reduce_results = reduce_results
-        self.padded_in = padded_size(in_features, granularity)
+        self.head_sources = tuple(head_sources) if head_sources is not None else None
+        self.head_dim = head_dim
+        if self.head_sources is not None:
+            self.padded_in = len(self.head_sources) * head_dim
+        else:
+            self.padded_in = padded_size(in_features, granularity)
         self.local_in = self.padded_in // tp_group.size
         self.weight_t = new_param((self.local_in, out_features), dtype, device)  # [local_in, out]
         self.bias = new_param((out_features,), dtype, device) if bias else None  # [out], added once
@@ -129,8 +158,12 @@ class RowParallelLinear(nn.Module):
         return y
 
     def weight_targets(self, hf_name: str, bias_name: Optional[str] = None) -> Dict[str, WeightTarget]:
-        copies = shard_copies([self.in_features], [self.padded_in], 0, self.granularity, self.tp_group.shard_rank,
-                              self.tp_group.size)
+        rank, tp = self.tp_group.shard_rank, self.tp_group.size
+        if self.head_sources is not None:
+            copies = head_shard_copies(self.head_sources, self.head_dim, [self.padded_in], 0, self.granularity,
+                                       rank, tp)
+        else:
+            copies = shard_copies([self.in_features], [self.padded_in], 0, self.granularity, rank, tp)
         out = {hf_name: WeightTarget(self.weight_t, (self.out_features, self.in_features), copies, transpose=True)}
         if self.bias is not None and bias_name is not None:
             out[bias_name] = replicated_target(self.bias)

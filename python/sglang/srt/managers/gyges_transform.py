@@ -218,7 +218,8 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     cfg = runner.model_config
     pool = runner.kv_pool
     flat = regroup.kv_flat_bytes(pool)
-    layout = KVLayout(cfg.num_kv_heads, cfg.num_layers, pool.page_size, cfg.head_dim,
+    # The pool's KV heads are the padded ones (gyges.heads): every TP degree dividing G splits them evenly.
+    layout = KVLayout(cfg.heads.padded_kv_heads, cfg.num_layers, pool.page_size, cfg.head_dim,
                       torch.empty((), dtype=cfg.dtype).element_size())
     src = [Instance.of(d) for d in cmd.src_instances]
     dst = [Instance.of(d) for d in cmd.dst_instances]
@@ -246,7 +247,7 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     weight_plan = weight_regroup_plan(specs, cfg.weight_granularity, src, dst)
     regroup.regroup_weights(weight_plan, me, runner.weight_store, old_model, new_model, group.device_group, stats)
     regroup.adopt_buffers(old_model, new_model)
-    new_pool = regroup.reshape_pool(pool, cfg.num_kv_heads // new_inst.tp)
+    new_pool = regroup.reshape_pool(pool, cfg.kv_heads_per_rank(new_inst.tp))
     runner.rebind(new_model, new_group, new_cfg, new_pool)
     t_end = time.time()
 
@@ -282,13 +283,10 @@ def _old_ranks(cmd: TransformCmd, me: int) -> List[int]:
 
 
 def check_model_can_take(cmd: TransformCmd, cfg) -> None:
-    """Refuse shapes the model cannot be split into (no KV-head replication)."""
+    """Refuse TP degrees the weight layout was not padded for (any head count works up to G: heads are
+    padded and KV heads replicated for every TP degree dividing G, gyges.heads)."""
     for inst in cmd.dst_instances:
         tp = len(inst)
-        if cfg.num_kv_heads % tp or cfg.num_attention_heads % tp:
-            raise ValueError(f"TP{tp} needs the head counts to be divisible by {tp}; the model has "
-                             f"{cfg.num_attention_heads} attention heads and {cfg.num_kv_heads} KV heads "
-                             f"(KV-head replication is not supported)")
         if cfg.weight_granularity % tp:
             raise ValueError(f"TP{tp} exceeds the weight layout's granularity {cfg.weight_granularity} "
                              f"(--gyges-max-tp)")

@@ -63,7 +63,7 @@ class ModelRunner:
         self.weight_store = WeightStore(self._arena_bytes(usable_pages), self.device)
         self.weight_store.adopt(self.model)
         self.kv_pool = HeadCentricKVPool.over_bytes(self.weight_store.arena, self.page_size,
-                                                    model_config.num_kv_heads // tp_group.size,
+                                                    model_config.kv_heads_per_rank(tp_group.size),
                                                     model_config.num_layers, model_config.head_dim,
                                                     model_config.dtype)
         self._update_capacity()
@@ -76,7 +76,7 @@ class ModelRunner:
         """Packed weights rounded up to whole pages, plus `usable_pages` pages, in whole TP1 pages (so that
         every TP degree's pages tile the arena exactly)."""
         cfg = self.model_config
-        page = HeadCentricKVPool.page_bytes(self.page_size, cfg.num_kv_heads // self.tp_group.size,
+        page = HeadCentricKVPool.page_bytes(self.page_size, cfg.kv_heads_per_rank(self.tp_group.size),
                                             cfg.num_layers, cfg.head_dim, cfg.dtype)
         tp1_page = page * self.tp_group.size
         _, weights_end = packed_layout(self.model)
@@ -100,7 +100,7 @@ class ModelRunner:
 
     def _num_pages(self, budget: int) -> int:
         cfg = self.model_config
-        per_page = HeadCentricKVPool.page_bytes(self.page_size, cfg.num_kv_heads // self.tp_group.size,
+        per_page = HeadCentricKVPool.page_bytes(self.page_size, cfg.kv_heads_per_rank(self.tp_group.size),
                                                 cfg.num_layers, cfg.head_dim, cfg.dtype)
         pool_bytes = budget - self.weight_bytes
         num_pages = max(pool_bytes, 0) // per_page
@@ -137,8 +137,8 @@ class ModelRunner:
         cfg = new_model_config(self.model_config, tp)
         meta = build_model_on_meta(type(self.model), cfg, TPGroup(rank=0, size=tp, ranks=list(range(tp))))
         _, weights_end = packed_layout(meta)
-        page = HeadCentricKVPool.page_bytes(self.page_size, cfg.num_kv_heads // tp, cfg.num_layers, cfg.head_dim,
-                                            cfg.dtype)
+        page = HeadCentricKVPool.page_bytes(self.page_size, cfg.kv_heads_per_rank(tp), cfg.num_layers,
+                                            cfg.head_dim, cfg.dtype)
         pages = self.weight_store.arena_bytes // page - -(-weights_end // page)
         return max(0, pages) * self.page_size
 

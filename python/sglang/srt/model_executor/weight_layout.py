@@ -7,7 +7,9 @@ split into G fine pieces and the full layout is fine-shard-major:
 
     rows = [fine shard 0: part 0 piece | part 1 piece | ...][fine shard 1: ...] ... [fine shard G-1: ...]
 
-A part whose length does not divide by G is padded with zero rows up to `padded_size(...)`.
+A part whose length does not divide by G is padded with zero rows up to `padded_size(...)`. Attention
+parts are padded by whole heads instead (gyges.heads.HeadLayout): padded head u of the part is HF head
+sources[u] (its `unit` = head_dim rows) or zero; `head_shard_copies` gives their row copies.
 
 Data flow:
     HF tensor (one part, unpadded, split axis first)
@@ -85,12 +87,40 @@ def shard_copies(part_sizes: Sequence[int], padded_sizes: Sequence[int], part: i
         length = min(piece, part_sizes[part] - src)
         if length <= 0:
             continue
-        dst = i * block + offset_in_block
-        last = copies[-1] if copies else None
-        if last and last.src_start + last.length == src and last.dst_start + last.length == dst:
-            copies[-1] = RowCopy(last.src_start, last.dst_start, last.length + length)
-        else:
-            copies.append(RowCopy(src, dst, length))
+        _append_run(copies, src, i * block + offset_in_block, length)
+    return copies
+
+
+def _append_run(copies: List[RowCopy], src: int, dst: int, length: int) -> None:
+    """Append a copy, extending the last one when both ranges continue it."""
+    last = copies[-1] if copies else None
+    if last and last.src_start + last.length == src and last.dst_start + last.length == dst:
+        copies[-1] = RowCopy(last.src_start, last.dst_start, last.length + length)
+    else:
+        copies.append(RowCopy(src, dst, length))
+
+
+def head_shard_copies(sources: Sequence[int], unit: int, padded_sizes: Sequence[int], part: int,
+                      granularity: int, rank: int, tp_size: int) -> List[RowCopy]:
+    """Row copies of HF part `part` into the local shard of (rank, tp) when the part is laid out by heads:
+    padded unit u (rows [u*unit, (u+1)*unit) of the padded part) is HF unit sources[u], or zero padding
+    (no copy) when sources[u] < 0. A source may fill several units (replicated KV heads)."""
+    _check(granularity, tp_size, rank)
+    if padded_sizes[part] != len(sources) * unit or len(sources) % granularity:
+        raise ValueError(f"{len(sources)} heads of {unit} rows do not tile padded size {padded_sizes[part]} "
+                         f"in {granularity} fine shards")
+    block = fine_shard_rows(padded_sizes, granularity)
+    offset_in_block = sum(p // granularity for p in padded_sizes[:part])
+    per_piece = len(sources) // granularity  # heads of this part in one fine shard
+    per_rank = granularity // tp_size
+    copies: List[RowCopy] = []
+    for i in range(per_rank):
+        f = rank * per_rank + i
+        for k in range(per_piece):
+            src_head = sources[f * per_piece + k]
+            if src_head < 0:
+                continue
+            _append_run(copies, src_head * unit, i * block + offset_in_block + k * unit, unit)
     return copies
 
 

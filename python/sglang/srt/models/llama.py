@@ -8,6 +8,8 @@ Data flow (one rank of TP t):
                 -> RMSNorm -> gate_up (MergedColumnParallelLinear) -> SiluAndMul -> down (all-reduce) -> + residual
     final RMSNorm -> hidden [T, hidden]; compute_logits: rows logits_indices -> lm head -> float32 [N, vocab]
 
+Heads are those of ModelConfig.heads (gyges.heads.HeadLayout): padding query heads have zero q rows and
+zero o_proj columns, replicated KV heads are copies, so the output equals the unpadded model's.
 Qwen2 (QKV bias) and Qwen3 (q/k norm, explicit head_dim) reuse these classes with flags.
 `weight_targets()` maps every HF tensor name to the rows of the local parameter it fills.
 """
@@ -39,20 +41,20 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.head_dim = cfg.head_dim
-        self.local_heads = cfg.num_attention_heads // tp_group.size
-        self.local_kv_heads = cfg.num_kv_heads // tp_group.size
+        heads = cfg.heads  # padded for every TP degree dividing G (gyges.heads; identity when G | Hkv)
+        self.local_heads = heads.heads_per_rank(tp_group.size)
+        self.local_kv_heads = heads.kv_heads_per_rank(tp_group.size)
         g, dt = cfg.weight_granularity, cfg.dtype
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_kv_heads,
-                                          tp_group, g, qkv_bias, dt, device)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, heads, tp_group, g, qkv_bias, dt, device)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, tp_group, g,
-                                        o_bias, dt, device)
+                                        o_bias, dt, device, head_sources=heads.q_source, head_dim=cfg.head_dim)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt, device) if qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt, device) if qk_norm else None
         self.rotary = rotary
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch,
                 attn_backend: AttentionBackend, kv_pool: HeadCentricKVPool) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden)  # [T, Hq/t*D], [T, Hkv/t*D] x2
+        q, k, v = self.qkv_proj(hidden)  # [T, H'/t*D], [T, Hkv'/t*D] x2 (padded heads)
         t = hidden.shape[0]
         q = q.view(t, self.local_heads, self.head_dim)
         k = k.view(t, self.local_kv_heads, self.head_dim)
@@ -60,7 +62,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = attn_backend.forward(q, k, v, self.layer_id, forward_batch, kv_pool)  # [T, Hq/t, D]
+        out = attn_backend.forward(q, k, v, self.layer_id, forward_batch, kv_pool)  # [T, H'/t, D]
         return self.o_proj(out.reshape(t, self.local_heads * self.head_dim))
 
     def weight_targets(self, prefix: str) -> Dict[str, WeightTarget]:
