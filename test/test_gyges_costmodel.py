@@ -62,3 +62,15 @@ def test_per_request_and_attention_terms():
         m.step_time(4, 10, 1, requests=0)
     with pytest.raises(ValueError):
         m.batch_time([(-1, 3)], 1)
+
+
+def test_overlap_takes_the_larger_of_memory_and_compute():
+    kw = dict(base_s=1.0, weight_s=8.0, per_token_s=0.5, per_context_token_s=0.25, allreduce_s=0.0,
+              allreduce_per_token_s=0.0, per_request_s=0.0, per_attended_s=0.0)
+    add, roof = StepTimeModel(**kw), StepTimeModel(**kw, overlap=1.0)
+    # memory 8 + 0.25 * 4 = 9, compute 0.5 * 4 = 2 (one request: 4 tokens over 4 context tokens)
+    assert add.step_time(4, 4, 1, requests=1) == 1.0 + 9.0 + 2.0
+    assert roof.step_time(4, 4, 1, requests=1) == 1.0 + 9.0
+    # compute bound: 0.5 * 64 = 32 > 8 + 0.25 * 64 = 24
+    assert roof.step_time(64, 64, 1, requests=1) == 1.0 + 32.0
+    assert StepTimeModel(**kw, overlap=0.5).step_time(64, 64, 1, requests=1) == 1.0 + 32.0 + 12.0

@@ -21,7 +21,10 @@ batch_tokens new tokens over context_tokens tokens of KV (new ones included):
               + per_attended_s * attended / tp            (attention compute: query-key pairs)
               + (allreduce_s + allreduce_per_token_s * batch_tokens) * allreduce_scale(tp)   (0 at tp=1)
 
-with allreduce_scale(tp) = 2 * (tp - 1) / tp (ring all-reduce traffic per byte; 1 at TP2), so TP adds a
+With overlap = 1 (the GPU models of `gyges.hardware`), the memory terms (weights, KV reads) and the compute
+terms (new tokens, attention pairs) are not added but the larger of the two counts: the roofline of a step
+whose kernels stream memory and compute at the same time. Measured models are fitted with overlap = 0.
+allreduce_scale(tp) = 2 * (tp - 1) / tp (ring all-reduce traffic per byte; 1 at TP2), so TP adds a
 communication cost per step that TP1 does not pay: that is why k TP1 instances out-serve one TP-k.
 attended = sum over the sequences of new tokens x context tokens; `step_time` estimates it as
 batch_tokens * context_tokens / requests (exact for a batch of equal sequences: one prefill chunk, or decodes
@@ -34,7 +37,7 @@ Parameter file (what `--gyges-cost-model` and `python -m gyges.sim.simulator --s
     {"format": "gyges-costmodel/1",
      "step_time": {"base_s": .., "weight_s": .., "per_token_s": .., "per_request_s": ..,
                    "per_context_token_s": .., "per_attended_s": ..,
-                   "allreduce_s": .., "allreduce_per_token_s": ..},                  (StepTimeModel, seconds)
+                   "allreduce_s": .., "allreduce_per_token_s": .., "overlap": 0},    (StepTimeModel, seconds)
      "transform": {"kv_bytes_per_token": .., "weight_bytes": ..,                        (TransformCostModel)
                    "link_bandwidth_bytes_per_s": .., "fixed_overhead_s": ..},
      "fit": {...}}                                  (provenance: sources, points, residuals; not read back)
@@ -112,6 +115,7 @@ class StepTimeModel:
     allreduce_per_token_s: float = 1e-5  # all-reduce traffic per new token at TP2 (activations)
     per_request_s: float = 0.0  # per sequence in the batch, on every rank (not divided by tp)
     per_attended_s: float = 0.0  # per query-key pair (new token x context token), at TP1
+    overlap: float = 0.0  # 0: memory and compute terms add (a linear fit); 1: the larger one counts (roofline)
 
     @staticmethod
     def allreduce_scale(tp: int) -> float:
@@ -140,8 +144,14 @@ class StepTimeModel:
                           float(sum(n * c for n, c in seqs)), tp)
 
     def _time(self, batch_tokens: float, context_tokens: float, requests: float, attended: float, tp: int) -> float:
-        f = step_features(batch_tokens, context_tokens, tp, requests, attended)
-        return float(sum(getattr(self, k) * v for k, v in zip(STEP_PARAMS, f)))
+        f = dict(zip(STEP_PARAMS, step_features(batch_tokens, context_tokens, tp, requests, attended)))
+        terms = {k: getattr(self, k) * v for k, v in f.items()}
+        total = sum(terms.values())
+        if self.overlap:
+            memory = terms["weight_s"] + terms["per_context_token_s"]
+            compute = terms["per_token_s"] + terms["per_attended_s"]
+            total -= self.overlap * min(memory, compute)
+        return float(total)
 
     # -- persistence -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
