@@ -45,9 +45,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import aiohttp
 import requests
@@ -152,7 +152,11 @@ class Result:
     tpot_s: Optional[float] = None
     e2e_s: Optional[float] = None
     completion_tokens: int = 0
-    token_times: List[float] = field(default_factory=list, repr=False)
+    # the same events on the replay's clock (seconds since its start; arrival_s is on it too)
+    sent_s: Optional[float] = None  # the request was sent
+    first_token_s: Optional[float] = None
+    last_token_s: Optional[float] = None
+    end_s: Optional[float] = None  # the response ended
 
 
 async def send_one(session: aiohttp.ClientSession, url: str, i: int, r: TraceRequest, a, t0: float,
@@ -210,10 +214,12 @@ async def send_one(session: aiohttp.ClientSession, url: str, i: int, r: TraceReq
         res.error = f"{type(e).__name__}: {e}"
     end = time.perf_counter()
     res.completion_tokens = tokens
+    res.sent_s, res.end_s = start - t0, end - t0
     if first is not None:
         res.ttft_s = first - start
         res.e2e_s = end - start
         res.tpot_s = (last - first) / (tokens - 1) if tokens > 1 else None
+        res.first_token_s, res.last_token_s = first - t0, last - t0
     bar.update(1)
     return res
 
@@ -411,8 +417,48 @@ def ensure_cost_model(a, model_dir: str) -> Optional[str]:
     return str(out)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_policy(policy: str, workload: List[TraceRequest], a, model_dir: str, cost_model: Optional[str],
+               log_dir: Path, before_replay: Optional[Callable[[str, dict], None]] = None) -> dict:
+    """One live run: a server for `policy`, the workload replayed against it. Returns {"summary", "samples",
+    "history", "wall0", "results" (one dict per request, Result's fields), "server_args"}; {"summary":
+    {"policy", "skipped"}} when the policy cannot run on 2 devices or the run failed. before_replay(url,
+    topology) runs once the server is ready (benchmark/validate_sim.py times the server's overhead there)."""
+    if policy == "static-hybrid":
+        from gyges.policy import StaticHybrid
+
+        try:
+            StaticHybrid().initial_instances(2, 2)
+        except ValueError as e:
+            print(f"static-hybrid skipped on 2 devices: {e}", file=sys.stderr)
+            return {"summary": {"policy": policy, "skipped": str(e)}}
+    srv = Server(model_dir, policy, a, cost_model, log_dir)
+    try:
+        srv.wait_ready()
+        topo0 = requests.get(srv.url + "/gyges/topology", timeout=30).json()
+        if before_replay is not None:
+            before_replay(srv.url, topo0)
+        results, samples, makespan, wall0 = asyncio.run(replay(srv.url, workload, a, policy))
+        topo = requests.get(srv.url + "/gyges/topology", timeout=30).json()
+        summary = summarize(policy, results, makespan, topo.get("history", []), wall0, a)
+        summary["initial_instances"] = [(i["devices"], i["tp"], i["kv_capacity_tokens"]) for i in topo0["instances"]]
+        print(json.dumps({k: v for k, v in summary.items() if k != "transform_pause_ms"}), file=sys.stderr)
+        return {"summary": summary, "samples": samples, "history": topo.get("history", []), "wall0": wall0,
+                "results": [asdict(r) for r in results], "server_args": srv.args[1:]}
+    except Exception as e:  # noqa: BLE001 - report the policy as failed, go on with the others
+        print(f"{policy}: {type(e).__name__}: {e}\n{srv.tail()}", file=sys.stderr)
+        return {"summary": {"policy": policy, "skipped": f"{type(e).__name__}: {e}"}}
+    finally:
+        srv.stop()
+
+
+def workload_records(workload: List[TraceRequest]) -> List[dict]:
+    """The request list as sent: arrival (s), prompt tokens, max_new_tokens (= output tokens), source."""
+    return [{"arrival_s": r.arrival_s, "prompt_tokens": r.prompt_tokens, "max_new_tokens": r.output_tokens,
+             "source": r.source} for r in workload]
+
+
+def make_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help)
     p.add_argument("--policies", nargs="+", default=["gyges", "static-dp-rr", "static-dp-ll", "static-tp"],
                    choices=ALL_POLICIES + ["auto"],
                    help="static-hybrid needs a TP>=2 instance plus a TP1 instance: >= 3 devices (skipped on 2)")
@@ -445,7 +491,11 @@ def main() -> int:
     p.add_argument("--result-dir", default=str(RESULTS))
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the workload and exit")
-    a = p.parse_args()
+    return p
+
+
+def main() -> int:
+    a = make_parser().parse_args()
 
     workload = build_workload(a)
     n_long = sum(1 for r in workload if r.prompt_tokens + r.output_tokens > a.max_total_tokens)
@@ -462,37 +512,8 @@ def main() -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-traces-logs-"))
     model_dir = ensure_model(a)
     cost_model = ensure_cost_model(a, model_dir) if any(x in ("gyges", "auto") for x in a.policies) else None
-    runs: Dict[str, dict] = {}
-    for policy in a.policies:
-        if policy == "static-hybrid":
-            from gyges.policy import StaticHybrid
-
-            try:
-                StaticHybrid().initial_instances(2, 2)
-                reason = None
-            except ValueError as e:
-                reason = str(e)
-            if reason:
-                print(f"static-hybrid skipped on 2 devices: {reason}", file=sys.stderr)
-                runs[policy] = {"summary": {"policy": policy, "skipped": reason}}
-                continue
-        srv = Server(model_dir, policy, a, cost_model, log_dir)
-        try:
-            srv.wait_ready()
-            topo0 = requests.get(srv.url + "/gyges/topology", timeout=30).json()
-            results, samples, makespan, wall0 = asyncio.run(replay(srv.url, workload, a, policy))
-            topo = requests.get(srv.url + "/gyges/topology", timeout=30).json()
-            summary = summarize(policy, results, makespan, topo.get("history", []), wall0, a)
-            summary["initial_instances"] = [(i["devices"], i["tp"], i["kv_capacity_tokens"]) for i in topo0["instances"]]
-            runs[policy] = {"summary": summary, "samples": samples, "history": topo.get("history", []),
-                            "results": [{k: v for k, v in asdict(r).items() if k != "token_times"} for r in results],
-                            "server_args": srv.args[1:]}
-            print(json.dumps({k: v for k, v in summary.items() if k != "transform_pause_ms"}), file=sys.stderr)
-        except Exception as e:  # noqa: BLE001 - report the policy as failed, go on with the others
-            print(f"{policy}: {type(e).__name__}: {e}\n{srv.tail()}", file=sys.stderr)
-            runs[policy] = {"summary": {"policy": policy, "skipped": f"{type(e).__name__}: {e}"}}
-        finally:
-            srv.stop()
+    runs: Dict[str, dict] = {policy: run_policy(policy, workload, a, model_dir, cost_model, log_dir)
+                             for policy in a.policies}
 
     rows = [r["summary"] for r in runs.values()]
     md = table(rows, a)
@@ -512,6 +533,7 @@ def main() -> int:
     pngs = [] if a.no_plot else plot(runs, a, out_dir)
     with open(out_dir / "bench_traces.json", "w") as f:
         json.dump({"command": cmdline, "args": vars(a), "machine": machine, "workload": wl,
+                   "requests": workload_records(workload),
                    "cost_model": cost_model and json.loads(Path(cost_model).read_text()),
                    "runs": runs, "plots": pngs}, f, indent=1)
     print(f"wrote {out_dir / 'bench_traces.md'}, bench_traces.json, {', '.join(Path(x).name for x in pngs)}; "

@@ -11,8 +11,8 @@ each), then prefill chunks of the admitted requests (at most `chunked_prefill_si
 `max_prefill_tokens` in all, and never more than `chunk_tokens` tokens with the decodes), then admits
 placed requests first come first served while `max_running_requests` allows and their claim (remaining
 prompt + new_token_ratio x remaining output, in pages of `page_size`) fits beside the admitted ones'.
-It lasts costmodel.StepTimeModel.step_time(batch tokens, context tokens, tp), context = the KV tokens the
-batch attends (each item's KV length after the step). A request's KV reservation is prompt + output
+It lasts costmodel.StepTimeModel.batch_time over its sequences (new tokens, KV tokens each attends: its
+KV length after the step) at the instance's TP. A request's KV reservation is prompt + output
 tokens (the policy sees max_new_tokens = the trace's output length), so placed work never runs out of
 memory; loads are reported as the live leaders report them (used KV rounded up to whole pages, tokens in
 flight = what the requests may still write). Capacity: `capacity_by_tp[t]` KV tokens for an instance of
@@ -398,9 +398,8 @@ class Simulator:
         batch = inst.next_batch(self.cfg, self.now)
         if not batch:
             return  # nothing has reached the instance yet (dispatch_s): a kick follows
-        tokens = sum(n for _, n in batch)
-        context = sum(r.kv_len + n for r, n in batch)
-        dt = self.cfg.step_model.step_time(tokens, context, inst.instance.tp)
+        # sequence by sequence: (new tokens, KV tokens it attends, its own included)
+        dt = self.cfg.step_model.batch_time([(n, r.kv_len + n) for r, n in batch], inst.instance.tp)
         inst.busy = True
         self._at(self.now + dt, "step", (inst, batch))
 

@@ -1,0 +1,401 @@
+"""Validate the simulator against the live engine: the same requests, the cost models measured on this
+machine, every policy, side by side.
+
+    python benchmark/validate_sim.py                       # bench_traces' workload, every policy (~12 min)
+    python benchmark/validate_sim.py --policies gyges static-tp --short-n 60 --long-n 20 --duration 20
+
+1. Cost models: `benchmark/measure_costs.py --model-path DEMO --out <results>/validate_sim_costmodel.json`
+   (where that script is missing: `python -m gyges.costmodel fit --measure`); `--cost-model FILE` uses a
+   model file measured before instead. The same file goes to the live Gyges server (--gyges-cost-model).
+2. Live: `bench_traces.run_policy` per policy (a real `python -m sglang.launch_server` on 2 CPU devices,
+   bench_traces' flags, its workload replayed over HTTP; static-hybrid needs >= 3 devices and is reported
+   as skipped). Right before the replay, the server's own per-request overhead (HTTP, tokenizer manager,
+   controller, detokenizer) is measured: `--overhead-probes` sequential 8-token requests, their TTFT less
+   the step-time model's prefill of 8 tokens.
+3. Simulated: gyges.sim.Simulator fed the same requests (prompt length, max_new_tokens, arrival = when the
+   client really sent each one in that live run), a SimConfig made from the live server's own flags
+   (ServerArgs: page size, chunked prefill size, prefill budget, running limit; KV capacity of each TP as
+   the live instances reported it) and controller behaviour (a tick on every iteration's report and every
+   100 ms, none during a transformation; no request sizes reported), the measured models, the measured
+   overhead (half on the way in, half on the way out: only their sum is measured), and the policy object
+   the live controller builds from the same flags (Controller._make_policy).
+4. Per policy: live vs simulated throughput (req/s), TTFT p50/p99, TPOT p50, merges and splits with the
+   relative error; errors above --tolerance (15%) or transformation counts off by more than one are
+   flagged. Both sides are summarized by the same function from per-request records (bench_traces'
+   definitions: TTFT from the send, TPOT = (last - first token) / (tokens - 1), throughput = completed /
+   time from the replay's start to the last response).
+
+Output: the table (stdout, <results>/validate_sim.md), <results>/validate_sim.json (the tables, the model
+file, every request's live and simulated timeline) and validate_sim.png (per-request TTFT, live against
+simulated, one panel per policy; needs matplotlib). Exit status 1 when any metric is flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmark"))
+
+import bench_traces  # noqa: E402
+from bench_common import cpu_model_name, pct  # noqa: E402
+from gyges.costmodel import StepTimeModel, TransformCostModel  # noqa: E402
+from gyges.sim.simulator import SimConfig, Simulator  # noqa: E402
+from gyges.traces import TraceRequest  # noqa: E402
+
+TOLERANCE = 0.15
+METRICS = [  # (key, label, unit scale for the table, kind): kind "rel" = relative error, "count" = absolute
+    ("throughput_req_s", "throughput (req/s)", 1.0, "rel"),
+    ("ttft_p50_s", "TTFT p50 (s)", 1.0, "rel"),
+    ("ttft_p99_s", "TTFT p99 (s)", 1.0, "rel"),
+    ("tpot_p50_s", "TPOT p50 (ms)", 1e3, "rel"),
+    ("merges", "merges", 1.0, "count"),
+    ("splits", "splits", 1.0, "count"),
+]
+
+
+# =====================================================================================================
+# Cost models
+# =====================================================================================================
+def measure_cost_model(model_dir: str, out: Path, quick: bool) -> Path:
+    """Measure the step-time and transformation models on this machine and write them to `out`."""
+    script = REPO / "benchmark" / "measure_costs.py"
+    if script.exists():
+        cmd = [sys.executable, str(script), "--model-path", model_dir, "--out", str(out)]
+        if quick:
+            cmd.append("--quick")
+    else:
+        cmd = [sys.executable, "-m", "gyges.costmodel", "fit", "--measure", "--model-path", model_dir,
+               "--out", str(out)]
+    print("measuring the cost models:", " ".join(cmd[1:]), file=sys.stderr)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def step_time(model: StepTimeModel, seqs: Sequence[Tuple[int, int]], tp: int) -> float:
+    """One iteration over (new tokens, context tokens) sequences, as the simulator computes it."""
+    batch_time = getattr(model, "batch_time", None)
+    if batch_time is not None:
+        return batch_time(list(seqs), tp)
+    return model.step_time(sum(n for n, _ in seqs), sum(c for _, c in seqs), tp)
+
+
+# =====================================================================================================
+# Live
+# =====================================================================================================
+async def _probe_overhead(url: str, n: int, prompt_len: int) -> List[float]:
+    """TTFT of n sequential streaming requests of prompt_len tokens (one new token each)."""
+    out = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(n):
+            body = {"input_ids": [1] + [3 + (7 * i + j) % 400 for j in range(prompt_len - 1)],
+                    "sampling_params": {"max_new_tokens": 1, "ignore_eos": True, "temperature": 0}, "stream": True}
+            t0 = time.perf_counter()
+            async with session.post(url + "/generate", json=body) as resp:
+                async for _ in resp.content.iter_any():
+                    out.append(time.perf_counter() - t0)
+                    break
+                await resp.read()
+    return out
+
+
+def live_run(policy: str, workload: List[TraceRequest], a, model_dir: str, cost_model: str, log_dir: Path,
+             step_model: StepTimeModel) -> dict:
+    """bench_traces' live run of `policy`, with the per-request overhead measured right before the replay."""
+    probe: dict = {}
+
+    def before_replay(url: str, topology: dict) -> None:
+        tps = {int(i["tp"]) for i in topology["instances"]}
+        tp = max(tps)
+        ttfts = asyncio.run(_probe_overhead(url, a.overhead_probes, 8))
+        ttfts = ttfts[1:] or ttfts  # the first pays one-off costs
+        prefill = step_time(step_model, [(8, 8)], tp)
+        probe.update({"ttft_s": ttfts, "tp": tp, "model_prefill_s": prefill,
+                      "overhead_s": max(0.0, sorted(ttfts)[len(ttfts) // 2] - prefill)})
+
+    run = bench_traces.run_policy(policy, workload, a, model_dir, cost_model, log_dir, before_replay=before_replay)
+    run["overhead_probe"] = probe
+    return run
+
+
+# =====================================================================================================
+# Simulated
+# =====================================================================================================
+def controller_policy(server_argv: Sequence[str]):
+    """The policy object the live controller builds from these launch_server flags."""
+    from sglang.srt.managers.controller import Controller
+    from sglang.srt.server_args import prepare_server_args
+
+    args = prepare_server_args(list(server_argv))
+    return Controller._make_policy(None, args), args
+
+
+def capacities(runs: Dict[str, dict]) -> Dict[int, int]:
+    """KV tokens of an instance of each TP, as the live instances reported them."""
+    caps: Dict[int, int] = {}
+    for run in runs.values():
+        for devices, tp, cap in run.get("summary", {}).get("initial_instances", []):
+            caps.setdefault(int(tp), int(cap))
+        for s in run.get("samples", []):
+            for i in s["instances"]:
+                if i.get("kv_capacity_tokens") and i.get("state") != "transforming":
+                    caps.setdefault(int(i["tp"]), int(i["kv_capacity_tokens"]))
+    return caps
+
+
+def sim_config(server_args, caps: Dict[int, int], step_model: StepTimeModel, transform_model: TransformCostModel,
+               overhead_s: float) -> SimConfig:
+    """The simulator configured as the live server runs (module docstring, step 3)."""
+    n = server_args.num_devices
+    return SimConfig(
+        num_devices=n, max_tp=server_args.gyges_max_tp or n, kv_tokens_per_device=caps.get(1, 0),
+        capacity_by_tp=dict(caps), chunk_tokens=1 << 40, chunked_prefill_size=server_args.chunked_prefill_size,
+        max_prefill_tokens=server_args.max_prefill_tokens, max_running_requests=server_args.max_running_requests,
+        page_size=server_args.page_size, tick_s=0.1, tick_on_step=True, tick_during_transform=False,
+        report_largest_request=False, dispatch_s=overhead_s / 2, response_s=overhead_s / 2, settle_s=10.0,
+        step_model=step_model, transform_model=transform_model)
+
+
+def simulate_run(run: dict, caps: Dict[int, int], step_model: StepTimeModel, transform_model: TransformCostModel
+                 ) -> Tuple[dict, List[dict]]:
+    """The simulator on the requests of one live run. Returns (the Simulator's result dict, per-request
+    records in bench_traces' Result fields)."""
+    policy, server_args = controller_policy(run["server_args"][2:])  # after "-m sglang.launch_server"
+    overhead = run["overhead_probe"]["overhead_s"]
+    cfg = sim_config(server_args, caps, step_model, transform_model, overhead)
+    live = run["results"]
+    trace = [TraceRequest(r["sent_s"] if r.get("sent_s") is not None else r["arrival_s"], r["prompt_tokens"],
+                          r["max_new_tokens"], None, r["source"]) for r in live]
+    sim = Simulator(policy, trace, cfg)
+    result = sim.run()
+    # Simulator sorts by arrival and names requests r0..; map back to the live order.
+    order = sorted(range(len(trace)), key=lambda i: trace[i].arrival_s)
+    records: List[Optional[dict]] = [None] * len(trace)
+    lag = cfg.response_s
+    for sreq, i in zip(sim.reqs, order):
+        done = sreq.finished_at is not None
+        records[i] = {
+            "idx": live[i]["idx"], "source": live[i]["source"], "prompt_tokens": sreq.prompt,
+            "max_new_tokens": sreq.output, "arrival_s": live[i]["arrival_s"], "sent_s": sreq.arrival,
+            "ok": done, "error": sreq.rejected or ("" if done else "unfinished"),
+            "ttft_s": sreq.first_token_at + lag - sreq.arrival if done else None,
+            "tpot_s": ((sreq.finished_at - sreq.first_token_at) / (sreq.output - 1)
+                       if done and sreq.output > 1 else None),
+            "completion_tokens": sreq.output if done else 0,
+            "first_token_s": sreq.first_token_at + lag if done else None,
+            "end_s": sreq.finished_at + lag if done else None,
+            "placed_s": sreq.placed_at,
+        }
+    out = result.to_dict()
+    out["config"] = {k: v for k, v in cfg.__dict__.items() if k not in ("step_model", "transform_model")}
+    return out, records
+
+
+# =====================================================================================================
+# Comparison
+# =====================================================================================================
+def metrics(records: List[dict], merges: int, splits: int) -> dict:
+    """The compared metrics from per-request records (the same function for live and simulated)."""
+    ok = [r for r in records if r["ok"]]
+    ends = [r["end_s"] for r in ok if r.get("end_s") is not None]
+    makespan = max(ends) if ends else 0.0
+    return {
+        "completed": len(ok), "requests": len(records),
+        "throughput_req_s": len(ok) / makespan if makespan > 0 else 0.0,
+        "output_tok_s": sum(r["completion_tokens"] for r in ok) / makespan if makespan > 0 else 0.0,
+        "ttft_p50_s": pct([r["ttft_s"] for r in ok if r["ttft_s"] is not None], 50),
+        "ttft_p99_s": pct([r["ttft_s"] for r in ok if r["ttft_s"] is not None], 99),
+        "tpot_p50_s": pct([r["tpot_s"] for r in ok if r["tpot_s"] is not None], 50),
+        "merges": merges, "splits": splits, "makespan_s": makespan,
+    }
+
+
+def compare(live: dict, sim: dict, tolerance: float) -> List[dict]:
+    rows = []
+    for key, label, scale, kind in METRICS:
+        lv, sv = live.get(key), sim.get(key)
+        if lv is None or sv is None:
+            rows.append({"metric": key, "label": label, "live": lv, "sim": sv, "error": None, "flag": lv != sv})
+            continue
+        if kind == "count":
+            err = sv - lv
+            flag = abs(err) > 1
+        else:
+            err = (sv - lv) / lv if lv else (0.0 if sv == 0 else float("inf"))
+            flag = abs(err) > tolerance
+        rows.append({"metric": key, "label": label, "live": lv, "sim": sv, "error": err, "flag": bool(flag),
+                     "scale": scale, "kind": kind})
+    return rows
+
+
+def per_request_agreement(live: List[dict], sim: List[dict]) -> dict:
+    """How the per-request TTFTs agree: median and p90 of |sim - live|, and of the relative difference."""
+    pairs = [(a["ttft_s"], b["ttft_s"]) for a, b in zip(live, sim)
+             if a.get("ttft_s") is not None and b.get("ttft_s") is not None]
+    if not pairs:
+        return {}
+    absd = [abs(s - l) for l, s in pairs]
+    rel = [abs(s - l) / l for l, s in pairs if l > 0]
+    return {"pairs": len(pairs), "abs_diff_p50_s": pct(absd, 50), "abs_diff_p90_s": pct(absd, 90),
+            "rel_diff_p50": pct(rel, 50), "rel_diff_p90": pct(rel, 90)}
+
+
+def fmt_value(v, scale: float, kind: str) -> str:
+    if v is None:
+        return "n/a"
+    if kind == "count":
+        return f"{int(v)}"
+    return f"{v * scale:,.3f}"
+
+
+def table(policy: str, rows: List[dict], tolerance: float) -> str:
+    lines = [f"| {policy} | live | simulated | error |", "|---|---|---|---|"]
+    for r in rows:
+        kind, scale = r.get("kind", "rel"), r.get("scale", 1.0)
+        if r["error"] is None:
+            err = "n/a"
+        elif kind == "count":
+            err = f"{r['error']:+d}"
+        else:
+            err = f"{r['error'] * 100:+.1f}%"
+        flag = " **over**" if r["flag"] else ""
+        lines.append(f"| {r['label']} | {fmt_value(r['live'], scale, kind)} | {fmt_value(r['sim'], scale, kind)} | "
+                     f"{err}{flag} |")
+    return "\n".join(lines)
+
+
+def plot(entries: Dict[str, dict], path: Path) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e './python[bench]'): no plot", file=sys.stderr)
+        return None
+    names = [p for p, e in entries.items() if "live_requests" in e]
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        e = entries[name]
+        xs, ys, cs = [], [], []
+        for lv, sv in zip(e["live_requests"], e["sim_requests"]):
+            if lv.get("ttft_s") is None or sv.get("ttft_s") is None:
+                continue
+            xs.append(lv["ttft_s"])
+            ys.append(sv["ttft_s"])
+            cs.append("C3" if lv["source"] and "mooncake" in lv["source"] else "C0")
+        ax.scatter(xs, ys, s=8, c=cs, alpha=0.6)
+        top = max(xs + ys + [1e-3])
+        ax.plot([0, top], [0, top], "k--", lw=0.8)
+        ax.set_title(name)
+        ax.set_xlabel("live TTFT (s)")
+        ax.set_ylabel("simulated TTFT (s)")
+    fig.suptitle("per-request TTFT, live vs simulated (red: long-context trace)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+# =====================================================================================================
+# Main
+# =====================================================================================================
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[bench_traces.make_parser(add_help=False)],
+                                conflict_handler="resolve")
+    p.add_argument("--policies", nargs="+", default=list(bench_traces.ALL_POLICIES),
+                   choices=bench_traces.ALL_POLICIES, help="policies to run live and simulate")
+    p.add_argument("--cost-model", default=None,
+                   help="a model file measured before (default: measure now, step 1 of the module docstring)")
+    p.add_argument("--quick-costs", action="store_true", help="measure_costs.py --quick")
+    p.add_argument("--overhead-probes", type=int, default=6, help="sequential requests timing the overhead")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE, help="relative error flagged (default 0.15)")
+    p.add_argument("--out-name", default="validate_sim", help="file name stem under --result-dir")
+    return p.parse_args(argv)
+
+
+def validate(a) -> dict:
+    out_dir = Path(a.result_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="validate-sim-logs-"))
+    workload = bench_traces.build_workload(a)
+    model_dir = bench_traces.ensure_model(a)
+    cost_path = Path(a.cost_model) if a.cost_model else measure_cost_model(
+        model_dir, out_dir / f"{a.out_name}_costmodel.json", a.quick_costs)
+    step_model = StepTimeModel.load(str(cost_path))
+    transform_model = TransformCostModel.load(str(cost_path))
+    load_before = os.getloadavg()
+    runs = {p: live_run(p, workload, a, model_dir, str(cost_path), log_dir, step_model) for p in a.policies}
+    caps = capacities(runs)
+    entries: Dict[str, dict] = {}
+    for policy, run in runs.items():
+        if "skipped" in run["summary"]:
+            entries[policy] = {"skipped": run["summary"]["skipped"]}
+            continue
+        sim_result, sim_records = simulate_run(run, caps, step_model, transform_model)
+        live_m = metrics(run["results"], run["summary"]["merges"], run["summary"]["splits"])
+        sim_m = metrics(sim_records, sim_result["merges"], sim_result["splits"])
+        rows = compare(live_m, sim_m, a.tolerance)
+        entries[policy] = {"live": live_m, "sim": sim_m, "rows": rows,
+                           "per_request_ttft": per_request_agreement(run["results"], sim_records),
+                           "overhead_probe": run["overhead_probe"], "live_history": run["history"],
+                           "sim_timeline": sim_result["timeline"], "sim_config": sim_result["config"],
+                           "live_requests": run["results"], "sim_requests": sim_records}
+    machine = (f"{cpu_model_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+               f"load average before {tuple(round(x, 2) for x in load_before)}, after "
+               f"{tuple(round(x, 2) for x in os.getloadavg())}")
+    return {"entries": entries, "capacities": caps, "cost_model_file": str(cost_path),
+            "cost_model": json.loads(cost_path.read_text()), "machine": machine, "log_dir": str(log_dir),
+            "workload": bench_traces.workload_records(workload)}
+
+
+def report(res: dict, a, cmdline: str) -> Tuple[str, bool]:
+    parts = [f"`{cmdline}`", "", f"machine: {res['machine']}", ""]
+    flagged = False
+    for policy, e in res["entries"].items():
+        if "skipped" in e:
+            parts += [f"{policy}: skipped ({e['skipped']})", ""]
+            continue
+        flagged |= any(r["flag"] for r in e["rows"])
+        pr = e["per_request_ttft"]
+        parts += [table(policy, e["rows"], a.tolerance), "",
+                  f"{policy}: {e['live']['completed']}/{e['live']['requests']} completed live, "
+                  f"{e['sim']['completed']} simulated; per-request TTFT |sim - live| p50 "
+                  f"{pr.get('abs_diff_p50_s', float('nan')):.3f} s, p90 {pr.get('abs_diff_p90_s', float('nan')):.3f} s; "
+                  f"measured overhead {e['overhead_probe'].get('overhead_s', float('nan')) * 1e3:.1f} ms", ""]
+    return "\n".join(parts), flagged
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    res = validate(a)
+    cmdline = "python benchmark/validate_sim.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    md, flagged = report(res, a, cmdline)
+    print(md)
+    out_dir = Path(a.result_dir)
+    (out_dir / f"{a.out_name}.md").write_text(md + "\n")
+    png = None if a.no_plot else plot(res["entries"], out_dir / f"{a.out_name}.png")
+    res.update({"command": cmdline, "args": vars(a), "plot": png, "flagged": flagged})
+    with open(out_dir / f"{a.out_name}.json", "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {out_dir / (a.out_name + '.md')}, .json{', .png' if png else ''}; server logs in {res['log_dir']}",
+          file=sys.stderr)
+    return 1 if flagged else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
