@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from gyges.heads import pad_heads
+from gyges.heads import overhead_rows, pad_heads
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.demo_model import DemoModelSpec, make_demo_model
 from sglang.srt.model_executor.forward_batch import ForwardBatch
@@ -90,6 +90,19 @@ def test_padded_layout_properties(kv, group, log_g):
         assert sorted(held) == list(range(H))  # the ranks partition the real query heads
 
 
+def test_overhead_report_for_smollm2():
+    """The numbers README "Head padding" quotes (python -m gyges.heads --config <SmolLM2-135M>/config.json)."""
+    cfg = {"num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "hidden_size": 576,
+           "intermediate_size": 1536, "num_hidden_layers": 30}
+    rows = {(r["G"], r["tp"]): r for r in overhead_rows(cfg)}
+    assert rows[(1, 1)]["kv_bytes_per_token"] == rows[(1, 1)]["kv_ideal"] == 30 * 2 * 3 * 64 * 2
+    four = rows[(4, 4)]
+    assert (four["q_heads"], four["kv_heads"]) == ("3 / 2.25", "1 / 0.75")
+    assert four["kv_bytes_per_token"] == 30 * 2 * 64 * 2 and four["kv_bytes_per_token"] / four["kv_ideal"] == 4 / 3
+    assert rows[(2, 2)]["layer_weights_ratio"] == pytest.approx((576 * 20 * 64 + 768 * 576 + 3 * 576 * 1536) /
+                                                               (576 * 15 * 64 + 576 * 576 + 3 * 576 * 1536))
+
+
 def _reference_padded(parts, sources, unit, G):
     """The full padded fine-shard-major QKV tensor built by indexing HF heads (zeros for -1)."""
     pieces = []
@@ -152,7 +165,8 @@ def test_tp1_with_padded_heads_matches_transformers(odd_models, name):
 
 
 def _padded_tp_worker(rank, world, port, paths, out_dir):
-    """4 ranks: TP2 on [0, 1] with weights for G=2 and on [2, 3] for G=4 (a merged Gyges pair), then TP4."""
+    """4 ranks: TP2 of the first model on [0, 1] (weights for G=2, static TP2) while TP2 of the second runs on
+    [2, 3] with weights for G=4 (a merged Gyges pair); then TP4 of both."""
     from sglang.srt.distributed.parallel_state import create_aligned_groups, destroy_distributed, get_tp_group
     from sglang.srt.distributed.parallel_state import init_distributed
 
@@ -161,14 +175,17 @@ def _padded_tp_worker(rank, world, port, paths, out_dir):
     create_aligned_groups(world)
     pair = get_tp_group([0, 1] if rank < 2 else [2, 3])
     everyone = get_tp_group(list(range(world)))
-    results = {}
-    for name, path in paths.items():
-        g = 2 if rank < 2 else 4
-        tp2 = make_runner(path, 4, tp_group=pair, tp_size=2, enable_gyges=True, dp_size=2, gyges_max_tp=g)
-        tp4 = make_runner(path, 4, tp_group=everyone, tp_size=4)
-        ids = _tokens(tp2.model_config.vocab_size, seed=7)
-        results[name] = {"ids": ids, "tp2": _sequence_logits(tp2, ids), "tp4": _sequence_logits(tp4, ids),
-                         "kv_heads": (tp2.kv_pool.local_kv_heads, tp4.kv_pool.local_kv_heads)}
+    names = sorted(paths)
+    mine = names[rank // 2]
+    g = 2 if rank < 2 else 4
+    tp2 = make_runner(paths[mine], 4, tp_group=pair, tp_size=2, enable_gyges=True, dp_size=2, gyges_max_tp=g)
+    ids = _tokens(tp2.model_config.vocab_size, seed=7)
+    results = {"tp2": {mine: _sequence_logits(tp2, ids)}, "ids": ids, "kv_heads": [tp2.kv_pool.local_kv_heads]}
+    results["tp4"] = {}
+    for name in names:
+        tp4 = make_runner(paths[name], 4, tp_group=everyone, tp_size=4)
+        results["tp4"][name] = _sequence_logits(tp4, ids)
+        results["kv_heads"].append(tp4.kv_pool.local_kv_heads)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     everyone.barrier()
     destroy_distributed()
@@ -180,16 +197,16 @@ def test_tp2_and_tp4_with_padded_heads_match_transformers(odd_models, tmp_path):
 
     mp.spawn(_padded_tp_worker, args=(4, _free_port(), odd_models, str(tmp_path)), nprocs=4, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
-    for name, path in odd_models.items():
-        ids = ranks[0][name]["ids"]
-        ref = hf_logprobs(path, ids)
-        assert [r[name]["kv_heads"] for r in ranks] == [(2, 1)] * 4  # 4 padded KV heads over 2 / 4 ranks
+    ids = ranks[0]["ids"]
+    assert ranks[2]["ids"] == ids
+    assert [r["kv_heads"] for r in ranks] == [[2, 1, 1]] * 4  # 4 padded KV heads over 2 / 4 ranks
+    for first, name in zip((0, 2), sorted(odd_models)):
+        ref = hf_logprobs(odd_models[name], ids)
+        torch.testing.assert_close(ranks[first + 1]["tp2"][name], ranks[first]["tp2"][name], rtol=0, atol=0)
+        _check(ranks[first]["tp2"][name], ref)
         for r in range(4):
-            torch.testing.assert_close(ranks[r][name]["tp4"], ranks[0][name]["tp4"], rtol=0, atol=0)
-        for first in (0, 2):  # TP2 for G=2 and TP2 for G=4
-            torch.testing.assert_close(ranks[first + 1][name]["tp2"], ranks[first][name]["tp2"], rtol=0, atol=0)
-            _check(ranks[first][name]["tp2"], ref)
-        _check(ranks[0][name]["tp4"], ref)
+            torch.testing.assert_close(ranks[r]["tp4"][name], ranks[0]["tp4"][name], rtol=0, atol=0)
+        _check(ranks[0]["tp4"][name], ref)
 
 
 # ---- live merges and splits ------------------------------------------------------------------------------
@@ -203,7 +220,7 @@ def test_live_merges_and_splits_keep_tokens(odd_models):
     from test_gyges_live import PARAMS, _assert_all_pages_free, _assert_same, _prompts, _run_with_transforms
 
     eng = sglang.Engine(model_path=odd_models["smollm_like"], dp_size=4, enable_gyges=True, device="cpu",
-                        dtype="float32", page_size=4, chunked_prefill_size=8, log_level="warning")
+                        dtype="float32", page_size=4, log_level="warning")
     try:
         prompts = _prompts(6)
         reference = eng.generate(input_ids=prompts, sampling_params=PARAMS, return_logprob=True)
@@ -213,7 +230,7 @@ def test_live_merges_and_splits_keep_tokens(odd_models):
         _assert_same(outs, reference)
         assert [(b["kind"], b["tp"]) for b in bds] == [("merge", 2), ("merge", 4), ("split", 2), ("split", 1),
                                                       ("split", 1)]
-        assert all(b["kv_bytes"] > 0 for b in bds[:3])
+        assert all(b["running_requests"] > 0 and b["kv_bytes"] > 0 for b in bds[:3]), bds
         assert [i["tp"] for i in eng.gyges_topology()["instances"]] == [1, 1, 1, 1]
         _assert_all_pages_free(eng)
     finally:
