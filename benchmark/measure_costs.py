@@ -7,7 +7,8 @@ One in-process engine (`sglang.Engine`) does everything, the way a Gyges server 
 
     Engine(dp_size=D, enable_gyges=True, gyges_policy="manual")     D = max(--tp) devices, all at TP1
       for each TP t in --tp (ascending):
-          merge every aligned group of t devices into one TP-t instance   -> transformation points
+          empty the prefix cache, merge every aligned group of t devices into one TP-t instance
+                                                                           -> transformation points
           step cases (below), D / t copies of each request batch at once -> step points at TP t
       split back down to TP1, one degree at a time                         -> transformation points
       fill the prefix cache with K tokens per instance, merge, split       -> more transformation points
@@ -36,13 +37,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from gyges.costmodel import (StepPoint, TransformCostModel, fit_step_time, fit_transform_cost, save_models)
+from gyges.costmodel import StepPoint, TransformCostModel, fit_step_time, fit_transform_cost, save_models
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import cpu_model_name  # noqa: E402
 
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8}
 
@@ -87,13 +92,13 @@ class StepCase:
 def step_cases(quick: bool) -> List[StepCase]:
     """The grid: batch x cached prefix x fresh tokens. Quick: fewer points, shorter contexts."""
     if quick:
-        return [StepCase(b, p, s, 8) for b in (1, 8) for p in (0, 512) for s in (16, 256)]
-    return [StepCase(b, p, s, 16) for b in (1, 4, 16) for p in (0, 512, 2048) for s in (16, 128, 512)]
+        return [StepCase(b, p, s, 16) for b in (1, 8) for p in (0, 512) for s in (16, 256)]
+    return [StepCase(b, p, s, 32) for b in (1, 4, 16) for p in (0, 512, 2048) for s in (16, 512)]
 
 
 def fill_tokens(quick: bool) -> List[int]:
     """KV tokens cached per instance before the extra merge/split pairs (bytes moved vary with them)."""
-    return [4096] if quick else [4096, 16384, 65536]
+    return [8192] if quick else [4096, 32768]
 
 
 # =====================================================================================================
@@ -220,12 +225,14 @@ def measure(args, log=print, engine_factory=start_engine, clock=time.perf_counte
     raw: Dict = {"steps": {}, "transforms": []}
     try:
         for tp in tps:
+            probe.engine.flush_cache()  # transformations move cached KV too: only the fills below choose how much
             probe.set_tp(tp)
             probe.warm()
             t0 = time.perf_counter()
             raw["steps"][str(tp)] = [probe.step_case(c, repeats) for c in cases]
             log(f"TP{tp}: {len(cases)} step cases on {probe.instances()} instance(s) in "
                 f"{time.perf_counter() - t0:.0f} s")
+        probe.engine.flush_cache()
         probe.set_tp(1)
         if devices > 1:
             for k in fill_tokens(args.quick):
@@ -268,6 +275,21 @@ def table(fitted: List[Tuple[StepPoint, float]]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(fitted: List[Tuple[StepPoint, float]]) -> str:
+    """Relative error of the fit per TP degree and kind of step."""
+    groups: Dict[Tuple[int, str], List[float]] = {}
+    for p, f in fitted:
+        kind = "prefill (+call)" if p.with_call_overhead else "decode"
+        groups.setdefault((p.tp, kind), []).append((f - p.seconds) / p.seconds)
+    lines = ["| TP | kind | points | measured ms (min-max) | rms rel. error | max rel. error |", "|---|---|---|---|---|---|"]
+    for (tp, kind), errs in sorted(groups.items()):
+        ms = [p.seconds * 1e3 for p, _ in fitted if p.tp == tp and p.with_call_overhead == kind.startswith("prefill")]
+        rms = (sum(e * e for e in errs) / len(errs)) ** 0.5
+        lines.append(f"| {tp} | {kind} | {len(errs)} | {min(ms):.2f}-{max(ms):.2f} | {rms:.1%} | "
+                     f"{max(abs(e) for e in errs):.1%} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -295,12 +317,15 @@ def main(argv=None, engine_factory=start_engine, clock=time.perf_counter) -> int
     args = parse_args(argv)
     t0 = time.perf_counter()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    load0 = list(os.getloadavg())
     raw = measure(args, log, engine_factory, clock)
     if args.raw_json:
         with open(args.raw_json, "w") as f:
             json.dump(raw, f, indent=1)
     parts, fitted = fit_all(raw, args.model_path, args.dtype)
     print(table(fitted))
+    print()
+    print(summary_table(fitted))
     sr = parts["step_report"]
     print(f"\nstep time: {sr['points']} points, rms relative error {sr['rms_rel_error']:.1%}, max "
           f"{sr['max_rel_error']:.1%}; per-call overhead (not in the model) {sr.get('call_overhead_s', 0) * 1e3:.2f} ms")
@@ -311,6 +336,8 @@ def main(argv=None, engine_factory=start_engine, clock=time.perf_counter) -> int
               f"link {parts['transform'].link_bandwidth_bytes_per_s / 1e9:.2f} GB/s per device, fixed "
               f"{parts['transform'].fixed_overhead_s * 1e3:.1f} ms")
     info = {"source": "benchmark/measure_costs.py", "command": " ".join(["python"] + sys.argv),
+            "machine": {"cpu": cpu_model_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                        "loadavg_before_after": [load0, list(os.getloadavg())]},
             "model_path": args.model_path, "dtype": args.dtype, "tp": sorted(set(args.tp)), "quick": args.quick,
             "step_time": sr, "transform": tr, "raw": raw, "wall_s": time.perf_counter() - t0}
     save_models(args.out, parts["step"], parts["transform"], info)
