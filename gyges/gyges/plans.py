@@ -314,10 +314,12 @@ def split_page_assignment(layout: KVLayout, buffer_bytes: int, merged: Instance,
     out: Dict[int, PageKey] = {}
     taken = [set() for _ in parts]
     pending: List[Tuple[int, int]] = []
+    seen: set = set()  # pages met so far (a set: the split of a large cache has tens of thousands of pages)
     for target, pages in page_groups:
         for q in pages:
-            if q in out or any(q == pq for _, pq in pending):
+            if q in seen:
                 raise ValueError(f"merged page {q} appears in two groups")
+            seen.add(q)
             nat, p = split_page_id(q, merged, parts)
             if nat == target and lowest[target] <= p < capacity[target]:
                 out[q] = (target, p)
