@@ -487,3 +487,27 @@ def test_naive_placement_ablations_ignore_reservations_and_merged_instances():
     assert make_policy("gyges-ll").on_request(short, state) == Place("s", 0)  # least loaded: the TP2
     rr = make_policy("gyges-rr")
     assert {rr.on_request(RequestInfo(f"s{k}", 100, 10, 0.1), state).instance for k in range(3)} == {0, 2, 3}
+
+
+def test_speed_merges_only_on_lightly_loaded_devices():
+    policy = GygesPolicy(step_model=gpu_like_step_model(), ttft_target_s=1.0, chunk_tokens=1024,
+                         max_disturbed_per_device=4)
+    long_req = RequestInfo("long", 20_000, 10, 0.0)
+    busy = tuple(load((d,), cap_per_device=100_000, in_flight=1000, running=5) for d in range(4))
+    assert policy.target_tp(long_req, ClusterState(4, 4, busy, 0.0)) == 1  # 20 decodes would share its prefill
+    light = tuple(load((d,), cap_per_device=100_000, in_flight=1000, running=4) for d in range(4))
+    assert policy.target_tp(long_req, ClusterState(4, 4, light, 0.0)) == 4
+
+
+def test_one_speed_prefill_per_merged_instance():
+    """A second long prompt does not join the TP4 instance that is prefilling the first: it gets the other
+    idle group."""
+    policy = GygesPolicy(step_model=gpu_like_step_model(), ttft_target_s=1.0, chunk_tokens=1024)
+    prefilling = InstanceLoad((0, 1, 2, 3), 4, 1, 0, 400_000, 5_000, 0, 15_010, False, None, 20_010, 15_000)
+    state = ClusterState(8, 4, (prefilling,) + tuple(load((d,), cap_per_device=100_000) for d in range(4, 8)), 0.0)
+    second = RequestInfo("second", 20_000, 10, 0.0)
+    assert isinstance(policy.on_request(second, state), Hold)
+    held = ClusterState(8, 4, state.instances, 0.1, held=(second,))
+    assert policy.on_tick(held) == [Transform((4, 5, 6, 7), 4)]
+    done = InstanceLoad((0, 1, 2, 3), 4, 1, 0, 400_000, 20_000, 0, 10, False, None, 20_010, 0)
+    assert policy.on_request(second, ClusterState(8, 4, (done,) + state.instances[1:], 0.0)) == Place("second", 0)

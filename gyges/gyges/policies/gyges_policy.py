@@ -4,18 +4,21 @@ more speed, split back as soon as what they still run fits the parts.
 Target TP. Every request gets one (`target_tp`): the smallest aligned group size whose KV capacity holds
 prompt + max_new (memory). With a step-time model and a TTFT target, a request whose predicted prefill at
 that size misses the target is raised to the smallest size that meets it (or, if none does, the fastest),
-provided the speed-up is at least `min_speedup`: on hardware where TP buys no speed (this CPU host) no
-merge is ever made for speed. Requests of one target form a class; each class is served FIFO, so a held
+provided the speed-up is at least `min_speedup` (on hardware where TP buys no speed, this CPU host, no
+merge is ever made for speed) and devices are lightly loaded enough to pay for it (an instance of that
+size with no prefill in flight, or a group running at most `max_disturbed_per_device` requests per device:
+every request on a merged group is batched with the long prefill). Requests of one target form a class; each class is served FIFO, so a held
 long request never delays a short one.
 
 Placement of a request of target T (arrivals, then held requests oldest first):
   1. an instance of TP >= T that fits it now, not reserved (below): base-TP work goes to base-TP instances,
      the least loaded; only when none fits does it spill onto a merged instance, and then only as long as
      that keeps the instance splittable once its long work ends; larger work takes the smallest TP that
-     fits, least loaded (an instance already merged is used before another group is merged);
+     fits, least loaded (an instance already merged is used before another group is merged), except that
+     a request merged for speed only joins an instance with no other prefill in flight;
   2. otherwise, for T > base TP, a plan (`plan_for`): merge the aligned group of size T that the request
-     fits right after merging (fewest KV tokens held, i.e. least moved and soonest free; then fewest
-     requests disturbed; lowest device), or, when no group fits it right away and an instance of TP >= T
+     fits right after merging (fewest requests disturbed: their decodes would be batched with its prefill;
+     then fewest KV tokens held, i.e. least moved; lowest device), or, when no group fits it right away and an instance of TP >= T
      exists or is forming, wait for that instance instead of merging another group;
   3. otherwise hold.
 The instances a held request waits for, and the members of the merge planned for it, take no new work of
@@ -53,7 +56,7 @@ class GygesPolicy(Policy):
 
     def __init__(self, split_delay: float = 1.0, cost_model: Optional[TransformCostModel] = None,
                  base_tp: int = 1, step_model=None, ttft_target_s: Optional[float] = None,
-                 min_speedup: float = 1.5, chunk_tokens: int = 8192):
+                 min_speedup: float = 1.5, chunk_tokens: int = 8192, max_disturbed_per_device: int = 4):
         if split_delay < 0:
             raise ValueError("split_delay must be >= 0")
         if not is_power_of_two(base_tp):
@@ -69,12 +72,14 @@ class GygesPolicy(Policy):
         self.ttft_target_s = ttft_target_s
         self.min_speedup = min_speedup
         self.chunk_tokens = chunk_tokens
+        self.max_disturbed_per_device = max_disturbed_per_device
         self._sizes = RequestSizeBound()
         self._split_ready_since: Dict[Tuple[int, ...], float] = {}
         self._forming: Optional[Tuple[int, ...]] = None  # devices of the merge this policy started last
         self._prefill_s: Dict[Tuple[int, int], float] = {}
         self._capacity_by_tp: Tuple[Tuple[int, int], ...] = ()
         self._plans: Dict[str, Optional[Plan]] = {}  # per decision round
+        self._memory_tp: Dict[str, int] = {}  # per decision round: rid -> the TP its memory needs
 
     def initial_instances(self, num_devices: int, max_tp: int) -> List[Tuple[int, ...]]:
         return uniform_groups(num_devices, min(self.base_tp, max_tp))
@@ -105,7 +110,7 @@ class GygesPolicy(Policy):
             while done < prompt_tokens:
                 chunk = min(self.chunk_tokens, prompt_tokens - done)
                 done += chunk
-                total += self.step_model.step_time(chunk, done, tp)
+                total += self.step_model.step_time(chunk, done, tp, requests=1)
             self._prefill_s[key] = total
         return self._prefill_s[key]
 
@@ -131,10 +136,30 @@ class GygesPolicy(Policy):
 
     def target_tp(self, req: RequestInfo, state: ClusterState) -> int:
         mem = self.size_class(req, state)
+        self._memory_tp[req.rid] = mem
         if mem == 0:
             return 0
         top = max(len(g) for g in self.formable_groups(state))
-        return self.speed_tp(req.prompt_tokens, mem, top)
+        fast = self.speed_tp(req.prompt_tokens, mem, top)
+        if fast > mem and not self._speed_room(req, fast, state):
+            return mem  # merging busy devices would cost their decodes more than the prefill gains
+        return fast
+
+    def _speed_room(self, req: RequestInfo, tp: int, state: ClusterState) -> bool:
+        """A merge for speed pays only on lightly loaded devices: an instance of TP >= tp with no prefill in
+        flight that fits req now, or an aligned group of size tp whose instances together run at most
+        max_disturbed_per_device requests per device (each of them would be batched with the prefill)."""
+        for i in state.instances:
+            if i.tp >= tp and not i.transforming and not i.prefill_tokens_left and fits_now(req, i):
+                return True
+        for g in self.formable_groups(state):
+            if len(g) != tp:
+                continue
+            members = [i for i in state.instances if set(i.devices) <= set(g)]
+            if (len(members) >= 2 and sum(m.tp for m in members) == tp and not any(m.transforming for m in members)
+                    and sum(m.num_requests for m in members) <= self.max_disturbed_per_device * tp):
+                return True
+        return False
 
     def _part_capacity(self, inst: InstanceLoad, part_tp: int) -> int:
         """KV tokens of one part of TP part_tp after a split: what the runtime reports when it knows (a
@@ -165,6 +190,10 @@ class GygesPolicy(Policy):
     def _choose(self, req: RequestInfo, target: int, ledger: LoadLedger, reserved: Set[int]
                 ) -> Optional[InstanceLoad]:
         cands = [i for i in ledger.loads() if i.base not in reserved and i.tp >= target and fits_now(req, i)]
+        if target > self._memory_tp.get(req.rid, target):
+            # merged for speed: one long prefill at a time (a second one would stretch both, and every
+            # decode batched with them); the next gets its own group or waits
+            cands = [i for i in cands if not i.prefill_tokens_left]
         if target <= self.base_tp:
             base = [i for i in cands if i.tp <= self.base_tp]
             if base:
@@ -201,7 +230,7 @@ class GygesPolicy(Policy):
                 continue
             held = sum(m.held_tokens for m in members)
             fits_after = req.need_tokens <= group_capacity(state, g) - held
-            key = (not fits_after, held, sum(m.num_requests for m in members), g[0])
+            key = (not fits_after, sum(m.num_requests for m in members), held, g[0])
             if best is None or key < best[0]:
                 best = (key, g, fits_after)
         return (best[1], best[2]) if best else None
@@ -243,6 +272,7 @@ class GygesPolicy(Policy):
     def _begin_round(self, state: ClusterState) -> None:
         self._capacity_by_tp = state.capacity_by_tp
         self._plans = {}
+        self._memory_tp = {}
 
     def on_request(self, req: RequestInfo, state: ClusterState) -> Decision:
         self._begin_round(state)
