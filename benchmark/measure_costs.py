@@ -16,6 +16,7 @@ One in-process engine (`sglang.Engine`) does everything, the way a Gyges server 
 A step case (b, P, S, N): every instance gets b requests whose first P tokens are a prefix already in its
 radix cache (P = 0: none) followed by S fresh tokens; the manual policy spreads equal requests evenly over
 the instances (least loaded first), so every instance runs the same batch at the same time, as under load.
+Cases that need more KV than an instance holds (--max-total-tokens: the server's setting) are skipped.
 Two calls per case, each timed around `Engine.generate` (best of --repeats):
 
     max_new_tokens = 1       one prefill iteration: b*S new tokens over b*(P+S) context tokens
@@ -93,7 +94,12 @@ def step_cases(quick: bool) -> List[StepCase]:
     """The grid: batch x cached prefix x fresh tokens. Quick: fewer points, shorter contexts."""
     if quick:
         return [StepCase(b, p, s, 16) for b in (1, 8) for p in (0, 512) for s in (16, 256)]
-    return [StepCase(b, p, s, 32) for b in (1, 4, 16) for p in (0, 512, 2048) for s in (16, 512)]
+    return [StepCase(b, p, s, 32) for b in (1, 4, 16) for p in (0, 256, 2048) for s in (16, 512)]
+
+
+def kv_tokens_needed(case: StepCase) -> int:
+    """KV tokens a case holds on one instance at its peak: the shared prefix once, each request's own tokens."""
+    return case.prefix + case.batch * (case.suffix + case.decode_steps + 1)
 
 
 def fill_tokens(quick: bool) -> List[int]:
@@ -114,6 +120,8 @@ def start_engine(args, devices: int):
         kw["cpu_threads_per_worker"] = args.threads_per_device
     if args.device_memory:
         kw["device_memory"] = args.device_memory
+    if args.max_total_tokens:
+        kw["max_total_tokens"] = args.max_total_tokens
     return sglang.Engine(**kw)
 
 
@@ -173,6 +181,11 @@ class EngineProbe:
         for _ in range(2):
             self.generate([[1] + self.tokens(15) for _ in range(n)], 4)
 
+    def kv_capacity(self) -> Optional[int]:
+        """The smallest instance's KV capacity in tokens (None: not reported)."""
+        caps = [int(i.get("kv_capacity_tokens") or 0) for i in self.engine.gyges_topology()["instances"]]
+        return min(caps) if caps and min(caps) > 0 else None
+
     def step_case(self, case: StepCase, repeats: int) -> Dict:
         """Time one case on every instance at once (module docstring). Returns the raw timings."""
         n = self.instances()
@@ -229,9 +242,11 @@ def measure(args, log=print, engine_factory=start_engine, clock=time.perf_counte
             probe.set_tp(tp)
             probe.warm()
             t0 = time.perf_counter()
-            raw["steps"][str(tp)] = [probe.step_case(c, repeats) for c in cases]
-            log(f"TP{tp}: {len(cases)} step cases on {probe.instances()} instance(s) in "
-                f"{time.perf_counter() - t0:.0f} s")
+            cap = probe.kv_capacity()
+            fit = [c for c in cases if cap is None or kv_tokens_needed(c) <= cap]  # the server's regime only
+            raw["steps"][str(tp)] = [probe.step_case(c, repeats) for c in fit]
+            log(f"TP{tp}: {len(fit)} step cases ({len(cases) - len(fit)} need more than the {cap} KV tokens of "
+                f"an instance) on {probe.instances()} instance(s) in {time.perf_counter() - t0:.0f} s")
         probe.engine.flush_cache()
         probe.set_tp(1)
         if devices > 1:
@@ -305,6 +320,9 @@ def parse_args(argv=None):
     p.add_argument("--threads-per-device", type=int, default=None,
                    help="torch threads per CPU worker; default: the server's (cores / devices)")
     p.add_argument("--device-memory", default=None, help="per-device memory budget on CPU (server default: 1GiB)")
+    p.add_argument("--max-total-tokens", type=int, default=None,
+                   help="the server's --max-total-tokens (KV tokens per TP1 instance): step cases that need more KV "
+                        "than an instance holds are skipped, so the fit covers the contexts the server will see")
     p.add_argument("--raw-json", default=None, help="also write the raw measurements here")
     args = p.parse_args(argv)
     if min(args.tp) < 1 or any(t & (t - 1) for t in args.tp):

@@ -32,12 +32,14 @@ class FakeEngine:
         self.cached_tokens = 0
         self.now = 0.0
         self.closed = False
+        self.capacity = 2000  # KV tokens of a TP1 instance (twice that at TP2)
 
     def clock(self) -> float:
         return self.now
 
     def gyges_topology(self):
-        return {"instances": [{"devices": list(range(b, b + t)), "tp": t} for b, t in sorted(self.inst.items())]}
+        return {"instances": [{"devices": list(range(b, b + t)), "tp": t, "kv_capacity_tokens": self.capacity * t}
+                              for b, t in sorted(self.inst.items())]}
 
     def gyges_transform(self, devices, tp):
         merge = tp == len(devices)
@@ -113,6 +115,12 @@ def test_measure_fit_and_write_on_a_simulated_engine(tmp_path, capsys):
     assert engines[0].closed and engines[0].inst == {0: 1, 1: 1}  # split back at the end
     printed = capsys.readouterr().out
     assert "| decode | 2 |" in printed and "rel. error" in printed
+
+    # the quick grid's largest cases (8 x 256 fresh tokens over a 512-token prefix) do not fit a TP1 instance
+    raw_d = json.loads(raw.read_text())
+    assert len(raw_d["steps"]["1"]) < len(raw_d["steps"]["2"]) == len(measure_costs.step_cases(True))
+    assert all(measure_costs.kv_tokens_needed(measure_costs.StepCase(**c["case"])) <= 2000
+               for c in raw_d["steps"]["1"])
 
     d = json.loads(out.read_text())
     assert d["format"] == "gyges-costmodel/1" and d["fit"]["tp"] == [1, 2]
