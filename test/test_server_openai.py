@@ -2,7 +2,7 @@
 
 Checks values: usage equals token counts from the tokenizer, completions equal /generate at temperature 0,
 streamed deltas concatenate to the non-streamed text, chat prompts are the tokenizer's chat template,
-logprob lists have one entry per token, constraints hold, unknown models get a 404 naming the served model.
+logprob lists have one entry per token, constraints hold, any model name is served and echoed back (as SGLang does).
 """
 
 import json
@@ -54,12 +54,15 @@ def test_models(client, server):
     assert server.get("/v1/models/" + MODEL).json()["id"] == MODEL
 
 
-def test_unknown_model_404(client):
-    with pytest.raises(openai.NotFoundError) as e:
-        client.completions.create(model="gpt-nope", prompt=PROMPT, max_tokens=2)
-    assert MODEL in str(e.value) and "gpt-nope" in str(e.value)
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="gpt-nope", messages=MESSAGES, max_tokens=2)
+def test_other_model_name_is_served_and_echoed(client, server):
+    ref = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
+    r = client.completions.create(model="gpt-nope", prompt=PROMPT, max_tokens=3, temperature=0)
+    assert r.model == "gpt-nope" and r.choices[0].text == ref.choices[0].text
+    c = client.chat.completions.create(model="gpt-nope", messages=MESSAGES, max_tokens=2)
+    assert c.model == "gpt-nope" and c.usage.completion_tokens == 2
+    chunks = list(client.chat.completions.create(model="other", messages=MESSAGES, max_tokens=2, stream=True))
+    assert {ch.model for ch in chunks} == {"other"}
+    assert server.get("/v1/models/gpt-nope").status_code == 404  # the model list names only the served one
 
 
 # ---- completions -------------------------------------------------------------------------------------------

@@ -158,6 +158,11 @@ class OpenAIServing:
                          max_model_len=getattr(self.tm.model_config, "context_len", None))
         return ModelList(data=[card]).model_dump()
 
+    def response_model(self, name: Optional[str]) -> str:
+        """Completions and chat accept any model name and echo it back (as SGLang does: one model is
+        served, whatever the client calls it); only /v1/models/{id} answers 404 for other names."""
+        return name or self.model_name
+
     def check_model(self, name: Optional[str]) -> None:
         if name is None or name in self.served_names():
             return
@@ -245,7 +250,6 @@ class OpenAIServing:
 
     # ---- /v1/completions -------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw_request: Optional[Request]):
-        self.check_model(req.model)
         prompt = req.prompt
         if isinstance(prompt, str):
             obj = GenerateReqInput(text=prompt)
@@ -291,7 +295,8 @@ class OpenAIServing:
             fr = meta.get("finish_reason")
             choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs,
                                             finish_reason=finish_reason_str(fr), matched_stop=matched_stop(fr)))
-        resp = CompletionResponse(id=_response_id("cmpl", outputs), model=self.model_name, choices=choices,
+        resp = CompletionResponse(id=_response_id("cmpl", outputs), model=self.response_model(req.model),
+                                  choices=choices,
                                   usage=self._usage(outputs, n))
         return ORJSONResponse(resp.model_dump(exclude_none=False))
 
@@ -360,14 +365,15 @@ class OpenAIServing:
                 if not delta and fr is None and lps is None:
                     continue
                 chunk = CompletionStreamResponse(
-                    id=f"{rid_base}", created=created, model=self.model_name,
+                    id=f"{rid_base}", created=created, model=self.response_model(req.model),
                     choices=[CompletionStreamChoice(index=idx, text=delta, logprobs=lps,
                                                     finish_reason=finish_reason_str(fr),
                                                     matched_stop=matched_stop(fr))])
                 yield sse(chunk.model_dump())
             if include_usage and finals:
                 outs = [finals[i] for i in sorted(finals)]
-                chunk = CompletionStreamResponse(id=rid_base, created=created, model=self.model_name,
+                chunk = CompletionStreamResponse(id=rid_base, created=created,
+                                                 model=self.response_model(req.model),
                                                  choices=[], usage=self._usage(outs, n))
                 yield sse(chunk.model_dump())
             yield SSE_DONE
@@ -423,7 +429,6 @@ class OpenAIServing:
         return tok.encode(prompt, add_special_tokens=False)
 
     async def chat_completions(self, req: ChatCompletionRequest, raw_request: Optional[Request]):
-        self.check_model(req.model)
         chars = sum(len(m.text()) for m in req.messages)
         try:
             self.tm.check_prompt_chars(chars, "the messages")
@@ -463,7 +468,7 @@ class OpenAIServing:
             choices.append(ChatCompletionChoice(index=i, message=ChatResponseMessage(content=out["text"]),
                                                 logprobs=logprobs, finish_reason=finish_reason_str(fr),
                                                 matched_stop=matched_stop(fr)))
-        resp = ChatCompletionResponse(id=_response_id("chatcmpl", outputs), model=self.model_name,
+        resp = ChatCompletionResponse(id=_response_id("chatcmpl", outputs), model=self.response_model(req.model),
                                       choices=choices, usage=self._usage(outputs, n))
         return ORJSONResponse(resp.model_dump(exclude_none=True))
 
@@ -486,7 +491,7 @@ class OpenAIServing:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choices, usage=None) -> bytes:
-            c = ChatCompletionStreamResponse(id=rid_base, created=created, model=self.model_name,
+            c = ChatCompletionStreamResponse(id=rid_base, created=created, model=self.response_model(req.model),
                                              choices=choices, usage=usage)
             return sse(c.model_dump(exclude_none=True))
 
