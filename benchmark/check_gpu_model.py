@@ -46,12 +46,11 @@ def check_table(prompt: int, output: int) -> str:
 
 def models_table() -> str:
     rows = ["| GPU | model | weights GB | KV KiB/token | TP | KV capacity (max context) | decode step ms (B=64, 1K ctx) "
-            "| prefill ms (8K tokens) | TP1 decode step ms at same B |",
+            "| decode tok/s per GPU (B=64) | prefill ms (8K tokens) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for gpu in GPUS.values():
         for m in MODELS.values():
             step = step_time_model(gpu, m)
-            base = step.step_time(64, 64 * 1024, 1)
             for tp in (1, 2, 4, 8):
                 cap = kv_capacity_tokens(gpu, m, tp)
                 if cap == 0:
@@ -61,7 +60,7 @@ def models_table() -> str:
                 dec = step.step_time(64, 64 * 1024, tp)
                 pre = step.step_time(8192, 8192, tp, requests=2)  # 2 prompts of 4K tokens
                 rows.append(f"| {gpu.name} | {m.name} | {m.weight_bytes / 1e9:.1f} | {m.kv_bytes_per_token / 1024:.0f} "
-                            f"| {tp} | {cap:,} | {dec * 1e3:.2f} | {pre * 1e3:.1f} | {base * 1e3:.2f} |")
+                            f"| {tp} | {cap:,} | {dec * 1e3:.2f} | {64 / dec / tp:,.0f} | {pre * 1e3:.1f} |")
     return "\n".join(rows)
 
 
