@@ -227,39 +227,47 @@ def transform_points(breakdowns: Sequence[Dict]) -> List[Tuple[float, int, float
             for b in breakdowns]
 
 
+def run_probe(probe: EngineProbe, tps: Sequence[int], cases: Sequence[StepCase], repeats: int,
+              fills: Sequence[int], log=print, max_kv_tokens: Optional[int] = None) -> Dict:
+    """Every measurement on one probe (module docstring): the step cases at each TP in tps (those that fit the
+    instances' KV, and max_kv_tokens when given), then a merge to max(tps) and a split back to TP1 after filling
+    the prefix cache with each of `fills` tokens per instance. Returns the raw data (steps per TP, breakdowns)."""
+    raw: Dict = {"steps": {}, "transforms": []}
+    for tp in sorted(set(tps)):
+        probe.engine.flush_cache()  # transformations move cached KV too: only the fills below choose how much
+        probe.set_tp(tp)
+        probe.warm()
+        t0 = time.perf_counter()
+        caps = [c for c in (probe.kv_capacity(), max_kv_tokens) if c]
+        cap = min(caps) if caps else None
+        fit = [c for c in cases if cap is None or kv_tokens_needed(c) <= cap]  # the server's regime only
+        raw["steps"][str(tp)] = [probe.step_case(c, repeats) for c in fit]
+        log(f"TP{tp}: {len(fit)} step cases ({len(cases) - len(fit)} need more than the {cap} KV tokens of an "
+            f"instance) on {probe.instances()} instance(s) in {time.perf_counter() - t0:.0f} s")
+    probe.engine.flush_cache()
+    probe.set_tp(1)
+    if max(tps) > 1:
+        for k in fills:
+            probe.engine.flush_cache()
+            probe.fill(k)
+            probe.set_tp(max(tps))
+            probe.set_tp(1)
+        log(f"{len(probe.transforms)} transformations")
+    raw["transforms"] = probe.transforms
+    return raw
+
+
 def measure(args, log=print, engine_factory=start_engine, clock=time.perf_counter) -> Dict:
-    """Run every measurement; returns the raw data (steps per TP, transformation breakdowns)."""
+    """Run every measurement on an engine from engine_factory(args, devices); returns the raw data."""
     tps = sorted(set(args.tp))
     devices = max(tps)
-    cases = step_cases(args.quick)
-    repeats = args.repeats or (2 if args.quick else 3)
     vocab = int(_config(args.model_path).get("vocab_size", 512))
     probe = EngineProbe(engine_factory(args, devices), devices, vocab, args.page_size, clock=clock)
-    raw: Dict = {"steps": {}, "transforms": []}
     try:
-        for tp in tps:
-            probe.engine.flush_cache()  # transformations move cached KV too: only the fills below choose how much
-            probe.set_tp(tp)
-            probe.warm()
-            t0 = time.perf_counter()
-            cap = probe.kv_capacity()
-            fit = [c for c in cases if cap is None or kv_tokens_needed(c) <= cap]  # the server's regime only
-            raw["steps"][str(tp)] = [probe.step_case(c, repeats) for c in fit]
-            log(f"TP{tp}: {len(fit)} step cases ({len(cases) - len(fit)} need more than the {cap} KV tokens of "
-                f"an instance) on {probe.instances()} instance(s) in {time.perf_counter() - t0:.0f} s")
-        probe.engine.flush_cache()
-        probe.set_tp(1)
-        if devices > 1:
-            for k in fill_tokens(args.quick):
-                probe.engine.flush_cache()
-                probe.fill(k)
-                probe.set_tp(devices)
-                probe.set_tp(1)
-            log(f"{len(probe.transforms)} transformations")
-        raw["transforms"] = probe.transforms
+        return run_probe(probe, tps, step_cases(args.quick), args.repeats or (2 if args.quick else 3),
+                         fill_tokens(args.quick), log)
     finally:
         probe.close()
-    return raw
 
 
 # =====================================================================================================
