@@ -19,20 +19,32 @@ from sglang.srt.model_executor.weight_layout import build_local_shard, head_shar
 from sglang.srt.server_args import ServerArgs
 from test_model_forward import Pages, _check, _free_port, _tokens, hf_logprobs, make_runner
 
-# Small stand-ins with the odd head shapes: SmolLM2-135M's 9 / 3 heads (head_dim 16 instead of 64), and a
+# Small stand-ins with the odd head shapes: SmolLM2-135M's 9 / 3 heads (head_dim 8 instead of 64), and a
 # Qwen2 (QKV bias) with 12 / 3 heads.
 SPECS = {
-    "smollm_like": DemoModelSpec(arch="llama", seed=21, hidden_size=144, num_attention_heads=9,
+    "smollm_like": DemoModelSpec(arch="llama", seed=21, hidden_size=72, num_attention_heads=9,
                                  num_key_value_heads=3, intermediate_size=100),
     "qwen2_12_3": DemoModelSpec(arch="qwen2", seed=22, hidden_size=96, num_attention_heads=12,
                                 num_key_value_heads=3, intermediate_size=70),
 }
+# Checked at TP1 only: per-head q/k RMSNorm over padded (zero) query heads and replicated KV heads.
+TP1_ONLY = {"qwen3_6_2": DemoModelSpec(arch="qwen3", seed=23, hidden_size=96, head_dim=16, num_attention_heads=6,
+                                       num_key_value_heads=2, intermediate_size=70)}
+
+
+def _build(tmp_path_factory, specs):
+    root = tmp_path_factory.mktemp("odd_heads")
+    return {name: make_demo_model(str(root / name), spec) for name, spec in specs.items()}
 
 
 @pytest.fixture(scope="module")
 def odd_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("odd_heads")
-    return {name: make_demo_model(str(root / name), spec) for name, spec in SPECS.items()}
+    return _build(tmp_path_factory, SPECS)
+
+
+@pytest.fixture(scope="module")
+def qwen3_model(tmp_path_factory):
+    return _build(tmp_path_factory, TP1_ONLY)
 
 
 # ---- the padding arithmetic (pure) ----------------------------------------------------------------------
@@ -154,14 +166,16 @@ def _sequence_logits(runner, ids, split=17):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_tp1_with_padded_heads_matches_transformers(odd_models, name):
-    path = odd_models[name]
-    for g in (2, 4):  # the layout a Gyges TP1 instance uses for --gyges-max-tp 2 and 4
-        runner = make_runner(path, 4, enable_gyges=True, dp_size=g, gyges_max_tp=g)
-        assert runner.kv_pool.local_kv_heads == 4  # 3 KV heads padded to 4 (one replicated)
-        ids = _tokens(runner.model_config.vocab_size, seed=g)
-        _check(_sequence_logits(runner, ids), hf_logprobs(path, ids))
+# (model, G): the layout a Gyges TP1 instance uses for --gyges-max-tp G, padded in each case
+@pytest.mark.parametrize("name,g", [("smollm_like", 2), ("smollm_like", 4), ("qwen2_12_3", 4), ("qwen3_6_2", 4)])
+def test_tp1_with_padded_heads_matches_transformers(odd_models, qwen3_model, name, g):
+    path = {**odd_models, **qwen3_model}[name]
+    runner = make_runner(path, 4, enable_gyges=True, dp_size=g, gyges_max_tp=g)
+    heads = runner.model_config.heads
+    assert heads.padded_heads > heads.num_heads and heads.padded_kv_heads == 4  # zero q heads, KV replicas
+    assert runner.kv_pool.local_kv_heads == 4
+    ids = _tokens(runner.model_config.vocab_size, seed=g)
+    _check(_sequence_logits(runner, ids), hf_logprobs(path, ids))
 
 
 def _padded_tp_worker(rank, world, port, paths, out_dir):
