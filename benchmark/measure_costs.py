@@ -36,6 +36,7 @@ format of gyges/gyges/costmodel.py's docstring, with every raw measurement under
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -51,6 +52,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import cpu_model_name  # noqa: E402
 
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8}
+# The engine's attention (layers/attention/torch_native_backend.py) gathers [sequences, longest context] keys and
+# runs SDPA on [sequences, longest new tokens] queries: a mixed batch costs as if every sequence were the longest.
+# The grid's batches are uniform, so the fit cannot see it; StepTimeModel.batch_time applies it.
+ENGINE_ATTENTION_PADDING = 1.0
 
 
 # =====================================================================================================
@@ -278,6 +283,7 @@ def fit_all(raw: Dict, model_path: str, dtype: str) -> Tuple[dict, List[Tuple[St
     with their fitted times."""
     pts = [p for tp, cases in raw["steps"].items() for c in cases for p in step_points(c, int(tp))]
     step, step_report = fit_step_time(pts)
+    step = dataclasses.replace(step, padding=ENGINE_ATTENTION_PADDING)
     kvt, wb = model_sizes(model_path, dtype)
     base = TransformCostModel(kv_bytes_per_token=kvt, weight_bytes=wb)
     tr_pts = transform_points(raw["transforms"])

@@ -74,3 +74,14 @@ def test_overlap_takes_the_larger_of_memory_and_compute():
     # compute bound: 0.5 * 64 = 32 > 8 + 0.25 * 64 = 24
     assert roof.step_time(64, 64, 1, requests=1) == 1.0 + 32.0
     assert StepTimeModel(**kw, overlap=0.5).step_time(64, 64, 1, requests=1) == 1.0 + 32.0 + 12.0
+
+
+def test_padding_counts_every_sequence_as_the_longest():
+    kw = dict(base_s=0.0, weight_s=0.0, per_token_s=0.0, per_context_token_s=1.0, allreduce_s=0.0,
+              allreduce_per_token_s=0.0, per_request_s=0.0, per_attended_s=0.01)
+    exact, padded = StepTimeModel(**kw), StepTimeModel(**kw, padding=1.0)
+    mixed = [(512, 600), (1, 100), (1, 300)]  # a prefill chunk next to two decodes
+    assert exact.batch_time(mixed, 1) == pytest.approx(1000 + 0.01 * (512 * 600 + 100 + 300))
+    assert padded.batch_time(mixed, 1) == pytest.approx(3 * 600 + 0.01 * 3 * 512 * 600)
+    uniform = [(4, 50)] * 3
+    assert padded.batch_time(uniform, 2) == exact.batch_time(uniform, 2) == exact.step_time(12, 150, 2, 3)

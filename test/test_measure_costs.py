@@ -126,6 +126,7 @@ def test_measure_fit_and_write_on_a_simulated_engine(tmp_path, capsys):
     assert d["format"] == "gyges-costmodel/1" and d["fit"]["tp"] == [1, 2]
     assert d["fit"]["step_time"]["call_overhead_s"] == pytest.approx(CALL_S, rel=1e-6)
     step = StepTimeModel.load(str(out))
+    assert step.padding == 1.0  # the engine's torch-native attention pads mixed batches
     for tp in (1, 2):
         for b, ctx, reqs in ((1, 300, 1), (16, 16 * 700, 16), (256, 600, 1), (2048, 4096, 8)):
             assert step.step_time(b, ctx, tp, reqs) == pytest.approx(TRUTH.step_time(b, ctx, tp, reqs), rel=1e-6)

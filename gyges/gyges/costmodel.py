@@ -31,13 +31,20 @@ batch_tokens * context_tokens / requests (exact for a batch of equal sequences: 
 of equal context); `batch_time` takes the sequences one by one and sums exactly. requests defaults to
 batch_tokens (every sequence decodes one token), which makes attended = context_tokens.
 
+`padding` (batch_time only) describes attention kernels that pad a batch: with padding = 1 the KV reads and
+the query-key pairs are those of every sequence padded to the longest new-token count and the longest context
+(this engine's torch-native backend gathers [sequences, longest context] keys and runs SDPA on [sequences,
+longest new tokens] queries; benchmark/measure_costs.py writes 1), with 0 the exact sums (paged kernels).
+For equal sequences both are the same, so fits of uniform batches do not depend on it.
+
 Parameter file (what `--gyges-cost-model` and `python -m gyges.sim.simulator --step-model` load; written by
 `benchmark/measure_costs.py`):
 
     {"format": "gyges-costmodel/1",
      "step_time": {"base_s": .., "weight_s": .., "per_token_s": .., "per_request_s": ..,
                    "per_context_token_s": .., "per_attended_s": ..,
-                   "allreduce_s": .., "allreduce_per_token_s": .., "overlap": 0},    (StepTimeModel, seconds)
+                   "allreduce_s": .., "allreduce_per_token_s": .., "overlap": 0, "padding": 1},
+                                                                                        (StepTimeModel, seconds)
      "transform": {"kv_bytes_per_token": .., "weight_bytes": ..,                        (TransformCostModel)
                    "link_bandwidth_bytes_per_s": .., "fixed_overhead_s": ..},
      "fit": {...}}                                  (provenance: sources, points, residuals; not read back)
@@ -116,6 +123,7 @@ class StepTimeModel:
     per_request_s: float = 0.0  # per sequence in the batch, on every rank (not divided by tp)
     per_attended_s: float = 0.0  # per query-key pair (new token x context token), at TP1
     overlap: float = 0.0  # 0: memory and compute terms add (a linear fit); 1: the larger one counts (roofline)
+    padding: float = 0.0  # batch_time: 1 = every sequence's attention costs as the longest one's (padded kernels)
 
     @staticmethod
     def allreduce_scale(tp: int) -> float:
@@ -140,8 +148,12 @@ class StepTimeModel:
             raise ValueError(f"tp must be >= 1, got {tp}")
         if any(n < 0 or c < 0 for n, c in seqs):
             raise ValueError("token counts must be >= 0")
-        return self._time(sum(n for n, _ in seqs), sum(c for _, c in seqs), len(seqs),
-                          float(sum(n * c for n, c in seqs)), tp)
+        context, attended = float(sum(c for _, c in seqs)), float(sum(n * c for n, c in seqs))
+        if self.padding and seqs:  # padded attention: [sequences, longest new] x [sequences, longest context]
+            longest_n, longest_c = max(n for n, _ in seqs), max(c for _, c in seqs)
+            context += self.padding * (len(seqs) * longest_c - context)
+            attended += self.padding * (len(seqs) * longest_n * longest_c - attended)
+        return self._time(sum(n for n, _ in seqs), context, len(seqs), attended, tp)
 
     def _time(self, batch_tokens: float, context_tokens: float, requests: float, attended: float, tp: int) -> float:
         f = dict(zip(STEP_PARAMS, step_features(batch_tokens, context_tokens, tp, requests, attended)))
