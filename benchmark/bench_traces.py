@@ -417,20 +417,29 @@ def ensure_cost_model(a, model_dir: str) -> Optional[str]:
     return str(out)
 
 
+def skip_reason(policy: str) -> Optional[str]:
+    """Why `policy` cannot run on these 2 devices (static-hybrid needs >= 3), or None."""
+    if policy != "static-hybrid":
+        return None
+    from gyges.policy import StaticHybrid
+
+    try:
+        StaticHybrid().initial_instances(2, 2)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def run_policy(policy: str, workload: List[TraceRequest], a, model_dir: str, cost_model: Optional[str],
                log_dir: Path, before_replay: Optional[Callable[[str, dict], None]] = None) -> dict:
     """One live run: a server for `policy`, the workload replayed against it. Returns {"summary", "samples",
     "history", "wall0", "results" (one dict per request, Result's fields), "server_args"}; {"summary":
     {"policy", "skipped"}} when the policy cannot run on 2 devices or the run failed. before_replay(url,
     topology) runs once the server is ready (benchmark/validate_sim.py times the server's overhead there)."""
-    if policy == "static-hybrid":
-        from gyges.policy import StaticHybrid
-
-        try:
-            StaticHybrid().initial_instances(2, 2)
-        except ValueError as e:
-            print(f"static-hybrid skipped on 2 devices: {e}", file=sys.stderr)
-            return {"summary": {"policy": policy, "skipped": str(e)}}
+    reason = skip_reason(policy)
+    if reason:
+        print(f"{policy} skipped on 2 devices: {reason}", file=sys.stderr)
+        return {"summary": {"policy": policy, "skipped": reason}}
     srv = Server(model_dir, policy, a, cost_model, log_dir)
     try:
         srv.wait_ready()

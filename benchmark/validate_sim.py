@@ -4,9 +4,8 @@ machine, every policy, side by side.
     python benchmark/validate_sim.py                       # bench_traces' workload, every policy (~12 min)
     python benchmark/validate_sim.py --policies gyges static-tp --short-n 60 --long-n 20 --duration 20
 
-1. Cost models: `benchmark/measure_costs.py --model-path DEMO --out <results>/validate_sim_costmodel.json`
-   (where that script is missing: `python -m gyges.costmodel fit --measure`); `--cost-model FILE` uses a
-   model file measured before instead. The same file goes to the live Gyges server (--gyges-cost-model).
+1. Cost models: `benchmark/measure_costs.py --model-path DEMO --out <results>/validate_sim_costmodel.json`;
+   `--cost-model FILE` uses a model file measured before instead. The same file goes to the live Gyges server (--gyges-cost-model).
 2. Live: `bench_traces.run_policy` per policy (a real `python -m sglang.launch_server` on 2 CPU devices,
    bench_traces' flags, its workload replayed over HTTP; static-hybrid needs >= 3 devices and is reported
    as skipped). Right before the replay, the server's own per-request overhead (HTTP, tokenizer manager,
@@ -34,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import platform
@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import aiohttp
+import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmark"))
@@ -69,27 +70,114 @@ METRICS = [  # (key, label, unit scale for the table, kind): kind "rel" = relati
 # =====================================================================================================
 # Cost models
 # =====================================================================================================
-def measure_cost_model(model_dir: str, out: Path, quick: bool) -> Path:
-    """Measure the step-time and transformation models on this machine and write them to `out`."""
-    script = REPO / "benchmark" / "measure_costs.py"
-    if script.exists():
-        cmd = [sys.executable, str(script), "--model-path", model_dir, "--out", str(out)]
-        if quick:
-            cmd.append("--quick")
-    else:
-        cmd = [sys.executable, "-m", "gyges.costmodel", "fit", "--measure", "--model-path", model_dir,
-               "--out", str(out)]
-    print("measuring the cost models:", " ".join(cmd[1:]), file=sys.stderr)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+class HttpEngine:
+    """sglang.Engine's generate / gyges_topology / gyges_transform / flush_cache / shutdown over a running
+    server's HTTP API, so that measure_costs.py's probe times the server as bench_traces drives it: every
+    prompt of a generate call is its own streaming /generate request (input_ids, ignore_eos), all sent at
+    once, and the call returns when the last stream ends."""
+
+    def __init__(self, url: str, timeout_s: float = 600.0):
+        self.url = url
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    def _get(self, path: str) -> dict:
+        return requests.get(self.url + path, timeout=self.timeout.total).json()
+
+    def _post(self, path: str, body: dict) -> dict:
+        resp = requests.post(self.url + path, json=body, timeout=self.timeout.total)
+        if resp.status_code != 200:
+            raise RuntimeError(f"POST {path} {body}: {resp.status_code} {resp.text[:300]}")
+        return resp.json()
+
+    async def _stream_all(self, prompts: List[List[int]], sampling_params: dict) -> None:
+        async def one(session: aiohttp.ClientSession, ids: List[int]) -> None:
+            body = {"input_ids": ids, "sampling_params": sampling_params, "stream": True}
+            async with session.post(self.url + "/generate", json=body, timeout=self.timeout) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"/generate: {resp.status} {(await resp.text())[:300]}")
+                async for _ in resp.content.iter_any():
+                    pass
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            await asyncio.gather(*(one(session, ids) for ids in prompts))
+
+    def generate(self, input_ids, sampling_params: dict) -> None:
+        prompts = input_ids if input_ids and isinstance(input_ids[0], list) else [input_ids]
+        asyncio.run(self._stream_all(prompts, dict(sampling_params, temperature=0)))
+
+    def gyges_topology(self) -> dict:
+        return self._get("/gyges/topology")
+
+    def gyges_transform(self, devices: List[int], tp: int) -> dict:
+        return self._post("/gyges/transform", {"devices": devices, "tp": tp})
+
+    def flush_cache(self) -> bool:
+        return requests.post(self.url + "/flush_cache", timeout=self.timeout.total).status_code == 200
+
+    def shutdown(self) -> None:
+        pass  # the server is stopped by whoever started it
+
+
+def small_grid():
+    """The `--grid small` step cases (measure_costs.StepCase: batch per instance, cached prefix, fresh tokens,
+    decode steps): the region bench_traces-like loads run in (single prefills short and chunk-sized, one over
+    a cached prefix, decodes of 1 and 4), about 15 s per TP degree on the demo model."""
+    from measure_costs import StepCase
+
+    return [StepCase(1, 0, 32, 8), StepCase(1, 0, 512, 8), StepCase(4, 0, 64, 16), StepCase(1, 1024, 512, 8)]
+
+
+def measure_cost_model(a, model_dir: str, out: Path, log_dir: Path) -> Path:
+    """Measure the step-time and transformation models on this machine and write them to `out`.
+
+    --costs server (default): measure_costs.py's probe (EngineProbe: each step case on every instance at once,
+    TP1 then TP2, then merges and splits holding different amounts of KV) and fit (fit_all), timed through a
+    server started with bench_traces' flags (policy manual, the whole KV arena: the grid's batches need more
+    than --max-total-tokens), streaming like the replay. --grid: small (small_grid), quick or full
+    (measure_costs.py's). --costs engine: `measure_costs.py` as it is (an in-process sglang.Engine)."""
+    if a.costs == "engine":
+        cmd = [sys.executable, str(REPO / "benchmark" / "measure_costs.py"), "--model-path", model_dir,
+               "--out", str(out)] + (["--quick"] if a.grid != "full" else [])
+        print("measuring the cost models:", " ".join(cmd[1:]), file=sys.stderr)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        return out
+    import measure_costs
+    from gyges.costmodel import save_models
+
+    probe_args = copy.copy(a)
+    probe_args.max_total_tokens = 1 << 30
+    srv = bench_traces.Server(model_dir, "manual", probe_args, None, log_dir)
+    t0 = time.perf_counter()
+    load0 = list(os.getloadavg())
+    try:
+        srv.wait_ready()
+        print(f"measuring the cost models through {srv.url} ({a.grid} grid)", file=sys.stderr)
+        cases = small_grid() if a.grid == "small" else measure_costs.step_cases(a.grid == "quick")
+        repeats = 2 if a.grid != "full" else 3
+        vocab = int(json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size", 512))
+        probe = measure_costs.EngineProbe(HttpEngine(srv.url), 2, vocab, 16)
+        raw: dict = {"steps": {}, "transforms": []}
+        for tp in (1, 2):
+            probe.set_tp(tp)
+            probe.warm()
+            raw["steps"][str(tp)] = [probe.step_case(c, repeats) for c in cases]
+        probe.set_tp(1)
+        for k in (512, 1536) if a.grid == "small" else measure_costs.fill_tokens(a.grid == "quick"):
+            probe.engine.flush_cache()
+            probe.fill(k)
+            probe.set_tp(2)
+            probe.set_tp(1)
+        raw["transforms"] = probe.transforms
+    finally:
+        srv.stop()
+    parts, fitted = measure_costs.fit_all(raw, model_dir, "float32")
+    print(measure_costs.summary_table(fitted), file=sys.stderr)
+    info = {"source": "benchmark/validate_sim.py: measure_costs.py's probe and fit over the HTTP API of "
+                      "python -m sglang.launch_server " + " ".join(srv.args[3:]),
+            "grid": a.grid, "loadavg_before_after": [load0, list(os.getloadavg())], "step_time": parts["step_report"],
+            "transform": parts["transform_report"], "raw": raw, "wall_s": time.perf_counter() - t0}
+    save_models(str(out), parts["step"], parts["transform"], info)
     return out
-
-
-def step_time(model: StepTimeModel, seqs: Sequence[Tuple[int, int]], tp: int) -> float:
-    """One iteration over (new tokens, context tokens) sequences, as the simulator computes it."""
-    batch_time = getattr(model, "batch_time", None)
-    if batch_time is not None:
-        return batch_time(list(seqs), tp)
-    return model.step_time(sum(n for n, _ in seqs), sum(c for _, c in seqs), tp)
 
 
 # =====================================================================================================
@@ -121,7 +209,7 @@ def live_run(policy: str, workload: List[TraceRequest], a, model_dir: str, cost_
         tp = max(tps)
         ttfts = asyncio.run(_probe_overhead(url, a.overhead_probes, 8))
         ttfts = ttfts[1:] or ttfts  # the first pays one-off costs
-        prefill = step_time(step_model, [(8, 8)], tp)
+        prefill = step_model.batch_time([(8, 8)], tp)
         probe.update({"ttft_s": ttfts, "tp": tp, "model_prefill_s": prefill,
                       "overhead_s": max(0.0, sorted(ttfts)[len(ttfts) // 2] - prefill)})
 
@@ -321,31 +409,52 @@ def parse_args(argv=None):
                    choices=bench_traces.ALL_POLICIES, help="policies to run live and simulate")
     p.add_argument("--cost-model", default=None,
                    help="a model file measured before (default: measure now, step 1 of the module docstring)")
-    p.add_argument("--quick-costs", action="store_true", help="measure_costs.py --quick")
+    p.add_argument("--grid", choices=["small", "quick", "full"], default="quick",
+                   help="step cases measured: small_grid(), or measure_costs.py's --quick / full grid")
+    p.add_argument("--costs", choices=["server", "engine"], default="server",
+                   help="measure through a server with bench_traces' flags (default) or an in-process Engine")
+    p.add_argument("--measure-once", dest="measure_each", action="store_false",
+                   help="measure the models once for all policies (default: right before each live run)")
     p.add_argument("--overhead-probes", type=int, default=6, help="sequential requests timing the overhead")
     p.add_argument("--tolerance", type=float, default=TOLERANCE, help="relative error flagged (default 0.15)")
     p.add_argument("--out-name", default="validate_sim", help="file name stem under --result-dir")
     return p.parse_args(argv)
 
 
-def validate(a) -> dict:
+def validate(a, workload: Optional[List[TraceRequest]] = None) -> dict:
+    """Steps 1-4 of the module docstring for every policy in a.policies (workload: bench_traces' by default).
+    Without --cost-model the models are measured right before each policy's live run (the machine's speed
+    drifts when it is shared), and that policy's server and simulation use them."""
     out_dir = Path(a.result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="validate-sim-logs-"))
-    workload = bench_traces.build_workload(a)
+    workload = workload if workload is not None else bench_traces.build_workload(a)
     model_dir = bench_traces.ensure_model(a)
-    cost_path = Path(a.cost_model) if a.cost_model else measure_cost_model(
-        model_dir, out_dir / f"{a.out_name}_costmodel.json", a.quick_costs)
-    step_model = StepTimeModel.load(str(cost_path))
-    transform_model = TransformCostModel.load(str(cost_path))
     load_before = os.getloadavg()
-    runs = {p: live_run(p, workload, a, model_dir, str(cost_path), log_dir, step_model) for p in a.policies}
+    runs: Dict[str, dict] = {}
+    models: Dict[str, Path] = {}
+    for policy in a.policies:
+        reason = bench_traces.skip_reason(policy)
+        if reason:
+            runs[policy] = {"summary": {"policy": policy, "skipped": reason}}
+            continue
+        if a.cost_model:
+            models[policy] = Path(a.cost_model)
+        elif not a.measure_each and models:
+            models[policy] = next(iter(models.values()))
+        else:
+            models[policy] = measure_cost_model(a, model_dir, out_dir / f"{a.out_name}_costmodel_{policy}.json",
+                                                log_dir)
+        step_model = StepTimeModel.load(str(models[policy]))
+        runs[policy] = live_run(policy, workload, a, model_dir, str(models[policy]), log_dir, step_model)
     caps = capacities(runs)
     entries: Dict[str, dict] = {}
     for policy, run in runs.items():
         if "skipped" in run["summary"]:
             entries[policy] = {"skipped": run["summary"]["skipped"]}
             continue
+        step_model = StepTimeModel.load(str(models[policy]))
+        transform_model = TransformCostModel.load(str(models[policy]))
         sim_result, sim_records = simulate_run(run, caps, step_model, transform_model)
         live_m = metrics(run["results"], run["summary"]["merges"], run["summary"]["splits"])
         sim_m = metrics(sim_records, sim_result["merges"], sim_result["splits"])
@@ -353,13 +462,14 @@ def validate(a) -> dict:
         entries[policy] = {"live": live_m, "sim": sim_m, "rows": rows,
                            "per_request_ttft": per_request_agreement(run["results"], sim_records),
                            "overhead_probe": run["overhead_probe"], "live_history": run["history"],
+                           "cost_model_file": str(models[policy]),
+                           "cost_model": json.loads(models[policy].read_text()),
                            "sim_timeline": sim_result["timeline"], "sim_config": sim_result["config"],
                            "live_requests": run["results"], "sim_requests": sim_records}
     machine = (f"{cpu_model_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                f"load average before {tuple(round(x, 2) for x in load_before)}, after "
                f"{tuple(round(x, 2) for x in os.getloadavg())}")
-    return {"entries": entries, "capacities": caps, "cost_model_file": str(cost_path),
-            "cost_model": json.loads(cost_path.read_text()), "machine": machine, "log_dir": str(log_dir),
+    return {"entries": entries, "capacities": caps, "machine": machine, "log_dir": str(log_dir),
             "workload": bench_traces.workload_records(workload)}
 
 
@@ -380,10 +490,9 @@ def report(res: dict, a, cmdline: str) -> Tuple[str, bool]:
     return "\n".join(parts), flagged
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    res = validate(a)
-    cmdline = "python benchmark/validate_sim.py " + " ".join(argv if argv is not None else sys.argv[1:])
+def write_outputs(res: dict, a, cmdline: str) -> bool:
+    """Print the tables and write <out-name>.md / .json / .png under --result-dir; returns whether any
+    metric is flagged."""
     md, flagged = report(res, a, cmdline)
     print(md)
     out_dir = Path(a.result_dir)
@@ -394,7 +503,14 @@ def main(argv=None) -> int:
         json.dump(res, f, indent=1)
     print(f"wrote {out_dir / (a.out_name + '.md')}, .json{', .png' if png else ''}; server logs in {res['log_dir']}",
           file=sys.stderr)
-    return 1 if flagged else 0
+    return flagged
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    res = validate(a)
+    cmdline = "python benchmark/validate_sim.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    return 1 if write_outputs(res, a, cmdline) else 0
 
 
 if __name__ == "__main__":
