@@ -1,7 +1,7 @@
 """The first-principles GPU models (gyges.hardware) against the Gyges paper's measurements, and their numbers for
 the models and GPUs of the studies.
 
-    python benchmark/check_gpu_model.py [--prompt-tokens 1024] [--output-tokens 1024]
+    python benchmark/check_gpu_model.py [--prompt-tokens 1024] [--output-tokens 1024] [--out-dir DIR]
 
 Check: Qwen2.5-32B on 4 x H20 serving 1K-token requests (arXiv 2509.19729 v2, as summarized publicly): total
 throughput 1,792 tok/s for 4 x TP1, 1,340 for 2 x TP2, 767 for TP4, max context 3.75K / 41.25K / 120.5K tokens.
@@ -18,9 +18,11 @@ KV capacity and step times at TP 1/2/4/8) for Llama-3-8B, Qwen2.5-32B and Llama-
 from __future__ import annotations
 
 import argparse
+import os
 from typing import List
 
-from gyges.hardware import GPUS, H20, MODELS, QWEN25_32B, kv_capacity_tokens, serving_estimate, step_time_model
+from gyges.hardware import (GPUS, H20, MODELS, QWEN25_32B, kv_capacity_tokens, save_gpu_models, serving_estimate,
+                            step_time_model)
 
 # Gyges paper (v2): Qwen2.5-32B, 4 x H20, 1K-token requests
 PAPER = {1: {"tok_s": 1792, "max_context": 3750}, 2: {"tok_s": 1340, "max_context": 41250},
@@ -68,11 +70,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prompt-tokens", type=int, default=1024)
     p.add_argument("--output-tokens", type=int, default=1024)
+    p.add_argument("--out-dir", help="also write the model file of every GPU x model here, as <GPU>_<model>.json "
+                                     "(what the simulator's --step-model and the server's --gyges-cost-model load)")
     a = p.parse_args(argv)
     print(f"Qwen2.5-32B on 4 x H20, requests of {a.prompt_tokens} prompt + {a.output_tokens} output tokens\n")
     print(check_table(a.prompt_tokens, a.output_tokens))
     print()
     print(models_table())
+    if a.out_dir:
+        os.makedirs(a.out_dir, exist_ok=True)
+        for gpu in GPUS.values():
+            for m in MODELS.values():
+                path = os.path.join(a.out_dir, f"{gpu.name}_{m.name}.json")
+                save_gpu_models(path, gpu, m)
+                print(f"wrote {path}")
     return 0
 
 

@@ -6,9 +6,10 @@ factors (benchmark/check_gpu_model.py prints the comparison)."""
 
 import pytest
 
-from gyges.costmodel import StepTimeModel
+from gyges.costmodel import StepTimeModel, TransformCostModel
 from gyges.hardware import (DEFAULT_EFFICIENCY, GPUS, H20, H200, LLAMA3_8B, LLAMA3_70B, MODELS, QWEN25_32B,
-                            kv_capacity_tokens, serving_estimate, step_time_model, transform_model)
+                            kv_capacity_tokens, save_gpu_models, serving_estimate, step_time_model,
+                            transform_model)
 
 # Gyges paper (v2): Qwen2.5-32B on 4 x H20, 1K-token requests: total tok/s and max context per shape
 PAPER_TOK_S = {1: 1792, 2: 1340, 4: 767}
@@ -90,3 +91,11 @@ def test_transform_model_moves_over_nvlink():
     link = H20.nvlink_bytes_per_s * DEFAULT_EFFICIENCY.nvlink
     assert c.est_seconds == pytest.approx(DEFAULT_EFFICIENCY.transform_overhead_s + QWEN25_32B.weight_bytes / (2 * link))
     assert tr.merge_cost([(1, 1000), (1, 1000)], 2).kv_bytes == int(1000 * QWEN25_32B.kv_bytes_per_token)
+
+
+def test_gpu_model_file_round_trip(tmp_path):
+    path = tmp_path / "h200-llama.json"
+    d = save_gpu_models(str(path), H200, LLAMA3_8B)
+    assert StepTimeModel.load(str(path)) == step_time_model(H200, LLAMA3_8B)
+    assert TransformCostModel.load(str(path)) == transform_model(H200, LLAMA3_8B)
+    assert d["fit"]["kv_capacity_tokens"]["4"] == kv_capacity_tokens(H200, LLAMA3_8B, 4)

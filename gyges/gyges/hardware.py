@@ -6,7 +6,8 @@ Data flow:
     GPUSpec (memory, HBM bandwidth, dense bf16 FLOP/s, NVLink bandwidth)  --+
     ModelShape (layers, hidden, heads, KV heads, head_dim, intermediate,  --+--> step_time_model() -> StepTimeModel
                 vocab; bf16 weights and KV)                                 |    transform_model() -> TransformCostModel
-    Efficiency (achievable fractions of the peaks, overheads; one set)    --+    kv_capacity_tokens(tp), max_context
+    Efficiency (achievable fractions of the peaks, overheads; one set)    --+    kv_capacity_tokens(tp)
+                                                                                 save_gpu_models() -> model file
 
 Per forward iteration of a TP-tp instance (StepTimeModel with overlap = 1, i.e. the roofline):
 
@@ -30,10 +31,10 @@ meta-llama/Meta-Llama-3-70B); GPU numbers are NVIDIA's data sheets (dense, i.e. 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Dict
 
-from gyges.costmodel import StepTimeModel, TransformCostModel
+from gyges.costmodel import StepTimeModel, TransformCostModel, save_models
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,17 @@ def transform_model(gpu: GPUSpec, model: ModelShape, eff: Efficiency = DEFAULT_E
     return TransformCostModel(kv_bytes_per_token=model.kv_bytes_per_token, weight_bytes=model.weight_bytes,
                               link_bandwidth_bytes_per_s=gpu.nvlink_bytes_per_s * eff.nvlink,
                               fixed_overhead_s=eff.transform_overhead_s)
+
+
+def save_gpu_models(path: str, gpu: GPUSpec, model: ModelShape, eff: Efficiency = DEFAULT_EFFICIENCY,
+                    tps=(1, 2, 4, 8)) -> dict:
+    """Write the model file the simulator (--step-model) and the server (--gyges-cost-model) load, for `model`
+    on `gpu`; the provenance section records the inputs and the KV capacity per TP (for the simulator's
+    --kv-tokens-per-device: the TP1 figure). Returns what was written."""
+    info = {"source": "gyges.hardware (first principles, not measured)", "gpu": asdict(gpu), "model": asdict(model),
+            "efficiency": asdict(eff),
+            "kv_capacity_tokens": {str(tp): kv_capacity_tokens(gpu, model, tp, eff) for tp in tps}}
+    return save_models(path, step_time_model(gpu, model, eff), transform_model(gpu, model, eff), info)
 
 
 def kv_capacity_tokens(gpu: GPUSpec, model: ModelShape, tp: int, eff: Efficiency = DEFAULT_EFFICIENCY) -> int:
