@@ -23,9 +23,8 @@ price of never transforming).
 Output: a markdown table (stdout and benchmark/results/bench_traces.md), all raw numbers
 (benchmark/results/bench_traces.json), and with matplotlib (`pip install -e "./python[bench]"`)
 bench_traces_timeline.png (the Gyges run: TP per device and running/waiting over time) and
-bench_traces_metrics.png (bar charts per policy). The Gyges run loads a transformation cost model fitted by
-`python -m gyges.costmodel fit` (from the bench_transform / bench_one_batch JSON when present, else
-`--measure`), unless --cost-model is given.
+bench_traces_metrics.png (bar charts per policy). The Gyges run loads the cost models measured on this machine
+by `benchmark/measure_costs.py --quick` (same --max-total-tokens), unless --cost-model is given.
 
     python benchmark/bench_traces.py                      # all policies, ~2 min each on a 2-core CPU
     python benchmark/bench_traces.py --policies gyges static-tp --duration 30
@@ -404,15 +403,9 @@ def ensure_cost_model(a, model_dir: str) -> Optional[str]:
     if a.cost_model:
         return None if a.cost_model == "none" else a.cost_model
     out = RESULTS / "bench_traces_costmodel.json"
-    cmd = [sys.executable, "-m", "gyges.costmodel", "fit", "--model-path", model_dir, "--out", str(out)]
-    tj, oj = RESULTS / "bench_transform.json", RESULTS / "bench_one_batch.json"
-    if tj.exists():
-        cmd += ["--transform-json", str(tj)]
-    if oj.exists():
-        cmd += ["--one-batch-json", str(oj)]
-    if not (tj.exists() and oj.exists()):
-        cmd += ["--measure"]
-    print("fitting the cost model:", " ".join(cmd[1:]), file=sys.stderr)
+    cmd = [sys.executable, str(REPO / "benchmark" / "measure_costs.py"), "--model-path", model_dir, "--out", str(out),
+           "--quick", "--max-total-tokens", str(a.max_total_tokens)]
+    print("measuring the cost model:", " ".join(cmd[1:]), file=sys.stderr)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return str(out)
 
