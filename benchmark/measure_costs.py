@@ -17,7 +17,7 @@ A step case (b, P, S, N): every instance gets b requests whose first P tokens ar
 radix cache (P = 0: none) followed by S fresh tokens; the manual policy spreads equal requests evenly over
 the instances (least loaded first), so every instance runs the same batch at the same time, as under load.
 Cases that need more KV than an instance holds (--max-total-tokens: the server's setting) are skipped.
-Two calls per case, each timed around `Engine.generate` (best of --repeats):
+Two calls per case, each timed around `Engine.generate` (median of --repeats runs; --statistic min: the best):
 
     max_new_tokens = 1       one prefill iteration: b*S new tokens over b*(P+S) context tokens
                              (+ the request's way through tokenizer manager, controller, detokenizer)
@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -214,11 +215,16 @@ class EngineProbe:
             self.generate([[1] + self.tokens(prompt_len - 1) for _ in range(batch * n)], 1)
 
 
-def step_points(raw: Dict, tp: int) -> List[StepPoint]:
-    """The prefill and the decode point of one case's timings (best run of each)."""
+STATISTICS = {"median": statistics.median, "min": min}
+
+
+def step_points(raw: Dict, tp: int, statistic: str = "median") -> List[StepPoint]:
+    """The prefill and the decode point of one case's timings (the median run of each by default: the time a
+    loaded machine gives, which a live run sees too; "min": the least disturbed run)."""
     c = StepCase(**raw["case"])
     b, ctx = c.batch, c.prefix + c.suffix
-    t1, tn = min(raw["prefill_call_s"]), min(raw["decode_call_s"])
+    stat = STATISTICS[statistic]
+    t1, tn = stat(raw["prefill_call_s"]), stat(raw["decode_call_s"])
     pts = [StepPoint(b * c.suffix, b * ctx, tp, t1, requests=b, with_call_overhead=True)]
     decode = (tn - t1) / c.decode_steps
     if decode > 0:
@@ -278,10 +284,11 @@ def measure(args, log=print, engine_factory=start_engine, clock=time.perf_counte
 # =====================================================================================================
 # Fit and report
 # =====================================================================================================
-def fit_all(raw: Dict, model_path: str, dtype: str) -> Tuple[dict, List[Tuple[StepPoint, float]]]:
+def fit_all(raw: Dict, model_path: str, dtype: str, statistic: str = "median"
+            ) -> Tuple[dict, List[Tuple[StepPoint, float]]]:
     """Fit both models to the raw measurements; returns what save_models wrote's parts and the step points
     with their fitted times."""
-    pts = [p for tp, cases in raw["steps"].items() for c in cases for p in step_points(c, int(tp))]
+    pts = [p for tp, cases in raw["steps"].items() for c in cases for p in step_points(c, int(tp), statistic)]
     step, step_report = fit_step_time(pts)
     step = dataclasses.replace(step, padding=ENGINE_ATTENTION_PADDING)
     kvt, wb = model_sizes(model_path, dtype)
@@ -328,6 +335,9 @@ def parse_args(argv=None):
                    help="TP degrees to measure; the engine uses max(--tp) devices")
     p.add_argument("--quick", action="store_true", help="a smaller grid (about a minute on the demo model)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per call (default 3, quick 2)")
+    p.add_argument("--statistic", default="median", choices=sorted(STATISTICS),
+                   help="which of the repeated runs a point takes: median (what a loaded machine gives, as a live "
+                        "run on it sees) or min (the least disturbed)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", help="dtype the model is served in")
     p.add_argument("--page-size", type=int, default=16)
@@ -354,7 +364,7 @@ def main(argv=None, engine_factory=start_engine, clock=time.perf_counter) -> int
     if args.raw_json:
         with open(args.raw_json, "w") as f:
             json.dump(raw, f, indent=1)
-    parts, fitted = fit_all(raw, args.model_path, args.dtype)
+    parts, fitted = fit_all(raw, args.model_path, args.dtype, args.statistic)
     print(table(fitted))
     print()
     print(summary_table(fitted))
@@ -370,7 +380,7 @@ def main(argv=None, engine_factory=start_engine, clock=time.perf_counter) -> int
     info = {"source": "benchmark/measure_costs.py", "command": " ".join(["python"] + sys.argv),
             "machine": {"cpu": cpu_model_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                         "loadavg_before_after": [load0, list(os.getloadavg())]},
-            "model_path": args.model_path, "dtype": args.dtype, "tp": sorted(set(args.tp)), "quick": args.quick,
+            "model_path": args.model_path, "dtype": args.dtype, "statistic": args.statistic, "tp": sorted(set(args.tp)), "quick": args.quick,
             "step_time": sr, "transform": tr, "raw": raw, "wall_s": time.perf_counter() - t0}
     save_models(args.out, parts["step"], parts["transform"], info)
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
