@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gyges.costmodel import (StepPoint, StepTimeModel, TransformCostModel, fit_step_time, fit_transform_cost,
                              relative_nnls, save_models)
@@ -136,3 +138,19 @@ def test_combined_file_round_trip(tmp_path):
     flat.write_text('{"link_bandwidth_bytes_per_s": 1, "bogus": 2}')
     with pytest.raises(ValueError, match="bogus"):
         TransformCostModel.load(str(flat))
+
+_param = st.floats(min_value=0.0, max_value=1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.tuples(*[_param] * 8), st.sampled_from([(1, 2), (1, 2, 4)]))
+def test_fit_reproduces_any_non_negative_model(u, tps):
+    # every parameter anywhere from 0 to a realistic maximum (u in [0, 1] scales it)
+    scale = dict(base_s=0.01, weight_s=0.05, per_token_s=1e-4, per_context_token_s=1e-6, allreduce_s=0.02,
+                 allreduce_per_token_s=1e-5, per_request_s=1e-3, per_attended_s=1e-8)
+    truth = StepTimeModel(**{k: s * x + (1e-4 if k == "base_s" else 0.0) for (k, s), x in zip(scale.items(), u)})
+    model, report = fit_step_time(_grid(truth, tps, np.random.default_rng(0)), fixed={"weight_s": truth.weight_s})
+    assert report["rms_rel_error"] < 1e-6
+    for tp in (1, 2, 4, 8):
+        for b, ctx, reqs in ((1, 100, 1), (32, 32 * 2000, 32), (512, 4096, 1)):
+            assert model.step_time(b, ctx, tp, reqs) == pytest.approx(truth.step_time(b, ctx, tp, reqs), rel=1e-5)
