@@ -511,3 +511,29 @@ def test_one_speed_prefill_per_merged_instance():
     assert policy.on_tick(held) == [Transform((4, 5, 6, 7), 4)]
     done = InstanceLoad((0, 1, 2, 3), 4, 1, 0, 400_000, 20_000, 0, 10, False, None, 20_010, 0)
     assert policy.on_request(second, ClusterState(8, 4, (done,) + state.instances[1:], 0.0)) == Place("second", 0)
+
+
+def test_capacity_merge_when_short_requests_wait_for_memory_and_the_merge_multiplies_kv():
+    """Weights that fill most of a device: a TP2 pair holds 4x the KV of its two TP1 halves. Short requests
+    that waited 2 s for memory get a merge of the fullest pair; it takes short work and stays merged while
+    requests wait; with a gain below the threshold, or too soon, nothing merges."""
+    full = lambda d: load((d,), cap_per_device=1000, used=900, in_flight=100, running=5)
+    insts = (full(0), load((1,), used=800, in_flight=100, running=4), full(2), full(3))
+    waiting = RequestInfo("s", 200, 50, 10.0)
+    rich = ((1, 1000), (2, 8000), (4, 20000))
+    policy = GygesPolicy()
+    assert policy.on_tick(ClusterState(4, 4, insts, 11.0, held=(waiting,), capacity_by_tp=rich)) == []  # 1 s
+    assert policy.on_tick(ClusterState(4, 4, insts, 12.5, held=(waiting,), capacity_by_tp=rich)) \
+        == [Transform((2, 3), 2)]  # the fullest pair
+    poor = ((1, 1000), (2, 2100), (4, 4300))
+    assert GygesPolicy().on_tick(ClusterState(4, 4, insts, 12.5, held=(waiting,), capacity_by_tp=poor)) == []
+    merged = InstanceLoad((2, 3), 2, 10, 0, 8000, 7000, 0, 500, False, None, 300)
+    state = ClusterState(4, 4, insts[:2] + (merged,), 13.0, held=(waiting,), capacity_by_tp=rich)
+    assert policy.on_tick(state) == [Place("s", 2)]  # short work on the capacity-merged instance
+    light = InstanceLoad((2, 3), 2, 2, 0, 8000, 300, 0, 100, False, None, 300)
+    assert policy.on_tick(ClusterState(4, 4, insts[:2] + (light,), 14.0, held=(waiting,), capacity_by_tp=rich)) \
+        == [Place("s", 2)]  # requests wait: no split
+    idle = ClusterState(4, 4, insts[:2] + (light,), 15.0, capacity_by_tp=rich)
+    policy.on_tick(idle)
+    assert policy.on_tick(ClusterState(4, 4, insts[:2] + (light,), 16.5, capacity_by_tp=rich)) \
+        == [Transform((2, 3), 1)]  # nothing waits and its requests fit the parts: split after split_delay

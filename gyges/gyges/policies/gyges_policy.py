@@ -25,6 +25,11 @@ The instances a held request waits for, and the members of the merge planned for
 a smaller class (they would delay it). One merge starts per tick, for the oldest held request that plans
 one.
 
+Merges for capacity. When base-TP requests have waited `capacity_merge_wait_s` for KV memory and merging a
+pair of equal instances would multiply their KV capacity by `capacity_merge_gain` (the weight memory each
+device no longer needs becomes KV: 11x on a Qwen2.5-32B H20 pair), the fullest such pair merges; it takes
+base-TP work as any instance does, and splits once its requests fit the parts and nothing waits.
+
 Splits. A merged instance splits to the smallest TP its requests allow (a partial split, e.g. TP4 -> 2 x
 TP2, when one of them still needs a larger part; the part without it splits again on a later tick) as
 soon as, for split_delay seconds: its requests fit the parts (proved from aggregate reports by
@@ -56,7 +61,8 @@ class GygesPolicy(Policy):
 
     def __init__(self, split_delay: float = 1.0, cost_model: Optional[TransformCostModel] = None,
                  base_tp: int = 1, step_model=None, ttft_target_s: Optional[float] = None,
-                 min_speedup: float = 1.5, chunk_tokens: int = 8192, max_disturbed_per_device: int = 4):
+                 min_speedup: float = 1.5, chunk_tokens: int = 8192, max_disturbed_per_device: int = 4,
+                 capacity_merge_gain: Optional[float] = 1.5, capacity_merge_wait_s: float = 2.0):
         if split_delay < 0:
             raise ValueError("split_delay must be >= 0")
         if not is_power_of_two(base_tp):
@@ -73,6 +79,11 @@ class GygesPolicy(Policy):
         self.min_speedup = min_speedup
         self.chunk_tokens = chunk_tokens
         self.max_disturbed_per_device = max_disturbed_per_device
+        if capacity_merge_gain is not None and capacity_merge_gain <= 1:
+            raise ValueError("capacity_merge_gain must be > 1 (or None: no merges for capacity)")
+        self.capacity_merge_gain = capacity_merge_gain
+        self.capacity_merge_wait_s = capacity_merge_wait_s
+        self._for_capacity: Set[Tuple[int, ...]] = set()  # instances merged for their KV capacity
         self._sizes = RequestSizeBound()
         self._split_ready_since: Dict[Tuple[int, ...], float] = {}
         self._forming: Optional[Tuple[int, ...]] = None  # devices of the merge this policy started last
@@ -181,9 +192,9 @@ class GygesPolicy(Policy):
         return largest <= cap and held <= parts * cap - (parts - 1) * largest
 
     def _spill_ok(self, req: RequestInfo, inst: InstanceLoad) -> bool:
-        """A merged instance takes base-TP work only while its long work runs, or when the work keeps it
-        splittable (it is on its way back to base TP)."""
-        if self._sizes.bound(inst) > self._part_capacity(inst, self.base_tp):
+        """A merged instance takes base-TP work only while its long work runs, when it was merged for
+        capacity, or when the work keeps it splittable (it is on its way back to base TP)."""
+        if inst.devices in self._for_capacity or self._sizes.bound(inst) > self._part_capacity(inst, self.base_tp):
             return True
         return self._fits_parts(inst, self.base_tp, req)
 
@@ -319,7 +330,12 @@ class GygesPolicy(Policy):
             self._split_decision(still_held, state, ledger)  # keeps the readiness timers current
             return out
         self._sizes.forget_missing(state)
+        present = {i.devices for i in state.instances}
+        self._for_capacity &= present | ({self._forming} if self._forming else set())
+        capacity_merge = None
         transform = self._merge_decision(still_held, state, ledger)
+        if transform is None:
+            transform = capacity_merge = self._capacity_merge(still_held, state, ledger)
         split = self._split_decision(still_held, state, ledger)
         transform = transform or split
         if transform is not None:
@@ -327,6 +343,8 @@ class GygesPolicy(Policy):
                 self._sizes.on_merge(transform.devices, [ledger.load(i.base) for i in state.instances
                                                          if set(i.devices) <= set(transform.devices)])
                 self._forming = transform.devices
+                if transform is capacity_merge:
+                    self._for_capacity.add(transform.devices)
             out.append(transform)
         return out
 
@@ -341,11 +359,53 @@ class GygesPolicy(Policy):
                 return Transform(plan[1], len(plan[1]))
         return None
 
+    def capacity_gain(self, state: ClusterState, group: Sequence[int]) -> float:
+        """KV capacity of an instance on group over its members' together (a merge frees the weight
+        memory each device no longer needs: on a GPU whose weights take most of it the gain is large)."""
+        members = [i for i in state.instances if set(i.devices) <= set(group)]
+        have = sum(m.kv_capacity_tokens for m in members)
+        return group_capacity(state, group) / have if have else 0.0
+
+    def _decode_gain(self, state: ClusterState, group: Sequence[int], members: Sequence[InstanceLoad],
+                     need: float) -> bool:
+        """With a step-time model: the merged instance, its KV filled with requests of `need` tokens (half
+        of them attended on average), decodes more tokens per second than its members do apart."""
+        if self.step_model is None:
+            return True
+        def rate(capacity: int, tp: int) -> float:
+            batch = max(1, int(capacity // max(1.0, need)))
+            return batch / self.step_model.step_time(batch, int(batch * need / 2), tp)
+        apart = sum(rate(m.kv_capacity_tokens, m.tp) for m in members)
+        return rate(group_capacity(state, group), len(group)) > apart
+
+    def _capacity_merge(self, held: Sequence[Tuple[RequestInfo, int]], state: ClusterState,
+                        ledger: LoadLedger) -> Optional[Transform]:
+        """Base-TP requests have waited capacity_merge_wait_s for KV memory that no instance has: merge the
+        fullest pair of equal instances whose merge multiplies their KV capacity by capacity_merge_gain
+        (a larger batch out-serves the TP cost). None when no pair gains that much."""
+        waiting = [h for h, t in held if t <= self.base_tp]
+        if (self.capacity_merge_gain is None or not waiting
+                or state.now - min(h.arrival for h in waiting) < self.capacity_merge_wait_s):
+            return None
+        best = None
+        for g in self.formable_groups(state):
+            members = [ledger.load(i.base) for i in state.instances if set(i.devices) <= set(g)]
+            if (len(members) != 2 or members[0].tp != members[1].tp or any(m.transforming for m in members)
+                    or self.capacity_gain(state, g) < self.capacity_merge_gain
+                    or not self._decode_gain(state, g, members, sum(h.need_tokens for h in waiting) / len(waiting))):
+                continue
+            key = (len(g), -sum(m.held_tokens for m in members), g[0])
+            if best is None or key < best[0]:
+                best = (key, g)
+        return Transform(best[1], len(best[1])) if best else None
+
     def split_target(self, inst: InstanceLoad, held: Sequence[Tuple[RequestInfo, int]] = ()) -> Optional[int]:
         """The smallest TP inst can split into now (None: it must stay as it is)."""
         part = self.base_tp
         while part < inst.tp:
             wanted = any(t > part for _, t in held)  # a held request needs more than a part
+            if inst.devices in self._for_capacity and held:
+                wanted = True  # merged for capacity while requests still wait for memory
             fast_enough = (inst.prefill_tokens_left is None
                            or self.speed_tp(inst.prefill_tokens_left, part, inst.tp) <= part)
             if not wanted and fast_enough and self._fits_parts(inst, part):
