@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from gyges.costmodel import StepPoint, TransformCostModel, fit_step_time, fit_transform_cost, save_models
+from gyges.heads import pad_heads
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import cpu_model_name  # noqa: E402
@@ -62,13 +63,14 @@ ENGINE_ATTENTION_PADDING = 1.0
 # =====================================================================================================
 # The checkpoint
 # =====================================================================================================
-def model_sizes(model_path: str, dtype: Optional[str] = None) -> Tuple[float, float]:
+def model_sizes(model_path: str, dtype: Optional[str] = None, granularity: int = 1) -> Tuple[float, float]:
     """(KV bytes per token over all layers and KV heads, weight bytes) of an HF checkpoint directory, at
-    `dtype` (default: the checkpoint's own dtype)."""
+    `dtype` (default: the checkpoint's own dtype). KV heads are those the engine stores when its largest TP
+    degree is `granularity` (gyges.heads: padded to a multiple of it, the real ones when it divides them)."""
     cfg = _config(model_path)
     layers = int(cfg["num_hidden_layers"])
     heads = int(cfg["num_attention_heads"])
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    kv_heads = pad_heads(heads, int(cfg.get("num_key_value_heads") or heads), granularity).padded_kv_heads
     head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
     ckpt_dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
     want = ckpt_dtype if dtype in (None, "auto") else dtype.replace("torch.", "")
@@ -291,7 +293,7 @@ def fit_all(raw: Dict, model_path: str, dtype: str, statistic: str = "median"
     pts = [p for tp, cases in raw["steps"].items() for c in cases for p in step_points(c, int(tp), statistic)]
     step, step_report = fit_step_time(pts)
     step = dataclasses.replace(step, padding=ENGINE_ATTENTION_PADDING)
-    kvt, wb = model_sizes(model_path, dtype)
+    kvt, wb = model_sizes(model_path, dtype, max(int(tp) for tp in raw["steps"]) if raw["steps"] else 1)
     base = TransformCostModel(kv_bytes_per_token=kvt, weight_bytes=wb)
     tr_pts = transform_points(raw["transforms"])
     transform, tr_report = (fit_transform_cost(tr_pts, base) if tr_pts else (base, None))

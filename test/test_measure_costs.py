@@ -102,6 +102,12 @@ def test_measure_fit_and_write_on_a_simulated_engine(tmp_path, capsys):
     kvt, wb = measure_costs.model_sizes(str(model))
     assert (kvt, wb) == (2 * 4 * 4 * 32 * 4, 4000)
     assert measure_costs.model_sizes(str(model), "bfloat16") == (kvt / 2, 2000)
+    odd = tmp_path / "odd"  # 3 KV heads on an engine of max TP 2: it stores 4 (gyges.heads pads them)
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "num_attention_heads": 9,
+                                                 "num_key_value_heads": 3, "hidden_size": 288, "dtype": "float32"}))
+    assert measure_costs.model_sizes(str(odd), granularity=2)[0] == 2 * 2 * 4 * 32 * 4
+    assert measure_costs.model_sizes(str(odd), granularity=1)[0] == 2 * 2 * 3 * 32 * 4
     engines = []
 
     def factory(args, devices):
