@@ -120,11 +120,37 @@ class HttpEngine:
 
 def small_grid():
     """The `--grid small` step cases (measure_costs.StepCase: batch per instance, cached prefix, fresh tokens,
-    decode steps): the region bench_traces-like loads run in (single prefills short and chunk-sized, one over
-    a cached prefix, decodes of 1 and 4), about 15 s per TP degree on the demo model."""
+    decode steps) for light loads of short requests: prefills of 32 to 512 tokens (one over a cached prefix,
+    like a long prompt's later chunks), decodes of 1, 2 and 4 requests; ~20 s per TP degree on the demo model."""
     from measure_costs import StepCase
 
-    return [StepCase(1, 0, 32, 8), StepCase(1, 0, 512, 8), StepCase(4, 0, 64, 16), StepCase(1, 1024, 512, 8)]
+    return [StepCase(1, 0, 32, 16), StepCase(1, 0, 160, 16), StepCase(1, 0, 512, 8), StepCase(2, 0, 96, 16),
+            StepCase(4, 0, 64, 16), StepCase(1, 1024, 512, 8)]
+
+
+def measure_alone_speedup(engine: HttpEngine, vocab: int, repeats: int = 3, steps: int = 16) -> dict:
+    """How much faster a TP1 instance decodes while the other one is idle (SimConfig.alone_speedup): one
+    32-token request decoding `steps` tokens alone, against two at once (one per instance); each decode
+    step = (time of steps + 1 tokens - time of 1 token) / steps, best of `repeats`."""
+    import random
+
+    rng = random.Random(1)
+
+    def decode_step(k: int) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            prompts = lambda: [[1] + [rng.randrange(3, vocab) for _ in range(31)] for _ in range(k)]  # noqa: E731
+            t0 = time.perf_counter()
+            engine.generate(prompts(), {"max_new_tokens": 1, "ignore_eos": True})
+            t1 = time.perf_counter()
+            engine.generate(prompts(), {"max_new_tokens": steps + 1, "ignore_eos": True})
+            t2 = time.perf_counter()
+            best = min(best, (t2 - t1 - (t1 - t0)) / steps)
+        return best
+
+    alone, both = decode_step(1), decode_step(2)
+    return {"decode_alone_s": alone, "decode_both_s": both,
+            "alone_speedup": max(1.0, both / alone) if alone > 0 else 1.0}
 
 
 def measure_cost_model(a, model_dir: str, out: Path, log_dir: Path) -> Path:
@@ -133,8 +159,9 @@ def measure_cost_model(a, model_dir: str, out: Path, log_dir: Path) -> Path:
     --costs server (default): measure_costs.py's probe (EngineProbe: each step case on every instance at once,
     TP1 then TP2, then merges and splits holding different amounts of KV) and fit (fit_all), timed through a
     server started with bench_traces' flags (policy manual, the whole KV arena: the grid's batches need more
-    than --max-total-tokens), streaming like the replay. --grid: small (small_grid), quick or full
-    (measure_costs.py's). --costs engine: `measure_costs.py` as it is (an in-process sglang.Engine)."""
+    than --max-total-tokens), streaming like the replay, and first measure_alone_speedup (written under
+    "fit" -> "serving"). --grid: small (small_grid), quick or full (measure_costs.py's). --costs engine:
+    `measure_costs.py` as it is (an in-process sglang.Engine; no alone_speedup: 1)."""
     if a.costs == "engine":
         cmd = [sys.executable, str(REPO / "benchmark" / "measure_costs.py"), "--model-path", model_dir,
                "--out", str(out)] + (["--quick"] if a.grid != "full" else [])
@@ -153,10 +180,12 @@ def measure_cost_model(a, model_dir: str, out: Path, log_dir: Path) -> Path:
         srv.wait_ready()
         print(f"measuring the cost models through {srv.url} ({a.grid} grid)", file=sys.stderr)
         cases = small_grid() if a.grid == "small" else measure_costs.step_cases(a.grid == "quick")
-        repeats = 2 if a.grid != "full" else 3
+        repeats = 3  # best of: a shared machine only ever makes a run slower
         vocab = int(json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size", 512))
         probe = measure_costs.EngineProbe(HttpEngine(srv.url), 2, vocab, 16)
         raw: dict = {"steps": {}, "transforms": []}
+        probe.warm()
+        serving = measure_alone_speedup(probe.engine, vocab)
         for tp in (1, 2):
             probe.set_tp(tp)
             probe.warm()
@@ -174,7 +203,7 @@ def measure_cost_model(a, model_dir: str, out: Path, log_dir: Path) -> Path:
     print(measure_costs.summary_table(fitted), file=sys.stderr)
     info = {"source": "benchmark/validate_sim.py: measure_costs.py's probe and fit over the HTTP API of "
                       "python -m sglang.launch_server " + " ".join(srv.args[3:]),
-            "grid": a.grid, "loadavg_before_after": [load0, list(os.getloadavg())], "step_time": parts["step_report"],
+            "grid": a.grid, "serving": serving, "loadavg_before_after": [load0, list(os.getloadavg())], "step_time": parts["step_report"],
             "transform": parts["transform_report"], "raw": raw, "wall_s": time.perf_counter() - t0}
     save_models(str(out), parts["step"], parts["transform"], info)
     return out
@@ -199,17 +228,23 @@ async def _probe_overhead(url: str, n: int, prompt_len: int) -> List[float]:
     return out
 
 
+def alone_speedup_of(model_file: Path) -> float:
+    """SimConfig.alone_speedup measured with a model file (1 when it was not measured)."""
+    fit = json.loads(Path(model_file).read_text()).get("fit") or {}
+    return float((fit.get("serving") or {}).get("alone_speedup", 1.0))
+
+
 def live_run(policy: str, workload: List[TraceRequest], a, model_dir: str, cost_model: str, log_dir: Path,
-             step_model: StepTimeModel) -> dict:
+             step_model: StepTimeModel, alone_speedup: float = 1.0) -> dict:
     """bench_traces' live run of `policy`, with the per-request overhead measured right before the replay."""
     probe: dict = {}
 
     def before_replay(url: str, topology: dict) -> None:
-        tps = {int(i["tp"]) for i in topology["instances"]}
-        tp = max(tps)
+        tp = max(int(i["tp"]) for i in topology["instances"])
         ttfts = asyncio.run(_probe_overhead(url, a.overhead_probes, 8))
         ttfts = ttfts[1:] or ttfts  # the first pays one-off costs
-        prefill = step_model.batch_time([(8, 8)], tp)
+        # each probe runs alone on the host, as the simulator times it
+        prefill = step_model.batch_time([(8, 8)], tp) / (alone_speedup if len(topology["instances"]) > 1 else 1.0)
         probe.update({"ttft_s": ttfts, "tp": tp, "model_prefill_s": prefill,
                       "overhead_s": max(0.0, sorted(ttfts)[len(ttfts) // 2] - prefill)})
 
@@ -244,7 +279,7 @@ def capacities(runs: Dict[str, dict]) -> Dict[int, int]:
 
 
 def sim_config(server_args, caps: Dict[int, int], step_model: StepTimeModel, transform_model: TransformCostModel,
-               overhead_s: float) -> SimConfig:
+               overhead_s: float, alone_speedup: float = 1.0) -> SimConfig:
     """The simulator configured as the live server runs (module docstring, step 3)."""
     n = server_args.num_devices
     return SimConfig(
@@ -253,16 +288,17 @@ def sim_config(server_args, caps: Dict[int, int], step_model: StepTimeModel, tra
         max_prefill_tokens=server_args.max_prefill_tokens, max_running_requests=server_args.max_running_requests,
         page_size=server_args.page_size, tick_s=0.1, tick_on_step=True, tick_during_transform=False,
         report_largest_request=False, dispatch_s=overhead_s / 2, response_s=overhead_s / 2, settle_s=10.0,
+        alone_speedup=alone_speedup,
         step_model=step_model, transform_model=transform_model)
 
 
-def simulate_run(run: dict, caps: Dict[int, int], step_model: StepTimeModel, transform_model: TransformCostModel
-                 ) -> Tuple[dict, List[dict]]:
+def simulate_run(run: dict, caps: Dict[int, int], step_model: StepTimeModel, transform_model: TransformCostModel,
+                 alone_speedup: float = 1.0) -> Tuple[dict, List[dict]]:
     """The simulator on the requests of one live run. Returns (the Simulator's result dict, per-request
     records in bench_traces' Result fields)."""
     policy, server_args = controller_policy(run["server_args"][2:])  # after "-m sglang.launch_server"
     overhead = run["overhead_probe"]["overhead_s"]
-    cfg = sim_config(server_args, caps, step_model, transform_model, overhead)
+    cfg = sim_config(server_args, caps, step_model, transform_model, overhead, alone_speedup)
     live = run["results"]
     trace = [TraceRequest(r["sent_s"] if r.get("sent_s") is not None else r["arrival_s"], r["prompt_tokens"],
                           r["max_new_tokens"], None, r["source"]) for r in live]
@@ -446,7 +482,8 @@ def validate(a, workload: Optional[List[TraceRequest]] = None) -> dict:
             models[policy] = measure_cost_model(a, model_dir, out_dir / f"{a.out_name}_costmodel_{policy}.json",
                                                 log_dir)
         step_model = StepTimeModel.load(str(models[policy]))
-        runs[policy] = live_run(policy, workload, a, model_dir, str(models[policy]), log_dir, step_model)
+        runs[policy] = live_run(policy, workload, a, model_dir, str(models[policy]), log_dir, step_model,
+                                alone_speedup_of(models[policy]))
     caps = capacities(runs)
     entries: Dict[str, dict] = {}
     for policy, run in runs.items():
@@ -455,7 +492,8 @@ def validate(a, workload: Optional[List[TraceRequest]] = None) -> dict:
             continue
         step_model = StepTimeModel.load(str(models[policy]))
         transform_model = TransformCostModel.load(str(models[policy]))
-        sim_result, sim_records = simulate_run(run, caps, step_model, transform_model)
+        sim_result, sim_records = simulate_run(run, caps, step_model, transform_model,
+                                               alone_speedup_of(models[policy]))
         live_m = metrics(run["results"], run["summary"]["merges"], run["summary"]["splits"])
         sim_m = metrics(sim_records, sim_result["merges"], sim_result["splits"])
         rows = compare(live_m, sim_m, a.tolerance)
