@@ -184,6 +184,23 @@ class SimInstance:
         tokens = seq_len + int((r.output - r.generated) * min(1.0, self.new_token_ratio))
         return max(0, pages_for(tokens, self.page_size) - pages_for(r.kv_len + new_tokens, self.page_size))
 
+    def advance(self, batch: List[Tuple[SimRequest, int]], now: float) -> List[SimRequest]:
+        """An iteration of `batch` ended at `now`: prefills advance (the last chunk samples the first token),
+        decodes add a token; requests with all their tokens leave. Returns those."""
+        for r, n in batch:
+            if r.decoding:
+                r.generated += 1
+            else:
+                r.prefilled += n
+                if r.decoding:
+                    r.generated += 1
+                    r.first_token_at = now
+            if r.generated >= r.output:
+                r.finished_at = now
+        done = [r for r in self.requests if r.finished_at is not None]
+        self.requests = [r for r in self.requests if r.finished_at is None]
+        return done
+
     def next_batch(self, cfg: "SimConfig", now: float) -> List[Tuple[SimRequest, int]]:
         """(request, new tokens) of the next iteration (module docstring): decodes, chunks of admitted
         prefills, then admissions in placement order. Marks the requests it admits."""
@@ -411,17 +428,7 @@ class Simulator:
 
     def _on_step_done(self, inst: SimInstance, batch: List[Tuple[SimRequest, int]]) -> None:
         inst.busy = False
-        for r, n in batch:
-            if r.decoding:
-                r.generated += 1
-            else:
-                r.prefilled += n
-                if r.decoding:  # the prefill's last chunk samples the first token
-                    r.generated += 1
-                    r.first_token_at = self.now
-            if r.generated >= r.output:
-                r.finished_at = self.now
-        inst.requests = [r for r in inst.requests if r.finished_at is None]
+        inst.advance(batch, self.now)
         if not inst.requests:
             inst.idle_since = self.now
         if inst.paused:
