@@ -68,6 +68,11 @@ class ModelRunner:
                                                     model_config.dtype)
         self._update_capacity()
         self.attn_backend = TorchNativeAttnBackend()
+        heads = model_config.heads
+        if not heads.is_identity and tp_group.rank == 0:
+            logger.info("heads padded for TP up to %d: %d -> %d query heads (zeros), %d -> %d KV heads (copies); "
+                        "KV cache %.2fx", heads.granularity, heads.num_heads, heads.padded_heads, heads.num_kv_heads,
+                        heads.padded_kv_heads, heads.padded_kv_heads / heads.num_kv_heads)
         logger.info("rank %d/%d: weights %d bytes, KV pool %d pages x %d tokens (%d bytes)", tp_group.rank,
                     tp_group.size, self.weight_bytes, self.num_pages - self.reserved_pages, self.page_size,
                     self.kv_pool_bytes)
