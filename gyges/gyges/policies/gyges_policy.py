@@ -27,8 +27,9 @@ one.
 
 Merges for capacity. When base-TP requests have waited `capacity_merge_wait_s` for KV memory and merging a
 pair of equal instances would multiply their KV capacity by `capacity_merge_gain` (the weight memory each
-device no longer needs becomes KV: 11x on a Qwen2.5-32B H20 pair), the fullest such pair merges; it takes
-base-TP work as any instance does, and splits once its requests fit the parts and nothing waits.
+device no longer needs becomes KV: 11x on a Qwen2.5-32B H20 pair), the fullest such pair merges. Any merged
+instance that rich in KV takes base-TP work when no base-TP instance has room, and does not split while
+requests wait (a split would give that memory up).
 
 Splits. A merged instance splits to the smallest TP its requests allow (a partial split, e.g. TP4 -> 2 x
 TP2, when one of them still needs a larger part; the part without it splits again on a later tick) as
@@ -83,7 +84,6 @@ class GygesPolicy(Policy):
             raise ValueError("capacity_merge_gain must be > 1 (or None: no merges for capacity)")
         self.capacity_merge_gain = capacity_merge_gain
         self.capacity_merge_wait_s = capacity_merge_wait_s
-        self._for_capacity: Set[Tuple[int, ...]] = set()  # instances merged for their KV capacity
         self._sizes = RequestSizeBound()
         self._split_ready_since: Dict[Tuple[int, ...], float] = {}
         self._forming: Optional[Tuple[int, ...]] = None  # devices of the merge this policy started last
@@ -194,7 +194,7 @@ class GygesPolicy(Policy):
     def _spill_ok(self, req: RequestInfo, inst: InstanceLoad) -> bool:
         """A merged instance takes base-TP work only while its long work runs, when it was merged for
         capacity, or when the work keeps it splittable (it is on its way back to base TP)."""
-        if inst.devices in self._for_capacity or self._sizes.bound(inst) > self._part_capacity(inst, self.base_tp):
+        if self._capacity_rich(inst, req.need_tokens) or self._sizes.bound(inst) > self._part_capacity(inst, self.base_tp):
             return True
         return self._fits_parts(inst, self.base_tp, req)
 
@@ -206,7 +206,11 @@ class GygesPolicy(Policy):
             # decode batched with them); the next gets its own group or waits
             cands = [i for i in cands if not i.prefill_tokens_left]
         if target <= self.base_tp:
+            rich = [i for i in cands if self._capacity_rich(i, req.need_tokens)]
             base = [i for i in cands if i.tp <= self.base_tp]
+            if rich:  # a KV-rich merged instance is as good a home as a base one: the emptiest by share
+                return min(base + rich, key=lambda i: ((i.held_tokens + req.need_tokens) / i.kv_capacity_tokens,
+                                                       i.num_requests, i.base))
             if base:
                 return least_loaded(base)
             cands = [i for i in cands if self._spill_ok(req, i)]
@@ -330,12 +334,7 @@ class GygesPolicy(Policy):
             self._split_decision(still_held, state, ledger)  # keeps the readiness timers current
             return out
         self._sizes.forget_missing(state)
-        present = {i.devices for i in state.instances}
-        self._for_capacity &= present | ({self._forming} if self._forming else set())
-        capacity_merge = None
-        transform = self._merge_decision(still_held, state, ledger)
-        if transform is None:
-            transform = capacity_merge = self._capacity_merge(still_held, state, ledger)
+        transform = self._merge_decision(still_held, state, ledger) or self._capacity_merge(still_held, state, ledger)
         split = self._split_decision(still_held, state, ledger)
         transform = transform or split
         if transform is not None:
@@ -343,8 +342,6 @@ class GygesPolicy(Policy):
                 self._sizes.on_merge(transform.devices, [ledger.load(i.base) for i in state.instances
                                                          if set(i.devices) <= set(transform.devices)])
                 self._forming = transform.devices
-                if transform is capacity_merge:
-                    self._for_capacity.add(transform.devices)
             out.append(transform)
         return out
 
@@ -366,17 +363,32 @@ class GygesPolicy(Policy):
         have = sum(m.kv_capacity_tokens for m in members)
         return group_capacity(state, group) / have if have else 0.0
 
+    def _capacity_rich(self, inst: InstanceLoad, need: float) -> bool:
+        """inst holds capacity_merge_gain x the KV of its base-TP parts together, and (with a step model)
+        decodes requests of `need` tokens faster than they would: splitting it would give that up."""
+        if self.capacity_merge_gain is None or inst.tp <= self.base_tp:
+            return False
+        parts = inst.tp // self.base_tp
+        part = self._part_capacity(inst, self.base_tp)
+        if inst.kv_capacity_tokens < self.capacity_merge_gain * parts * part:
+            return False
+        return self._decode_rate(inst.kv_capacity_tokens, inst.tp, need) > parts * self._decode_rate(
+            part, self.base_tp, need)
+
     def _decode_gain(self, state: ClusterState, group: Sequence[int], members: Sequence[InstanceLoad],
                      need: float) -> bool:
         """With a step-time model: the merged instance, its KV filled with requests of `need` tokens (half
         of them attended on average), decodes more tokens per second than its members do apart."""
+        apart = sum(self._decode_rate(m.kv_capacity_tokens, m.tp, need) for m in members)
+        return self._decode_rate(group_capacity(state, group), len(group), need) > apart
+
+    def _decode_rate(self, capacity: int, tp: int, need: float) -> float:
+        """Tokens/s an instance decodes with its KV full of requests of `need` tokens (half attended on
+        average); without a step model, the batch size (memory is all that is known)."""
+        batch = max(1, int(capacity // max(1.0, need)))
         if self.step_model is None:
-            return True
-        def rate(capacity: int, tp: int) -> float:
-            batch = max(1, int(capacity // max(1.0, need)))
-            return batch / self.step_model.step_time(batch, int(batch * need / 2), tp)
-        apart = sum(rate(m.kv_capacity_tokens, m.tp) for m in members)
-        return rate(group_capacity(state, group), len(group)) > apart
+            return float(batch)
+        return batch / self.step_model.step_time(batch, int(batch * need / 2), tp)
 
     def _capacity_merge(self, held: Sequence[Tuple[RequestInfo, int]], state: ClusterState,
                         ledger: LoadLedger) -> Optional[Transform]:
@@ -404,8 +416,8 @@ class GygesPolicy(Policy):
         part = self.base_tp
         while part < inst.tp:
             wanted = any(t > part for _, t in held)  # a held request needs more than a part
-            if inst.devices in self._for_capacity and held:
-                wanted = True  # merged for capacity while requests still wait for memory
+            if held and self._capacity_rich(inst, sum(h.need_tokens for h, _ in held) / len(held)):
+                wanted = True  # splitting would cost KV capacity while requests wait for memory
             fast_enough = (inst.prefill_tokens_left is None
                            or self.speed_tp(inst.prefill_tokens_left, part, inst.tp) <= part)
             if not wanted and fast_enough and self._fits_parts(inst, part):
