@@ -12,7 +12,13 @@ from sglang.srt.sampling.sampler import (
     logprobs_of,
     position_uniform,
 )
-from sglang.srt.sampling.sampling_params import SamplingParams, find_stop
+from sglang.srt.sampling.sampling_params import (
+    STOP_REGEX_WINDOW_TOKENS,
+    SamplingParams,
+    find_stop,
+    matched_stop_text,
+    stop_check_window,
+)
 
 VOCAB = 64
 EOS = 2
@@ -91,7 +97,7 @@ def test_from_dict_accepts_sglang_client_payloads():
     ({"logit_bias": {"abc": 1.0}}, r"logit_bias key 'abc' is not a token id.*\[0, 64\)"),
     ({"logit_bias": {"64": 1.0}}, r"logit_bias key 64 is out of range.*\[0, 64\)"),
     ({"logit_bias": {"-1": 1.0}}, r"out of range"),
-    ({"stop_token_ids": [5, 64]}, r"stop_token_ids entry 64 is not a token id; allowed: \[0, 64\)"),
+    ({"stop_token_ids": [5, "a"]}, r"stop_token_ids must be a list of integers, got 'a'"),
     ({"json_schema": "{not json"}, r"json_schema is not valid JSON"),
 ])
 def test_verify_rejects_bad_values(kw, message):
@@ -119,6 +125,21 @@ def test_normalize_stop_and_greedy(test_model):
     q = SamplingParams(stop=["a", "bcd"], temperature=0.7).normalize(tok)
     assert q.stop == ["a", "bcd"] and q.stop_str_max_chars == 3 and not q.is_greedy
     assert SamplingParams().normalize(tok).stop == []
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_accepted():
+    SamplingParams(stop_token_ids=[5, VOCAB, 10**9, -1]).verify(VOCAB)
+
+
+def test_stop_check_window_and_matched_text():
+    p = SamplingParams(stop=["END"], stop_regex=[r"\d{3}", "x*"]).normalize(None)
+    assert stop_check_window(p) == STOP_REGEX_WINDOW_TOKENS
+    assert stop_check_window(SamplingParams().normalize(None)) == 0
+    q = SamplingParams(stop=["abc"]).normalize(None)
+    assert stop_check_window(q) == q.stop_str_max_len + 1
+    assert matched_stop_text("no stop here", p) is None  # "x*" matches empty strings only: no stop
+    assert matched_stop_text("call 5551234 END", p) == "555"
+    assert matched_stop_text("a xx b", p) == "xx"
 
 
 def test_find_stop():

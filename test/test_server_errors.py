@@ -146,8 +146,6 @@ def test_prompt_too_long_gives_limit(server):
 # ---- OpenAI API -----------------------------------------------------------------------------------------------
 MSG = [{"role": "user", "content": "Hi"}]
 BAD_OPENAI = {
-    "unknown_model": ("/v1/completions", {"model": "gpt-4", "prompt": "Hi"}, 404, ("tiny", "gpt-4")),
-    "unknown_model_chat": ("/v1/chat/completions", {"model": "gpt-4", "messages": MSG}, 404, ("tiny",)),
     "negative_max_tokens": ("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": -3}, 400,
                             ("max_tokens",)),
     "temperature_type": ("/v1/completions", {"model": "tiny", "prompt": "Hi", "temperature": "hot"}, 400,

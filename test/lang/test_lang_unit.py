@@ -87,6 +87,9 @@ def test_jinja_roles_match_transformers(test_model):
     # a server that reports no template: the local checkpoint's is used
     assert isinstance(chat_template_for_server({"model_path": path}), JinjaChatTemplate)
     assert chat_template_for_server({"model_path": "/nonexistent"}).name == "default"
+    # the template a server reports wins (the frontend may run on another machine than the model)
+    remote = chat_template_for_server({"model_path": "/nonexistent", "chat_template": source, "eos_token": eos})
+    assert remote.get_prefix_and_suffix("user", []) == tmpl.get_prefix_and_suffix("user", [])
 
 
 @pytest.mark.parametrize("text,fmt,expected", [

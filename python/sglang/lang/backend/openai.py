@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, List, Optional, Tuple
 
 from sglang.lang.backend.base_backend import BaseBackend
@@ -32,7 +33,10 @@ class OpenAI(BaseBackend):
             import openai
         except ImportError as e:
             raise ImportError("the OpenAI backend needs the openai package: pip install openai") from e
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", **client_kwargs)
+        # the key: the argument, else OPENAI_API_KEY (the SDK's own default), else a placeholder for servers
+        # that need none
+        key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.client = openai.OpenAI(base_url=base_url, api_key=key, **client_kwargs)
         self.model_name = model_name
         self.is_chat_model = (model_name not in _COMPLETION_ONLY_MODELS) if is_chat_model is None \
             else is_chat_model

@@ -56,6 +56,7 @@ from sglang.srt.entrypoints.native_protocol import (
     GenerateRequest,
     GenerateResponse,
     HealthError,
+    LoadInfo,
     ModelInfo,
     ServerInfo,
     VersionInfo,
@@ -68,7 +69,12 @@ from sglang.srt.entrypoints.openai.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    ResponsesRequest,
+    ScoringRequest,
+    ScoringResponse,
 )
+from sglang.srt.entrypoints.openai.responses import ResponsesServing
+from sglang.srt.entrypoints.openai.scoring import ScoreServing
 from sglang.srt.entrypoints.openai.serving import (
     SSE_DONE,
     APIError,
@@ -111,6 +117,8 @@ class ServerState:
         self.server_args = tokenizer_manager.server_args
         self.metrics = metrics
         self.openai = OpenAIServing(tokenizer_manager)
+        self.score = ScoreServing(tokenizer_manager, self.openai)
+        self.responses = ResponsesServing(self.openai)
         self.ready = False  # set once the warm-up generation finished
         self.warmup_error: Optional[str] = None
         self.fatal_reason: Optional[str] = None  # why the server stopped serving for good (exit code 1)
@@ -322,7 +330,8 @@ def _rids(obj: GenerateReqInput) -> List[str]:
 # ----------------------------------------------------------------------------------------------------------
 _REF = "#/components/schemas/"
 # Request models documented through openapi_extra; install_openapi() adds them to the components.
-_BODY_MODELS = (GenerateRequest, AbortRequestBody, CompletionRequest, ChatCompletionRequest)
+_BODY_MODELS = (GenerateRequest, AbortRequestBody, CompletionRequest, ChatCompletionRequest, ScoringRequest,
+                ResponsesRequest)
 _ERROR_TEXT = {400: "Invalid request (the message says what is wrong).", 401: "Missing or wrong API key.",
                404: "Unknown route, model or disabled feature.", 408: "The request body arrived too slowly.",
                413: "Request body too large.", 500: "The server failed this request.",
@@ -482,6 +491,9 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
             "architectures": getattr(hf, "architectures", None) or [getattr(mc, "architecture", None)],
             "context_length": getattr(mc, "context_len", None),
             "vocab_size": getattr(mc, "vocab_size", None),
+            # what the frontend language renders roles with (the chat API's template; null without one)
+            "chat_template": state.openai.chat_template_source(),
+            "eos_token": getattr(tm.tokenizer, "eos_token", None) if tm.tokenizer is not None else None,
         }
 
     @app.get("/get_model_info", responses=_responses(200, ok=ModelInfo))
@@ -512,6 +524,16 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
     @app.get("/server_info", responses=_responses(200, 503, ok=ServerInfo))
     async def server_info_route():
         return await server_info()
+
+    @app.get("/get_load", responses=_responses(200, 503, ok=LoadInfo))
+    async def get_load():
+        """SGLang's load report: "load" is the KV tokens in use over every instance, plus each instance's
+        running / waiting requests."""
+        states = list(await tm.get_internal_state())
+        per = [{"instance_id": st.get("instance_id"), "devices": st.get("devices"),
+                "num_running_reqs": st.get("running", 0), "num_waiting_reqs": st.get("waiting", 0),
+                "num_used_tokens": st.get("kv_used_tokens", 0)} for st in states]
+        return {"load": sum(p["num_used_tokens"] for p in per), "instances": per}
 
     @app.get("/version", responses=_responses(200, ok=VersionInfo))
     @app.get("/get_version", responses=_responses(200, ok=VersionInfo))
@@ -660,7 +682,26 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
             raise APIError(400, validation_message(e)) from e
         return await _map_errors(state.openai.chat_completions(req, request))
 
+    @app.post("/v1/score", openapi_extra=_body(ScoringRequest),
+              responses=_responses(200, 400, 408, 413, 500, 503, ok=ScoringResponse))
+    async def v1_score(request: Request):
+        req = _validated(ScoringRequest, await read_json(request))
+        return await _map_errors(state.score.score(req, request))
+
+    @app.post("/v1/responses", openapi_extra=_body(ResponsesRequest),
+              responses=_responses(200, 400, 408, 413, 500, 503))
+    async def v1_responses(request: Request):
+        req = _validated(ResponsesRequest, await read_json(request))
+        return await _map_errors(state.responses.create(req, request))
+
     return app
+
+
+def _validated(model, data: Dict[str, Any]):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise APIError(400, validation_message(e)) from e
 
 
 async def _map_errors(coro):

@@ -122,6 +122,15 @@ class ModelInfo(_Doc):
     architectures: Optional[List[Optional[str]]] = None
     context_length: Optional[int] = None
     vocab_size: Optional[int] = None
+    chat_template: Optional[str] = None  # the Jinja template of the chat API (the frontend's roles use it)
+    eos_token: Optional[str] = None
+
+
+class LoadInfo(_Doc):
+    """/get_load: "load" is the KV tokens in use over every instance."""
+
+    load: int
+    instances: List[Dict[str, Any]]
 
 
 class ServerInfo(_Doc):

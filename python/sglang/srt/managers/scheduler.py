@@ -50,6 +50,7 @@ from sglang.srt.managers.schedule_batch import (
     finish_stop_token,
 )
 from sglang.srt.model_executor.forward_batch import ForwardBatch
+from sglang.srt.sampling.sampling_params import matched_stop_text, stop_check_window
 from sglang.srt.server_args import ServerArgs
 from sglang.srt.utils import PortArgs, get_zmq_socket
 
@@ -83,16 +84,15 @@ class StopChecker:
         if req.grammar is not None and req.grammar.is_terminated():
             req.finished_reason = finish_stop_token(last)
             return
-        stops = sp.stop_strs
-        if stops and self.tokenizer is not None:
-            tail_tokens = sp.stop_str_max_len + 1
-            tail = self.tokenizer.decode(req.output_ids[-tail_tokens:], skip_special_tokens=False)
-            for s in stops:
-                if s in tail:
-                    req.finished_reason = finish_stop_str(s)
-                    if not sp.no_stop_trim:
-                        req.trim_stop_str = s
-                    return
+        window = stop_check_window(sp)  # stop strings and stop_regex (sampling_params.py)
+        if window and self.tokenizer is not None:
+            tail = self.tokenizer.decode(req.output_ids[-window:], skip_special_tokens=False)
+            matched = matched_stop_text(tail, sp)
+            if matched is not None:
+                req.finished_reason = finish_stop_str(matched)
+                if not sp.no_stop_trim:
+                    req.trim_stop_str = matched
+                return
         if req.seq_len >= self.context_len:
             req.finished_reason = finish_length(len(req.output_ids))
 

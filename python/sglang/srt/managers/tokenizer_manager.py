@@ -289,8 +289,7 @@ class TokenizerManager:
                 self.check_prompt_chars(len(p))
                 chars += len(p)
             elif len(p) > self.max_req_input_len:
-                raise ValueError(f"the prompt has {len(p)} tokens, longer than the largest servable context: "
-                                 f"at most {self.max_req_input_len} prompt tokens are accepted")
+                raise ValueError(self._too_long_message(len(p)))
         top_max = min(lim.max_top_logprobs_num, self.model_config.vocab_size)
         for v in obj.top_logprobs_num:
             if v > top_max:
@@ -355,6 +354,22 @@ class TokenizerManager:
             raise ValueError(f"{what} has {chars} characters; at most {self.limits.max_prompt_chars} are "
                              f"accepted (--max-prompt-chars), and at most {self.max_req_input_len} prompt tokens")
 
+    def _too_long_message(self, n: int) -> str:
+        ctx = self.model_config.context_len
+        return (f"The input ({n} tokens) is longer than the model's context length ({ctx} tokens): at most "
+                f"{self.max_req_input_len} prompt tokens are accepted")
+
+    def _check_total_tokens(self, prompt_tokens: int, max_new_tokens) -> None:
+        """An explicit max_new_tokens must fit in the context with the prompt (SGLang's check and message)."""
+        ctx = self.model_config.context_len
+        if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and \
+                prompt_tokens + max_new_tokens > ctx:
+            raise ValueError(
+                f"Requested token count exceeds the model's maximum context length of {ctx} tokens. You "
+                f"requested a total of {prompt_tokens + max_new_tokens} tokens: {prompt_tokens} tokens from the "
+                f"input messages and {max_new_tokens} tokens for the completion. Please reduce the number of "
+                f"tokens in the input messages or the completion to fit within the limit.")
+
     def _tokenize_all(self, obj: GenerateReqInput) -> List[TokenizedGenerateReqInput]:
         return [self._tokenize_one(obj, i, j) for i in range(obj.batch_size) for j in range(obj.parallel_sample_num)]
 
@@ -373,18 +388,15 @@ class TokenizerManager:
                 raise ValueError("the prompt is empty; send a non-empty 'text' or 'input_ids'")
             vocab = self.model_config.vocab_size
             if len(prompt) > self.max_req_input_len:
-                raise ValueError(
-                    f"the prompt has {len(prompt)} tokens, longer than the largest servable context: "
-                    f"at most {self.max_req_input_len} prompt tokens are accepted")
+                raise ValueError(self._too_long_message(len(prompt)))
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"input_ids holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
             input_text, input_ids = "", list(prompt)
         if len(input_ids) > self.max_req_input_len:
-            raise ValueError(
-                f"the prompt has {len(input_ids)} tokens, longer than the largest servable context: "
-                f"at most {self.max_req_input_len} prompt tokens are accepted")
+            raise ValueError(self._too_long_message(len(input_ids)))
         params = dict(obj.sampling_params[i])
+        self._check_total_tokens(len(input_ids), params.get("max_new_tokens"))
         params.pop("n", None)
         sp = SamplingParams.from_dict(params)
         sp.normalize(self.tokenizer)

@@ -188,10 +188,8 @@ class SamplingParams:
             for t in self.stop_token_ids:
                 if isinstance(t, bool) or not isinstance(t, int):
                     raise ValueError(f"stop_token_ids must be a list of integers, got {t!r}")
-                if t < 0 or (vocab_size is not None and t >= vocab_size):
-                    raise ValueError(
-                        f"stop_token_ids entry {t} is not a token id; allowed: [0, {vocab_size})"
-                    )
+                # ids outside the vocabulary are accepted, as SGLang does: they can never be sampled, so
+                # they never stop the request
 
     def _verified_logit_bias(self, vocab_size: Optional[int]) -> Dict[int, float]:
         bias: Dict[int, float] = {}
@@ -272,6 +270,37 @@ def find_stop(text: str, params: SamplingParams, start: int = 0) -> Optional[Tup
         if m is not None and (best is None or m.start() < best[0]):
             best = (m.start(), m.end())
     return best
+
+
+# Output tokens decoded for the stop_regex check (a regex has no length bound; matches must end in this tail).
+STOP_REGEX_WINDOW_TOKENS = 256
+
+
+def stop_check_window(params: SamplingParams) -> int:
+    """How many trailing output tokens the stop check decodes after each new token (0: no stop strings or
+    regexes, nothing to decode). A stop string spans at most stop_str_max_len tokens, plus one for a token
+    that began before it."""
+    if _as_list(params.stop_regex):
+        return max(STOP_REGEX_WINDOW_TOKENS, params.stop_str_max_len + 1)
+    if _as_list(params.stop):
+        return params.stop_str_max_len + 1
+    return 0
+
+
+def matched_stop_text(tail: str, params: SamplingParams) -> Optional[str]:
+    """The text of the earliest stop string or stop_regex match in the decoded tail, or None. Empty regex
+    matches (e.g. "a*" before any "a") do not stop."""
+    found = find_stop(tail, params)
+    if found is None:
+        return None
+    begin, end = found
+    if begin == end:
+        for pattern in _as_list(params.stop_regex):  # look for a non-empty match instead
+            for m in re.finditer(pattern, tail):
+                if m.end() > m.start():
+                    return m.group(0)
+        return None
+    return tail[begin:end]
 
 
 def _as_list(value) -> List[str]:

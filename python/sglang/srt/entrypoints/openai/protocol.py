@@ -368,6 +368,9 @@ class ChatCompletionResponse(_Model):
 class DeltaMessage(_Model):
     role: Optional[str] = None
     content: Optional[str] = None
+    # Always present (null here: no reasoning or tool-call parser runs), as SGLang sends them.
+    reasoning_content: Optional[str] = None
+    tool_calls: Optional[List[Dict[str, Any]]] = None
 
 
 class ChatCompletionStreamChoice(_Model):
@@ -385,3 +388,96 @@ class ChatCompletionStreamResponse(_Model):
     model: str
     choices: List[ChatCompletionStreamChoice]
     usage: Optional[UsageInfo] = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# /v1/score (SGLang's scoring API)
+# ----------------------------------------------------------------------------------------------------------
+class ScoringRequest(_Model):
+    """Probability of each label token right after query + item (item + query with item_first)."""
+
+    query: Union[str, List[int]]
+    items: Union[str, List[str], List[List[int]]]
+    label_token_ids: List[int]
+    apply_softmax: bool = False  # normalize over the label tokens instead of the whole vocabulary
+    item_first: bool = False
+    model: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if not self.label_token_ids:
+            raise ValueError("label_token_ids must not be empty")
+        items = [self.items] if isinstance(self.items, str) else self.items
+        if not items:
+            raise ValueError("items must not be empty")
+        text_query = isinstance(self.query, str)
+        if any(isinstance(i, str) != text_query for i in items):
+            raise ValueError("query and items must both be text or both be token ids")
+        return self
+
+    def item_list(self) -> List[Union[str, List[int]]]:
+        return [self.items] if isinstance(self.items, str) else list(self.items)
+
+
+class ScoringResponse(_Model):
+    scores: List[List[float]]  # [item][label], in label_token_ids order
+    model: str
+    usage: Optional[UsageInfo] = None
+    object: str = "scoring"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# /v1/responses (OpenAI's Responses API: text in, one assistant message out)
+# ----------------------------------------------------------------------------------------------------------
+class ResponsesRequest(_Model):
+    model: Optional[str] = None
+    # A string (one user turn) or a list of {"role", "content"} items; content is a string or a list of
+    # {"type": "input_text" | "output_text" | "text", "text": ...} parts.
+    input: Union[str, List[Dict[str, Any]]]
+    instructions: Optional[str] = None  # a system message before the input
+    max_output_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stream: bool = False
+    store: Optional[bool] = None  # accepted; nothing is stored
+    previous_response_id: Optional[str] = None
+    tools: Optional[List[Dict[str, Any]]] = None
+    metadata: Optional[Dict[str, Any]] = None
+    user: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.previous_response_id:
+            raise ValueError("previous_response_id is not supported: this server stores no responses; send "
+                             "the whole conversation as input")
+        if self.tools:
+            raise ValueError("tools are not supported on /v1/responses by this server")
+        if self.max_output_tokens is not None and self.max_output_tokens < 0:
+            raise ValueError(f"max_output_tokens must be >= 0, got {self.max_output_tokens}")
+        if self.input == "" or self.input == []:
+            raise ValueError("input must not be empty")
+        return self
+
+    def messages(self) -> List[Dict[str, str]]:
+        out: List[Dict[str, str]] = []
+        if self.instructions:
+            out.append({"role": "system", "content": self.instructions})
+        if isinstance(self.input, str):
+            return out + [{"role": "user", "content": self.input}]
+        for item in self.input:
+            if item.get("type", "message") != "message":
+                raise ValueError(f"input items of type {item.get('type')!r} are not supported (messages only)")
+            content = item.get("content")
+            if isinstance(content, list):
+                parts = []
+                for p in content:
+                    if p.get("type") not in ("input_text", "output_text", "text") or not isinstance(
+                            p.get("text"), str):
+                        raise ValueError("only text content parts are supported (no images or files)")
+                    parts.append(p["text"])
+                content = "".join(parts)
+            if not isinstance(content, str) or item.get("role") not in ("system", "developer", "user", "assistant"):
+                raise ValueError("each input item needs a role (system, developer, user, assistant) and text "
+                                 "content")
+            out.append({"role": item["role"], "content": content})
+        return out

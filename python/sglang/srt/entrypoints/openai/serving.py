@@ -398,11 +398,16 @@ class OpenAIServing:
             return spec
         raise ValueError(f"--chat-template {spec!r} is neither a file nor a Jinja template")
 
+    def chat_template_source(self) -> Optional[str]:
+        """The Jinja template chat requests are rendered with (--chat-template, else the tokenizer's)."""
+        tok = self.tm.tokenizer
+        return self._chat_template or (getattr(tok, "chat_template", None) if tok is not None else None)
+
     def apply_chat_template(self, req: ChatCompletionRequest) -> List[int]:
         tok = self.tm.tokenizer
         if tok is None:
             raise APIError(400, "chat completions need a tokenizer; the server runs with --skip-tokenizer-init")
-        template = self._chat_template or getattr(tok, "chat_template", None)
+        template = self.chat_template_source()
         if not template:
             raise APIError(400, "the model's tokenizer has no chat template; start the server with "
                                 "--chat-template")
@@ -470,7 +475,8 @@ class OpenAIServing:
                                                 matched_stop=matched_stop(fr)))
         resp = ChatCompletionResponse(id=_response_id("chatcmpl", outputs), model=self.response_model(req.model),
                                       choices=choices, usage=self._usage(outputs, n))
-        return ORJSONResponse(resp.model_dump(exclude_none=True))
+        # every field, nulls included (matched_stop, logprobs, reasoning_content, tool_calls), as SGLang does
+        return ORJSONResponse(resp.model_dump())
 
     def _chat_logprobs(self, entries, tops, k: int) -> ChoiceLogprobs:
         content = []
@@ -493,7 +499,7 @@ class OpenAIServing:
         def chunk(choices, usage=None) -> bytes:
             c = ChatCompletionStreamResponse(id=rid_base, created=created, model=self.response_model(req.model),
                                              choices=choices, usage=usage)
-            return sse(c.model_dump(exclude_none=True))
+            return sse(c.model_dump())  # nulls included, as SGLang sends them
 
         async def chunks():
             sent_text: Dict[int, int] = {}
