@@ -73,9 +73,10 @@ class SimConfig:
     tick_during_transform: bool = True  # False: no tick while a transformation runs (the live controller)
     dispatch_s: float = 0.0  # a Place -> the request can join an iteration of its instance
     response_s: float = 0.0  # a token sampled -> the client has it (added to TTFT and finish times)
-    # An iteration that starts while no other instance runs one lasts step time / alone_speedup (CPU
-    # devices share the host's cores with the serving processes: alone, those get a core of their own;
-    # the step-time model is measured with every instance busy). 1: no such effect (GPUs).
+    # An iteration that starts while the host's other instances are idle lasts step time / alone_speedup
+    # (CPU devices share the host's cores with the serving processes: alone, those get a core of their own;
+    # the step-time model is measured with every instance busy). An instance on every device (TP = all) is
+    # never alone in that sense. 1: no such effect (GPUs).
     alone_speedup: float = 1.0
     slo_ttft_s: float = 5.0
     slo_tpot_s: float = 0.1
@@ -421,7 +422,8 @@ class Simulator:
             return  # nothing has reached the instance yet (dispatch_s): a kick follows
         # sequence by sequence: (new tokens, KV tokens it attends, its own included)
         dt = self.cfg.step_model.batch_time([(n, r.kv_len + n) for r, n in batch], inst.instance.tp)
-        if self.cfg.alone_speedup != 1.0 and not any(o.busy for o in self.instances.values() if o is not inst):
+        others = [o for o in self.instances.values() if o is not inst]
+        if self.cfg.alone_speedup != 1.0 and others and not any(o.busy for o in others):
             dt /= self.cfg.alone_speedup
         inst.busy = True
         self._at(self.now + dt, "step", (inst, batch))
