@@ -537,3 +537,53 @@ def test_capacity_merge_when_short_requests_wait_for_memory_and_the_merge_multip
     policy.on_tick(idle)
     assert policy.on_tick(ClusterState(4, 4, insts[:2] + (light,), 16.5, capacity_by_tp=rich)) \
         == [Transform((2, 3), 1)]  # nothing waits and its requests fit the parts: split after split_delay
+
+
+# -- Gyges: KV-rich merges (weights fill most of a device: a merged instance holds 3x per doubling) ------
+@st.composite
+def kv_rich_states(draw):
+    num_devices = draw(st.sampled_from([2, 4, 8]))
+    max_tp = draw(st.sampled_from([t for t in (2, 4, 8) if t <= num_devices]))
+    per_device = draw(st.integers(64, 2048))
+    capacity = {t: per_device * t * 3 ** (t.bit_length() - 1) for t in (1, 2, 4, 8) if t <= max_tp}
+    groups = draw(partitions(0, num_devices, max_tp))
+    insts = []
+    for g in groups:
+        cap = capacity[len(g)]
+        used = draw(st.integers(0, cap))
+        in_flight = draw(st.integers(0, cap - used))
+        running = draw(st.integers(1, 8)) if used + in_flight else 0
+        insts.append(InstanceLoad(g, len(g), running, 0, cap, used, 0, in_flight, False,
+                                  None if running else 0.0))
+    held = tuple(RequestInfo(f"h{k}", draw(st.integers(1, per_device)), draw(st.integers(0, 32)), float(k))
+                 for k in range(draw(st.integers(0, 5))))
+    return ClusterState(num_devices, max_tp, tuple(insts), 100.0, held, tuple(sorted(capacity.items()))), capacity
+
+
+@SETTINGS
+@given(kv_rich_states())
+def test_kv_rich_ticks_place_where_it_fits_merge_validly_and_never_split_while_requests_wait(sc):
+    state, capacity = sc
+    decisions = GygesPolicy(split_delay=0.0).on_tick(state)
+    insts, held = by_base(state), {h.rid: h for h in state.held}
+    extra: Dict[int, int] = {}
+    for d in decisions:
+        if isinstance(d, Place):
+            assert fits(held[d.rid].need_tokens, insts[d.instance], extra.get(d.instance, 0))
+            extra[d.instance] = extra.get(d.instance, 0) + held[d.rid].need_tokens
+    placed = {d.rid for d in decisions if isinstance(d, Place)}
+    remaining = [h for h in state.held if h.rid not in placed]
+    transforms = [d for d in decisions if isinstance(d, Transform)]
+    assert len(transforms) <= 1
+    for t in transforms:
+        validate_transform(t, state)
+        if t.is_merge:  # the smallest size that holds some waiting request, or a pair of equal instances
+            members = [i for i in state.instances if set(i.devices) <= set(t.devices)]
+            size = len(t.devices)
+            assert remaining
+            assert (any(capacity.get(size // 2, 0) < h.need_tokens <= capacity[size] for h in remaining)
+                    or (len(members) == 2 and members[0].tp == members[1].tp))
+        else:
+            assert not remaining, "split a KV-rich instance while requests wait for memory"
+            inst = insts[t.devices[0]]
+            assert inst.held_tokens + extra.get(inst.base, 0) <= capacity[t.tp]
