@@ -4,7 +4,6 @@
 session with transformers' own model classes (see sglang.srt.demo_model).
 """
 
-from pathlib import Path
 
 import pytest
 
@@ -42,12 +41,3 @@ def test_model(tmp_path_factory):
         return built[name]
 
     return get
-
-
-def find_traces_dir() -> Path:
-    """shared/traces next to the repository (../shared/traces), or where this project's machines mount it."""
-    for candidate in (Path(__file__).resolve().parents[1].parent / "shared" / "traces", Path("/work/shared/traces")):
-        if candidate.is_dir():
-            return candidate
-    raise AssertionError("trace directory shared/traces is missing (expected at <repo>/../shared/traces or "
-                         "/work/shared/traces)")

@@ -122,7 +122,7 @@ def test_cli_help_and_run(tmp_path):
     out = subprocess.run([sys.executable, "-m", "gyges.sim.simulator", "--help"], capture_output=True, text=True,
                          cwd=REPO_ROOT, timeout=60)
     assert out.returncode == 0 and "--trace" in out.stdout and "--policies" in out.stdout
-    from conftest import find_traces_dir
+    from trace_files import find_traces_dir
 
     trace = find_traces_dir() / "azure2023_conv.csv"
     assert trace.is_file(), f"{trace} missing"

@@ -7,7 +7,7 @@ import pytest
 from gyges.traces import (TraceRequest, load_azure_csv, load_mooncake_jsonl, load_trace, mix_traces, rate,
                           sample, scale_trace, synthetic_trace, window)
 
-from conftest import find_traces_dir
+from trace_files import find_traces_dir
 
 
 @pytest.fixture(scope="module")
