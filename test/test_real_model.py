@@ -93,6 +93,32 @@ def test_france_question_through_generate_and_chat(server, reference):
     assert any(m["id"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf") for m in models), models
 
 
+def test_frontend_language_answers_paris(server):
+    """This package's own frontend language on the real model: a few-shot gen, a select between a right and
+    wrong answers, and a chat turn rendered with the model's template (which the server reports)."""
+    import sglang as sgl
+
+    backend = sgl.RuntimeEndpoint(server.url)
+
+    @sgl.function
+    def few_shot(s, question):
+        s += "Q: What is the capital of Italy?\nA: Rome\nQ: What is the capital of Germany?\nA: Berlin\n"
+        s += "Q: " + question + "\nA:" + sgl.gen("answer", max_tokens=6, stop="\n", temperature=0)
+        s += "\nThe capital of France is" + sgl.select("city", choices=[" London", " Paris", " Madrid"])
+
+    @sgl.function
+    def chat(s, question):
+        s += sgl.user(question)
+        s += sgl.assistant(sgl.gen("answer", max_tokens=24, temperature=0))
+
+    st = few_shot.run(question="What is the capital of France?", backend=backend)
+    assert st.error() is None, st.error()
+    assert st["answer"].strip().startswith("Paris") and st["city"] == " Paris"
+    st = chat.run(question="What is the capital of France?", backend=backend)
+    assert "Paris" in st["answer"], st.text()
+    assert st.messages()[0] == {"role": "user", "content": "What is the capital of France?"}
+
+
 # ---- unit tests: GGUF files written here with gguf's writer, in llama.cpp's layout ------------------------
 def _llama_cpp_rotary_order(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's llama q/k row order, stated element-wise: GGUF row h*d + 2i + j = HF row h*d + j*d/2 + i."""
