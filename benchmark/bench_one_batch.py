@@ -5,8 +5,9 @@ scheduler): a ModelRunner gets hand-built ForwardBatches.
 
     checkpoint  <- sglang.srt.demo_model.make_demo_model (a "small" Llama shape by default) or --model-path
     TP1         ModelRunner in this process, torch threads = --threads (default: all cores)
-    TP2         torch.multiprocessing.spawn 2 ranks (gloo), each a ModelRunner with 1 thread per rank
-                (cores / ranks); both run the same batches in lockstep, rank 0 times
+    TP2         torch.multiprocessing.spawn 2 ranks (gloo rendezvous), each a ModelRunner with 1 thread per rank
+                (cores / ranks); both run the same batches in lockstep, rank 0 times; the forward pass's
+                all-reduce / all-gather over shared memory and/or gloo (--tp-collectives, a row each)
     baseline    transformers AutoModelForCausalLM on the same directory, same dtype and thread count as TP1
 
 Per batch size B (each measured --repeats times after one warm-up):
@@ -72,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--tp-sizes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--tp-collectives", nargs="+", default=["shm"], choices=["shm", "gloo"],
+                   help="TP>1 collectives to run (each a row per batch size): shared memory (sgl_kernel) and/or gloo")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -306,21 +309,21 @@ def bench_local(args, path: str, run_ours: bool, run_hf: bool) -> Dict[str, List
     return out
 
 
-def _tp_worker(rank: int, world: int, port: int, args, path: str, out_file: str) -> None:
+def _tp_worker(rank: int, world: int, port: int, args, path: str, out_file: str, collective: str) -> None:
     from sglang.srt.distributed.parallel_state import (create_aligned_groups, destroy_distributed, get_tp_group,
                                                        init_distributed)
 
     threads = max(1, args.threads // world)
     torch.set_num_threads(threads)
     init_distributed(world, rank, f"tcp://127.0.0.1:{port}", "gloo")
-    create_aligned_groups(world)
+    create_aligned_groups(world, collective)
     group = get_tp_group(list(range(world)))
     runner = make_runner(args, path, group, world, threads)
     results = []
     for bs in args.batch_sizes:
         results.append(runner_one(args, runner, group, bs))
         if rank == 0:
-            _report(f"sglang TP{world}", results[-1])
+            _report(f"sglang TP{world} ({collective})", results[-1])
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump(results, f)
@@ -334,12 +337,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_tp(args, path: str, tp: int) -> List[Dict]:
+def bench_tp(args, path: str, tp: int, collective: str) -> List[Dict]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "rank0.json")
-        mp.spawn(_tp_worker, args=(tp, _free_port(), args, path, out_file), nprocs=tp, join=True)
+        mp.spawn(_tp_worker, args=(tp, _free_port(), args, path, out_file, collective), nprocs=tp, join=True)
         with open(out_file) as f:
             return json.load(f)
 
@@ -437,9 +440,9 @@ def main(argv=None) -> None:
     local = bench_local(args, path, 1 in args.tp_sizes, not args.skip_hf)
     rows += [dict(r, runtime="sglang", tp=1) for r in local["sglang"]]
     for tp in args.tp_sizes:
-        if tp > 1:
-            print(f"sglang ModelRunner TP{tp} ({tp} processes, gloo):", flush=True)
-            rows += [dict(r, runtime="sglang", tp=tp) for r in bench_tp(args, path, tp)]
+        for collective in (args.tp_collectives if tp > 1 else []):
+            print(f"sglang ModelRunner TP{tp} ({tp} processes, {collective} collectives):", flush=True)
+            rows += [dict(r, runtime=f"sglang {collective}", tp=tp) for r in bench_tp(args, path, tp, collective)]
     rows += [dict(r, runtime="transformers", tp=1) for r in local["transformers"]]
     machine["loadavg_before_after"] = [list(load_before), list(os.getloadavg())]
     add_roofline(rows, facts, args, bandwidth)

@@ -81,6 +81,13 @@ class ServerArgs:
                                                "cores divided among the workers (at least 1).")
     dist_init_port: Optional[int] = _f(None, "TCP port for torch.distributed rendezvous; default: a free port.")
 
+    # ---- TP collectives (sgl-kernel) -----------------------------------------------------------------
+    tp_collective: str = _f("auto", "How CPU workers all-reduce / all-gather activations within a TP group: "
+                            "'shm' over a shared-memory segment per aligned group (all ranks on this host; "
+                            "sgl_kernel's C++ extension, built at first use), 'gloo' over torch.distributed, "
+                            "'auto' = shm on CPU when the extension builds, else gloo. CUDA always uses "
+                            "NCCL.", choices=["auto", "shm", "gloo"])
+
     # ---- memory and caching --------------------------------------------------------------------------
     page_size: int = _f(16, "Tokens per KV page.")
     disable_radix_cache: bool = _f(False, "Turn prefix caching off.")

@@ -2,9 +2,12 @@
 
 Data flow:
     init_distributed(world_size, rank, init_method, backend)      one world = all devices of the host
-    create_aligned_groups(world_size)                             every rank, same order: for each size
+    create_aligned_groups(world_size, collective)                 every rank, same order: for each size
         s in 2, 4, 8, ... <= world_size and each aligned offset o (o % s == 0), a device group (nccl on CUDA,
-        gloo on CPU) and a gloo CPU group over ranks [o, o + s), kept in a registry
+        gloo on CPU) and a gloo CPU group over ranks [o, o + s), kept in a registry; with collective "shm"
+        (CPU, every rank on this host) also a shared-memory segment per group (shm_communicator.py) that
+        the forward pass's all-reduce (sum) / all-gather use instead of gloo; every aligned group has its
+        own, so a merged or split instance uses its new group's segment
     get_tp_group(ranks) -> TPGroup                                looks a group up; never creates one, so a
         Gyges merge/split never builds a communicator
 
@@ -15,6 +18,7 @@ runs without init_distributed.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -25,8 +29,12 @@ from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from gyges.topology import bitrev
 
-# tuple of global ranks -> (device group, cpu group); filled by create_aligned_groups.
-_GROUPS: Dict[Tuple[int, ...], Tuple[Any, Any]] = {}
+logger = logging.getLogger(__name__)
+
+# tuple of global ranks -> (device group, cpu group, ShmCommunicator or None); filled by create_aligned_groups.
+_GROUPS: Dict[Tuple[int, ...], Tuple[Any, Any, Any]] = {}
+
+TP_COLLECTIVES = ("auto", "shm", "gloo")
 
 # Followers wait for their leader's next batch in a collective for as long as the server is idle: the
 # default 30-minute collective timeout would kill an idle TP instance.
@@ -55,16 +63,54 @@ def aligned_rank_lists(world_size: int) -> List[List[int]]:
     return out
 
 
-def create_aligned_groups(world_size: int) -> None:
-    """Create every aligned group's device + CPU communicators. Collective: every rank calls it."""
+def resolve_collective(collective: str) -> str:
+    """'shm' or 'gloo' for the forward pass's CPU collectives; every rank of the world gets the same answer.
+
+    auto: shm when the world runs on CPU (gloo) and sgl_kernel's extension builds on every rank, else gloo.
+    shm: required (raises when it cannot be had). Collective when auto on a multi-rank CPU world."""
+    if collective not in TP_COLLECTIVES:
+        raise ValueError(f"tp collective {collective!r}: expected one of {TP_COLLECTIVES}")
+    on_cpu = not dist.is_initialized() or dist.get_backend() == "gloo"
+    if collective == "gloo":
+        return "gloo"
+    if not on_cpu:
+        if collective == "shm":
+            raise ValueError("--tp-collective shm is for CPU workers (on CUDA the device group is NCCL)")
+        return "gloo"
+    from sgl_kernel import available
+
+    ok = available("sgl_kernel_shm_comm")
+    if collective == "shm" and not ok:
+        from sgl_kernel import shm_comm
+
+        shm_comm()  # raises the build error
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([int(ok)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+    return "shm" if ok else "gloo"
+
+
+def create_aligned_groups(world_size: int, collective: str = "auto") -> None:
+    """Create every aligned group's device + CPU communicators (+ shm segment when collective resolves to
+    'shm', see resolve_collective). Collective: every rank calls it with the same arguments."""
     if world_size <= 1:
         return
     device_backend = dist.get_backend()
+    use_shm = resolve_collective(collective) == "shm"
+    if dist.get_rank() == 0:
+        logger.info("TP collectives of the forward pass: %s (--tp-collective %s)", "shm" if use_shm else
+                    device_backend, collective)
     for ranks in aligned_rank_lists(world_size):
         device_group = dist.new_group(ranks, backend=device_backend, timeout=IDLE_TIMEOUT)
         cpu_group = dist.new_group(ranks, backend="gloo", timeout=IDLE_TIMEOUT)  # separate even on CPU: object broadcasts never
         # interleave with the forward pass's collectives
-        _GROUPS[tuple(ranks)] = (device_group, cpu_group)
+        shm = None
+        if use_shm and dist.get_rank() in ranks:
+            from sglang.srt.distributed.shm_communicator import ShmCommunicator
+
+            shm = ShmCommunicator.create(ranks, cpu_group)
+        _GROUPS[tuple(ranks)] = (device_group, cpu_group, shm)
 
 
 def destroy_distributed() -> None:
@@ -82,6 +128,7 @@ class TPGroup:
     ranks: List[int] = field(default_factory=lambda: [0])  # global ranks, ascending
     device_group: Any = None
     cpu_group: Any = None
+    shm: Any = None  # ShmCommunicator of this group (CPU, --tp-collective shm) or None: gloo / nccl
 
     @property
     def is_leader(self) -> bool:
@@ -98,8 +145,10 @@ class TPGroup:
         return bitrev(self.rank, self.size.bit_length() - 1)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In place over the device group; returns the tensor."""
+        """In place over the device group (sums over the shm segment when there is one); returns the tensor."""
         if self.size > 1:
+            if self.shm is not None and op == "sum" and self.shm.supports(tensor):
+                return self.shm.all_reduce_(tensor)
             dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.device_group)
         return tensor
 
@@ -108,8 +157,11 @@ class TPGroup:
         if self.size == 1:
             return tensor
         tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        dist.all_gather(parts, tensor, group=self.device_group)
+        if self.shm is not None and tensor.device.type == "cpu":
+            parts = self.shm.all_gather(tensor)  # [size, *shape], group-rank order
+        else:
+            parts = [torch.empty_like(tensor) for _ in range(self.size)]
+            dist.all_gather(parts, tensor, group=self.device_group)
         bits = self.size.bit_length() - 1
         return torch.cat([parts[bitrev(s, bits)] for s in range(self.size)], dim=dim)
 
@@ -137,11 +189,15 @@ def collective_timeout(group: "TPGroup", seconds: float):
     limit = timedelta(seconds=seconds)
     for pg in (group.device_group, group.cpu_group):
         _set_pg_timeout(limit, pg)
+    if group.shm is not None:
+        group.shm.set_timeout(seconds)
     try:
         yield
     finally:
         for pg in (group.device_group, group.cpu_group):
             _set_pg_timeout(IDLE_TIMEOUT, pg)
+        if group.shm is not None:
+            group.shm.set_timeout(IDLE_TIMEOUT.total_seconds())
 
 
 def get_tp_group(ranks: Sequence[int]) -> TPGroup:
@@ -156,6 +212,6 @@ def get_tp_group(ranks: Sequence[int]) -> TPGroup:
     me = dist.get_rank()
     if me not in ranks:
         raise ValueError(f"rank {me} is not in TP group {ranks}")
-    device_group, cpu_group = _GROUPS[key]
+    device_group, cpu_group, shm = _GROUPS[key]
     return TPGroup(rank=ranks.index(me), size=len(ranks), ranks=ranks, device_group=device_group,
-                   cpu_group=cpu_group)
+                   cpu_group=cpu_group, shm=shm)

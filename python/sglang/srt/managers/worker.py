@@ -45,7 +45,7 @@ def run_worker_process(server_args: ServerArgs, port_args: PortArgs, rank: int, 
             torch.cuda.set_device(device)
             backend = "nccl"
         ps.init_distributed(world, rank, port_args.dist_init_method, backend)
-        ps.create_aligned_groups(world)
+        ps.create_aligned_groups(world, server_args.tp_collective)
         tp = server_args.tp_size
         ranks = list(range(rank // tp * tp, rank // tp * tp + tp))
         tp_group = ps.get_tp_group(ranks)

@@ -1,0 +1,19 @@
+"""sgl_kernel: this project's CPU kernels, torch C++ extensions compiled from csrc/ at first use (see _build).
+
+    shm_comm()  -> module with ShmGroup(name, create, rank, size, chunk_bytes): shared-memory all-reduce (sum)
+                   and all-gather for the ranks of one tensor-parallel group on one host (csrc/shm_comm.cpp)
+
+Each op keeps a torch / torch.distributed implementation in sglang as its reference and fallback.
+"""
+
+from __future__ import annotations
+
+from sgl_kernel._build import available, load
+
+
+def shm_comm():
+    """The shared-memory collectives extension (built on first call, ~30 s; cached afterwards)."""
+    return load("sgl_kernel_shm_comm")
+
+
+__all__ = ["available", "load", "shm_comm"]
