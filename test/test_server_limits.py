@@ -315,7 +315,7 @@ def test_slow_body_gets_408(server):
 UNSUPPORTED_NATIVE = {
     "lora_path": "my-lora", "image_data": "http://x/cat.png", "audio_data": "a.wav", "video_data": "v.mp4",
     "custom_logit_processor": "{}", "return_hidden_states": True, "modalities": ["image"],
-    "input_embeds": [[0.1, 0.2]], "session_params": {"id": "s"},
+    "input_embeds": [[0.1, 0.2]],
 }
 
 

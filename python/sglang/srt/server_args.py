@@ -91,6 +91,13 @@ class ServerArgs:
     # ---- memory and caching --------------------------------------------------------------------------
     page_size: int = _f(16, "Tokens per KV page.")
     disable_radix_cache: bool = _f(False, "Turn prefix caching off.")
+    session_kv_budget: float = _f(0.5, "Share of each instance's KV pool that open sessions (/open_session) may "
+                                  "keep pinned between turns; past it the least recently used session is "
+                                  "unpinned (ordinary cache, recomputed if evicted). Running requests always "
+                                  "come first: they unpin sessions, least recently used first, when no other "
+                                  "cache is left to evict.")
+    session_idle_timeout: float = _f(600.0, "Seconds a session may go without a turn before it is closed and its "
+                                     "KV released (0: sessions stay open until /close_session).")
 
     # ---- scheduling ----------------------------------------------------------------------------------
     max_running_requests: Optional[int] = _f(None, "Most requests decoding at once per instance "
@@ -210,6 +217,10 @@ class ServerArgs:
         for name in ("watchdog_timeout", "grammar_compile_timeout", "gyges_transform_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}")
+        if not 0.0 <= self.session_kv_budget <= 1.0:
+            raise ValueError(f"--session-kv-budget must be in [0, 1], got {self.session_kv_budget}")
+        if self.session_idle_timeout < 0:
+            raise ValueError(f"--session-idle-timeout must be >= 0 seconds, got {self.session_idle_timeout}")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise ValueError("--max-running-requests must be >= 1")
         if self.gyges_ttft_target is not None and (self.gyges_ttft_target <= 0 or not self.gyges_cost_model):

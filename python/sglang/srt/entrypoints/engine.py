@@ -19,7 +19,8 @@ import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Union
 
-from sglang.srt.managers.io_struct import GenerateReqInput, WorkerFailed, WorkerReady
+from sglang.srt.managers.io_struct import (CloseSessionReqInput, GenerateReqInput, OpenSessionReqInput, WorkerFailed,
+                                           WorkerReady)
 from sglang.srt.server_args import ServerArgs, server_args_from_kwargs
 from sglang.srt.utils import PortArgs, configure_logger, get_free_port, remove_ipc_files
 
@@ -138,14 +139,18 @@ class Engine:
         stream: bool = False,
         return_text_in_logprobs: bool = False,
         rid: Optional[Union[str, List[str]]] = None,
+        session_params: Optional[Union[Dict, List[Dict]]] = None,
     ) -> Union[Dict, List[Dict], Iterator[Dict]]:
-        """Generate for one prompt (returns a dict) or a batch (returns a list); stream=True yields dicts."""
+        """Generate for one prompt (returns a dict) or a batch (returns a list); stream=True yields dicts.
+        session_params ({"id", "rid", "offset", "replace", "drop_previous_output"}) makes it a turn of a session
+        opened with open_session()."""
         if self._closed:
             raise RuntimeError("the engine was shut down")
         obj = GenerateReqInput(
             text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
             return_logprob=return_logprob, logprob_start_len=logprob_start_len,
             top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs, stream=stream,
+            session_params=session_params,
         )
         if not stream:
             return self._run(self._collect(obj))
@@ -164,6 +169,14 @@ class Engine:
 
     def flush_cache(self) -> bool:
         return self._run(self.tokenizer_manager.flush_cache())
+
+    def open_session(self, capacity_of_str_len: int, session_id: Optional[str] = None) -> str:
+        """Open a session (SGLang's session API); returns its id. ValueError when the id is already open."""
+        return self._run(self.tokenizer_manager.open_session(OpenSessionReqInput(capacity_of_str_len, session_id)))
+
+    def close_session(self, session_id: str) -> None:
+        """Close a session: its turns are forgotten and its KV released. ValueError when it is not open."""
+        self._run(self.tokenizer_manager.close_session(CloseSessionReqInput(session_id)))
 
     def get_internal_state(self) -> List[Dict[str, Any]]:
         return self._run(self.tokenizer_manager.get_internal_state())

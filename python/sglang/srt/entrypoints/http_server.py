@@ -53,11 +53,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 import sglang
 from sglang.srt.entrypoints.native_protocol import (
     AbortRequestBody,
+    CloseSessionBody,
     GenerateRequest,
     GenerateResponse,
     HealthError,
     LoadInfo,
     ModelInfo,
+    OpenSessionBody,
     ServerInfo,
     VersionInfo,
 )
@@ -86,7 +88,7 @@ from sglang.srt.entrypoints.openai.serving import (
     is_unavailable,
     sse,
 )
-from sglang.srt.managers.io_struct import GenerateReqInput
+from sglang.srt.managers.io_struct import CloseSessionReqInput, GenerateReqInput, OpenSessionReqInput
 from sglang.srt.metrics.collector import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sglang.srt.metrics.collector import MetricsCollector
 
@@ -97,11 +99,11 @@ HEALTH_GENERATE_TIMEOUT_S = 60.0
 _GENERATE_FIELDS = ("text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
                     "top_logprobs_num", "return_text_in_logprobs", "stream", "log_metrics", "modalities",
                     "lora_path", "image_data", "audio_data", "video_data", "custom_logit_processor",
-                    "return_hidden_states")
+                    "return_hidden_states", "session_params")
 _BOOL_FIELDS = ("stream", "return_text_in_logprobs", "return_hidden_states", "log_metrics")
 # Other SGLang /generate fields for features this server does not have: a 400 unless null / false / empty
 # (unknown fields are ignored, as SGLang does).
-_UNSUPPORTED_GENERATE_FIELDS = ("input_embeds", "session_params", "token_ids_logprob", "data_parallel_rank",
+_UNSUPPORTED_GENERATE_FIELDS = ("input_embeds", "token_ids_logprob", "data_parallel_rank",
                                 "bootstrap_host", "bootstrap_port", "bootstrap_room", "return_routed_experts",
                                 "return_bytes")
 
@@ -330,7 +332,7 @@ def _rids(obj: GenerateReqInput) -> List[str]:
 # ----------------------------------------------------------------------------------------------------------
 _REF = "#/components/schemas/"
 # Request models documented through openapi_extra; install_openapi() adds them to the components.
-_BODY_MODELS = (GenerateRequest, AbortRequestBody, CompletionRequest, ChatCompletionRequest, ScoringRequest,
+_BODY_MODELS = (GenerateRequest, AbortRequestBody, OpenSessionBody, CloseSessionBody, CompletionRequest, ChatCompletionRequest, ScoringRequest,
                 ResponsesRequest)
 _ERROR_TEXT = {400: "Invalid request (the message says what is wrong).", 401: "Missing or wrong API key.",
                404: "Unknown route, model or disabled feature.", 408: "The request body arrived too slowly.",
@@ -565,6 +567,23 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
         if not isinstance(rid, str) or not rid:
             raise APIError(400, "'rid' must be a non-empty string (or send {\"abort_all\": true})")
         await tm.abort_request(rid)
+        return Response(status_code=200)
+
+    # ---- sessions (SGLang's session API) -----------------------------------------------------------------------
+    @app.api_route("/open_session", methods=["GET", "POST"], openapi_extra=_body(OpenSessionBody),
+                   responses=_responses(200, 400, ok={"description": "The session id (a JSON string)."}))
+    async def open_session(request: Request):
+        data = await read_json(request)
+        if "capacity_of_str_len" not in data:
+            raise APIError(400, "'capacity_of_str_len' is required")
+        obj = OpenSessionReqInput(data["capacity_of_str_len"], data.get("session_id"))
+        return ORJSONResponse(await _map_errors(tm.open_session(obj)))
+
+    @app.api_route("/close_session", methods=["GET", "POST"], openapi_extra=_body(CloseSessionBody),
+                   response_class=Response, responses=_responses(200, 400, ok={"description": "Closed (empty body)."}))
+    async def close_session(request: Request):
+        data = await read_json(request)
+        await _map_errors(tm.close_session(CloseSessionReqInput(data.get("session_id"))))
         return Response(status_code=200)
 
     # ---- Gyges admin ----------------------------------------------------------------------------------------

@@ -53,6 +53,32 @@ class SamplingParamsModel(_Doc):
     stream_interval: Optional[int] = None
 
 
+class SessionParamsModel(_Doc):
+    """session_params of /generate (SGLang's session API)."""
+
+    id: str = Field(description="The session, from POST /open_session.")
+    rid: Optional[str] = Field(None, description="Earlier request of the session to append to (null: a new "
+                               "branch, from nothing).")
+    offset: Optional[int] = Field(None, description="Keep only the first offset tokens of that request's prompt + "
+                                  "output (negative: from the end; null / 0: all).")
+    replace: Optional[bool] = Field(None, description="Drop that request's later turns (with rid null: the whole "
+                                    "session) first.")
+    drop_previous_output: Optional[bool] = Field(None, description="Append to that request's prompt only.")
+
+
+class OpenSessionBody(_Doc):
+    """Body of POST /open_session."""
+
+    capacity_of_str_len: int = Field(description="Accepted for SGLang compatibility (not a limit here).")
+    session_id: Optional[str] = Field(None, description="Id to give the session (400 if one is open with it).")
+
+
+class CloseSessionBody(_Doc):
+    """Body of POST /close_session."""
+
+    session_id: str
+
+
 class GenerateRequest(_Doc):
     """Body of POST /generate: exactly one of text / input_ids; lists make a batch."""
 
@@ -77,6 +103,8 @@ class GenerateRequest(_Doc):
     video_data: None = Field(None, description="Not supported (400 unless null).")
     custom_logit_processor: None = Field(None, description="Not supported (400 unless null).")
     return_hidden_states: bool = Field(False, description="Not supported (400 unless false).")
+    session_params: Optional[Union[SessionParamsModel, List[SessionParamsModel]]] = Field(
+        None, description="Append this input to an earlier request of an open session (SGLang's session API).")
 
 
 class MetaInfo(_Doc):

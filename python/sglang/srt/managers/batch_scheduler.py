@@ -187,7 +187,10 @@ class BatchScheduler:
         self.running = [r for r in self.running if id(r) not in done]
         for req in reqs:
             self._by_rid.pop(req.rid, None)
+            computed = req.fill_ids[:req.kv_len] if req.session_id else None
             self.kv.release(req)
+            if computed:  # the session's next turn finds this KV here (pinned until then)
+                self.kv.finish_session_turn(req.session_id, computed)
 
     def _clean_waiting(self) -> None:
         if self._waiting_dirty:
@@ -316,6 +319,10 @@ class BatchScheduler:
     # ======================================================================================================
     def tokens_in_flight(self) -> int:
         return sum(r.remaining_new_tokens + r.extend_remaining for r in self.running + self.waiting)
+
+    def prefill_tokens_queued(self) -> int:
+        """Prompt tokens the admitted and waiting requests have still to prefill, in all."""
+        return sum(r.extend_remaining for r in self.running + self.waiting if not r.is_decoding)
 
     def largest_prefill_left(self) -> int:
         """The most prompt tokens one admitted or waiting request has still to prefill."""

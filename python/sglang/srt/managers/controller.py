@@ -13,6 +13,12 @@ report: place held requests, start a merge or a split). The controller only carr
 While a transformation runs, messages that would touch its instances are held and released after it;
 no request is ever sent to an instance under transformation.
 
+Affinity (issue 13, gyges.policies.affinity): a request goes where its session's KV is pinned (from the
+leaders' reports, and where its previous turn was sent) or where the longest prefix of its prompt is cached
+(PrefixIndex over the prompts routed to each instance), unless load there costs more than recomputing that
+prefix elsewhere (choose_by_affinity, with the step-time model of --gyges-cost-model when one is given).
+CloseSessionReqInput goes to every instance (the one holding the session unpins and frees its KV).
+
 Failure paths (every one ends in `fail_devices`: the instance's requests get a 503 with the reason, the
 TokenizerManager learns it through ServingState and kills hung workers so their memory is freed, every
 other instance keeps serving):
@@ -37,11 +43,13 @@ from typing import Dict, List, Optional
 import zmq
 
 from gyges.costmodel import StepTimeModel, TransformCostModel
+from gyges.policies.affinity import AffinityCandidate, PrefixIndex, choose_by_affinity
 from gyges.policy import ClusterState, Hold, InstanceLoad, Place, Reject, RequestInfo, Transform, make_policy
 from gyges.topology import Instance, Topology
 from sglang.srt.managers.io_struct import (
     AbortReq,
     BatchStrOut,
+    CloseSessionReqInput,
     FlushCacheReq,
     FlushCacheReqOutput,
     GetInternalStateReq,
@@ -78,6 +86,7 @@ class InstanceView:
     routed_since_report: int = 0  # requests sent after the last report (not yet counted by it)
     routed_tokens_since_report: int = 0  # their prompt + max_new_tokens
     routed_prompt_since_report: int = 0  # the longest of their prompts
+    routed_prefill_since_report: int = 0  # their prompt tokens not expected in the cache there
     idle_since: Optional[float] = None  # when the instance last became idle (None while busy)
     progress_at: float = field(default_factory=time.monotonic)  # last forward_ct change, or last seen idle
 
@@ -149,6 +158,13 @@ class Controller:
         self.failed_reasons: List[str] = []  # why, same order
         self.dead_devices: set = set()
         self.startup_transforms: List[Transform] = self._startup_transforms()
+        # Affinity: where prompts' prefixes and sessions' KV live (gyges.policies.affinity).
+        self.prefix_index = PrefixIndex(server_args.page_size)
+        self.session_home: Dict[str, int] = {}  # session id -> instance holding (or about to hold) its KV
+        self.reported_sessions: Dict[int, set] = {}  # instance -> sessions its last report listed as pinned
+        self.step_model = StepTimeModel.load(server_args.gyges_cost_model) if server_args.gyges_cost_model else None
+        self.chunk_tokens = (server_args.chunked_prefill_size if server_args.chunked_prefill_size > 0
+                             else server_args.max_prefill_tokens)
         self.poller = zmq.Poller()
         self.poller.register(self.recv_from_tokenizer, zmq.POLLIN)
         self.poller.register(self.recv_from_workers, zmq.POLLIN)
@@ -221,6 +237,13 @@ class Controller:
             return
         if isinstance(msg, TokenizedGenerateReqInput):
             self.route(msg)
+        elif isinstance(msg, CloseSessionReqInput):
+            if self.active is not None:
+                self.active.held.append(msg)
+                return
+            self.session_home.pop(msg.session_id, None)
+            for view in self.views.values():
+                self.send_to_worker[view.instance_id].send_pyobj(msg)
         elif isinstance(msg, (AbortReq, FlushCacheReq, GetInternalStateReq)):
             if self.active is not None:  # the instances are changing: answer after the transformation
                 self.active.held.append(msg)
@@ -251,7 +274,35 @@ class Controller:
         need = len(req.input_ids) + 1
         fits = [v for v in self.views.values() if v.instance_id not in exclude and
                 (v.report is None or v.report.kv_capacity_tokens >= need)]
-        return min(fits, key=InstanceView.load_key) if fits else None
+        if not fits:
+            return None
+        if any(v.report is None for v in fits):
+            return min(fits, key=InstanceView.load_key)
+        hashes = self.prefix_index.block_hashes(req.input_ids)
+        cands = [self._affinity_candidate(req, v, hashes) for v in fits]
+        best = choose_by_affinity(len(req.input_ids), cands, self.step_model, self.chunk_tokens)
+        return self.views[best.base]
+
+    def cached_tokens_by_instance(self, req: TokenizedGenerateReqInput, hashes=None) -> Dict[int, int]:
+        """Leading prompt tokens of req whose KV each instance holds (as far as the controller knows)."""
+        if hashes is None:
+            hashes = self.prefix_index.block_hashes(req.input_ids)
+        out = {base: self.prefix_index.match(base, req.input_ids, hashes) for base in self.views}
+        home = self.session_home.get(req.session_id) if req.session_id else None
+        if home in out:
+            out[home] = max(out[home], req.session_prefix_tokens)
+        return out
+
+    def _affinity_candidate(self, req: TokenizedGenerateReqInput, view: InstanceView, hashes) -> AffinityCandidate:
+        r = view.report
+        cached = self.prefix_index.match(view.instance_id, req.input_ids, hashes)
+        if req.session_id and self.session_home.get(req.session_id) == view.instance_id:
+            cached = max(cached, req.session_prefix_tokens)
+        return AffinityCandidate(
+            base=view.instance_id, tp=view.instance.tp, running=r.running,
+            waiting=r.waiting + view.routed_since_report,
+            prefill_tokens_queued=r.prefill_tokens_queued + view.routed_prefill_since_report,
+            tokens_in_flight=r.tokens_in_flight + view.routed_tokens_since_report, cached_tokens=cached)
 
     def route(self, req: TokenizedGenerateReqInput) -> None:
         if self.policy is not None:
@@ -291,6 +342,15 @@ class Controller:
             return
         view = self.views[base]
         self.routed[req.rid] = base
+        hashes = self.prefix_index.block_hashes(req.input_ids)
+        cached = self.prefix_index.match(base, req.input_ids, hashes)
+        if req.session_id:
+            if self.session_home.get(req.session_id) == base:
+                cached = max(cached, req.session_prefix_tokens)
+            self.session_home[req.session_id] = base
+        view.routed_prefill_since_report += max(1, len(req.input_ids) - cached)
+        cap = view.report.kv_capacity_tokens if view.report else None
+        self.prefix_index.insert(base, req.input_ids, cap // self.args.page_size if cap else None, hashes)
         view.routed_since_report += 1
         view.routed_tokens_since_report += len(req.input_ids) + self._max_new(req)
         view.routed_prompt_since_report = max(view.routed_prompt_since_report, len(req.input_ids))
@@ -418,6 +478,7 @@ class Controller:
         if done.success:
             self.topology = self._pending_topology
             self._set_instances(self.topology.instances)
+            self._regroup_affinity(active.cmd)
             for base, rids in done.placements.items():
                 for rid in rids:
                     if rid in self.routed:
@@ -426,6 +487,31 @@ class Controller:
             self.history.append({"kind": active.cmd.kind, "devices": bd.get("devices"), "tp": bd.get("tp"),
                                  "at": time.time(), **bd})
         self._maybe_complete_transform()
+
+    def _regroup_affinity(self, cmd: TransformCmd) -> None:
+        """After a merge / split: the prefix index and session homes follow the instances (a session on a
+        split instance is first assumed on the part with the old leader; the new leaders' reports correct it)."""
+        sources = [inst[0] for inst in cmd.src_instances]
+        targets = [inst[0] for inst in cmd.dst_instances]
+        self.prefix_index.regroup(sources, targets)
+        for base in sources:
+            if base not in targets:
+                self.reported_sessions.pop(base, None)
+        for sid, home in list(self.session_home.items()):
+            if home in sources and home not in self.views:
+                inst = self.topology.instance_of(home)
+                self.session_home[sid] = inst.leader
+
+    def _sessions_reported(self, instance_id: int, sessions: List[str]) -> None:
+        """An instance's report listed the sessions pinned there: they live there; those that left the list
+        were unpinned (their KV may be evicted), so they no longer count as living anywhere."""
+        now = set(sessions)
+        for sid in self.reported_sessions.get(instance_id, set()) - now:
+            if self.session_home.get(sid) == instance_id:
+                del self.session_home[sid]
+        for sid in now:
+            self.session_home[sid] = instance_id
+        self.reported_sessions[instance_id] = now
 
     def _maybe_complete_transform(self) -> None:
         """Answer and release held messages once every new instance has reported (its capacity is known)."""
@@ -564,6 +650,8 @@ class Controller:
                 self.capacity_by_tp = dict(msg.capacity_by_tp)
             for rid in msg.finished_rids:
                 self.routed.pop(rid, None)
+            if msg.sessions is not None:
+                self._sessions_reported(msg.instance_id, msg.sessions)
             if view is None:
                 # A new leader of a split can report before the transformation's TransformDone arrives
                 # (it comes from another worker's socket): keep it for the view about to be created.
@@ -575,6 +663,7 @@ class Controller:
                 view.routed_since_report = 0
                 view.routed_tokens_since_report = 0
                 view.routed_prompt_since_report = 0
+                view.routed_prefill_since_report = 0
                 if msg.running + msg.waiting == 0:
                     view.idle_since = view.idle_since or time.time()
                 else:

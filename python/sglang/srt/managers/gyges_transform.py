@@ -2,7 +2,8 @@
 
     controller --TransformCmd--> leaders of the source instances --broadcast--> their followers
     every device of the transformation (the aligned group D covering it), together:
-      1. gather     each source leader's InstanceState (requests, page tables, radix paths)   [cpu group]
+      1. gather     each source leader's InstanceState (requests, page tables, radix paths, open sessions'
+                    pinned paths)                                                             [cpu group]
       2. plan       gyges.plans: page renumbering / split assignment, KV moves, weight rows   [pure, same
                     on every device; a plan that cannot work (a split that does not fit) is refused here,
                     before anything moved, and the source instances continue unchanged]
@@ -11,7 +12,9 @@
       5. resume     new leaders adopt their re-based requests and cache; followers follow
       6. report     D's first device sends TransformDone with the measured breakdown to the controller
 
-Nothing is recomputed: requests keep their KV, output, sampling seed and grammar state.
+Nothing is recomputed: requests keep their KV, output, sampling seed and grammar state. Open sessions keep
+their pinned KV: a merge takes every source's pins; a split moves each session's pages (one page group,
+placed right after the running requests' groups) together to one part, which re-pins them.
 """
 
 from __future__ import annotations
@@ -90,12 +93,16 @@ def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: 
             out.running.extend(_rebase(r, f) for r in st.running)
             out.waiting.extend(st.waiting)
             out.tree_paths.extend((toks, [f(p) for p in pages]) for toks, pages in st.tree_paths)
+            out.session_pins.extend((sid, toks, [f(p) for p in pages], t) for sid, toks, pages, t in st.session_pins)
             out.new_token_ratio = max(out.new_token_ratio, st.new_token_ratio)
         return TransformPlan(kv_plan, {merged.base: out}, running)
     if cmd.kind == "split":
         merged = src[0]
         st = states[merged.base]
         groups = _page_groups(st)
+        pinned = {p for _, _, pages, _ in st.session_pins for p in pages}
+        for g in groups:
+            g.pinned = any(p in pinned for p in g.pages)
         targets = _assign_groups(groups, merged, dst, layout, buffer_bytes, reserved_after)
         kept = [i for i, t in enumerate(targets) if t is not None]
         assignment = split_page_assignment(layout, buffer_bytes, merged, dst,
@@ -113,9 +120,17 @@ def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: 
             out = outs[dst[targets[i]].base]
             out.running.extend(_rebase(r, f) for r in g.reqs)
             out.tree_paths.extend((toks, [f(p) for p in pages]) for toks, pages in g.paths)
+        session_part = {}
+        for sid, toks, pages, t in st.session_pins:
+            if pages and all(p in assignment for p in pages):  # else its group was dropped: recomputed later
+                part = dst[assignment[pages[0]][0]]
+                session_part[sid] = part
+                outs[part.base].session_pins.append((sid, toks, [f(p) for p in pages], t))
         for j, req in enumerate(sorted(st.waiting, key=lambda r: r.arrival_time)):
-            # Waiting requests hold no KV: spread them, the least loaded part first.
-            part = min(dst, key=lambda p: (len(outs[p.base].running) + len(outs[p.base].waiting), p.base))
+            # Waiting requests hold no KV: spread them, the least loaded part first (a session's next turn
+            # goes where its session's KV went).
+            part = session_part.get(req.session_id) or min(
+                dst, key=lambda p: (len(outs[p.base].running) + len(outs[p.base].waiting), p.base))
             outs[part.base].waiting.append(req)
         return TransformPlan(kv_plan, outs, running)
     raise ValueError(f"unknown transformation kind {cmd.kind!r}")
@@ -128,6 +143,7 @@ class _PageGroup:
     pages: List[int] = field(default_factory=list)
     reqs: List[Req] = field(default_factory=list)
     paths: List[Tuple[List[int], List[int]]] = field(default_factory=list)
+    pinned: bool = False  # holds an open session's pinned pages (kept before plain cache)
 
 
 def _page_groups(st: InstanceState) -> List[_PageGroup]:
@@ -169,13 +185,15 @@ def _assign_groups(groups: List[_PageGroup], merged: Instance, parts: List[Insta
     """Target part of each group, or None for cache-only groups that are dropped (evicted) for lack of room.
 
     Groups with running requests are placed first, biggest first, on the part with the fewest running
-    requests (then pages) that has room, preferring where their pages already lie; cached paths follow
-    while room is left. A running group that fits no part refuses the split.
+    requests (then pages) that has room, preferring where their pages already lie; open sessions' pinned
+    paths next, then other cached paths, while room is left. A running group that fits no part refuses the
+    split.
     """
     room = [layout.pages_per_device(buffer_bytes, p.tp) - reserved_after for p in parts]
     load = [[0, 0] for _ in parts]  # per part: [running requests, pages]
     targets: List[Optional[int]] = [None] * len(groups)
-    order = sorted(range(len(groups)), key=lambda i: (not groups[i].reqs, -len(groups[i].pages)))
+    order = sorted(range(len(groups)), key=lambda i: (not groups[i].reqs, not groups[i].pinned,
+                                                      -len(groups[i].pages)))
     for i in order:
         g = groups[i]
         natural = [0] * len(parts)

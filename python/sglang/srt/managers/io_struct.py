@@ -44,6 +44,9 @@ class GenerateReqInput:
     return_text_in_logprobs: bool = False
     # Stream partial results (SSE on HTTP, a generator on Engine).
     stream: bool = False
+    # SGLang's session API: {"id", "rid", "offset", "replace", "drop_previous_output"} (SessionParams), or one
+    # per prompt of a batch; the turn is appended to the session's earlier request (session_controller.py).
+    session_params: Optional[Union[Dict[str, Any], List[Dict[str, Any]]]] = None
     # Accepted for SGLang compatibility; no effect here.
     log_metrics: bool = True
     # SGLang features this server does not have: None / False / "text" only (normalize() rejects any other
@@ -185,6 +188,42 @@ class TokenizedGenerateReqInput:
     stream: bool
     # time.time() when the TokenizerManager received the request.
     arrival_time: float = 0.0
+    # Open session this turn belongs to (input_ids is then the whole conversation so far plus the new input).
+    session_id: Optional[str] = None
+    # Leading tokens of input_ids that the session's earlier turn computed (its KV is pinned where it ran).
+    session_prefix_tokens: int = 0
+
+
+@dataclass
+class SessionParams:
+    """SGLang's session_params of a /generate turn."""
+
+    # The session (from POST /open_session).
+    id: str
+    # The earlier request of the session to append to (None: start a new branch of the session).
+    rid: Optional[str] = None
+    # Keep only the first `offset` tokens of that request's prompt + output (negative: count from the end;
+    # None / 0: all of them) before appending the new input.
+    offset: Optional[int] = None
+    # Replace that request's later turns (branches); with rid None: clear the whole session first.
+    replace: Optional[bool] = None
+    # Append to that request's prompt only, without its output.
+    drop_previous_output: Optional[bool] = None
+
+
+@dataclass
+class OpenSessionReqInput:
+    # Kept for SGLang compatibility (upstream's nominal session size in characters); not a limit here.
+    capacity_of_str_len: int
+    # The id to give the session (a 400 when a session with this id is open); generated when missing.
+    session_id: Optional[str] = None
+
+
+@dataclass
+class CloseSessionReqInput:
+    # The session to close; its turns' history is forgotten and its pinned KV released on every instance
+    # (also sent TokenizerManager -> Controller -> leaders).
+    session_id: str
 
 
 @dataclass
@@ -320,6 +359,12 @@ class InstanceReport:
     # The most prompt tokens one request here has still to prefill (the Gyges policy keeps an instance
     # merged while a prefill needs its speed).
     prefill_tokens_left: int = 0
+    # Prompt tokens the requests here have still to prefill, in all (the affinity placement's queue term).
+    prefill_tokens_queued: int = 0
+    # KV tokens held only by open sessions' pins (included in kv_evictable_tokens: reclaimable on demand).
+    kv_pinned_tokens: int = 0
+    # Ids of the sessions whose KV is pinned here, when the set changed since the previous report (None: same).
+    sessions: Optional[List[str]] = None
 
 
 @dataclass

@@ -6,6 +6,8 @@ cache (pages holding cached prefixes, evictable when unreferenced):
     admit(req)           match the longest cached page-aligned prefix, lock it, start the page table
     reserve(req, n)      make sure the page table covers n tokens, evicting cached leaves if needed
     release(req)         insert the request's computed, page-aligned KV into the cache, unlock, free the rest
+    sessions             open sessions' pinned paths (mem_cache/session_pins.py): kept between turns, given
+                         up least recently used first when running requests need their pages
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import List
 from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.mem_cache.page_allocator import PageAllocator
 from sglang.srt.mem_cache.radix_cache import RadixCache
+from sglang.srt.mem_cache.session_pins import SessionPins
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:
@@ -22,13 +25,16 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 
 class ReqKVManager:
-    def __init__(self, num_pages: int, page_size: int, disable_radix_cache: bool, reserved_pages: int = 0):
-        """num_pages: page ids [0, num_pages); the first `reserved_pages` hold weights and are never handed out."""
+    def __init__(self, num_pages: int, page_size: int, disable_radix_cache: bool, reserved_pages: int = 0,
+                 session_budget: float = 0.5):
+        """num_pages: page ids [0, num_pages); the first `reserved_pages` hold weights and are never handed out.
+        session_budget: share of the usable pages open sessions may keep pinned between turns."""
         self.page_size = page_size
         self.allocator = PageAllocator(num_pages)
         self.allocator.take(range(reserved_pages))
         self.reserved_pages = reserved_pages
         self.tree = RadixCache(page_size, self.allocator, disable=disable_radix_cache)
+        self.sessions = SessionPins(self.tree, int(session_budget * (num_pages - reserved_pages)))
 
     # ---- capacity ---------------------------------------------------------------------------------
     @property
@@ -37,8 +43,8 @@ class ReqKVManager:
         return self.allocator.num_total - self.reserved_pages
 
     def available_pages(self) -> int:
-        """Pages obtainable now: free ones plus cached ones nobody references."""
-        return self.allocator.num_free + self.tree.evictable_pages()
+        """Pages obtainable now: free ones, cached ones nobody references, and those only session pins hold."""
+        return self.allocator.num_free + self.tree.evictable_pages() + self.tree.pinned_pages()
 
     def used_pages(self) -> int:
         return self.num_pages - self.allocator.num_free
@@ -77,6 +83,9 @@ class ReqKVManager:
         if pages is None:
             self.tree.evict(n - self.allocator.num_free)
             pages = self.allocator.alloc(n)
+        while pages is None and self.sessions.release_lru():  # running requests come first
+            self.tree.evict(n - self.allocator.num_free)
+            pages = self.allocator.alloc(n)
         return pages
 
     def release(self, req: Req) -> None:
@@ -97,7 +106,12 @@ class ReqKVManager:
             self.tree.dec_lock_ref(req.cache_node)
         req.reset_kv()
 
+    def finish_session_turn(self, session_id: str, computed_tokens: List[int]) -> None:
+        """A session's turn finished and was released: pin its computed tokens until the next turn."""
+        self.sessions.pin(session_id, computed_tokens)
+
     def flush(self) -> None:
+        self.sessions.clear()
         self.tree.reset()
 
     # ---- Gyges: ownership after a transformation ----------------------------------------------------

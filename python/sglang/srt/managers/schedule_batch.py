@@ -45,6 +45,7 @@ class Req:
     top_logprobs_num: int = 0
     stream: bool = False
     arrival_time: float = field(default_factory=time.time)
+    session_id: Optional[str] = None  # open session this turn belongs to (its KV stays pinned after it)
 
     # ---- generation state -----------------------------------------------------------------------
     output_ids: List[int] = field(default_factory=list)
@@ -131,6 +132,8 @@ class InstanceState:
     waiting: List[Req]
     tree_paths: List[Any]  # [(token ids, page ids)] root-to-leaf paths of the radix tree
     new_token_ratio: float = 0.5
+    # Open sessions' pinned paths: (session id, token ids, page ids, last_used) (mem_cache/session_pins.py).
+    session_pins: List[Any] = field(default_factory=list)
 
     def used_pages(self) -> set:
         pages = set()

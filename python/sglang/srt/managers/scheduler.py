@@ -3,7 +3,8 @@
 The decisions (which requests run, how many tokens, what to retract) are made by the pure
 `BatchScheduler` (batch_scheduler.py); this class carries them out. Every iteration:
 
-    recv       TokenizedGenerateReqInput / AbortReq / FlushCacheReq / GetInternalStateReq from the controller;
+    recv       TokenizedGenerateReqInput / AbortReq / FlushCacheReq / GetInternalStateReq / CloseSessionReqInput
+               from the controller;
                constrained requests wait here while their grammar compiles on a side thread (time-limited)
     schedule   BatchScheduler.schedule() -> SchedulePlan (decodes + prefill chunks, retractions, failures)
     forward    ForwardBatch broadcast to the other TP ranks, ModelRunner.forward on every rank
@@ -30,6 +31,7 @@ from sglang.srt.managers.batch_scheduler import BatchScheduler, SchedulePlan, Sc
 from sglang.srt.managers.io_struct import (
     AbortReq,
     BatchTokenIDOut,
+    CloseSessionReqInput,
     FlushCacheReq,
     FlushCacheReqOutput,
     GetInternalStateReq,
@@ -108,7 +110,8 @@ class Scheduler:
         self.instance_id = instance_id
         self.model_config = runner.model_config
         self.page_size = server_args.page_size
-        self.kv = ReqKVManager(runner.num_pages, self.page_size, server_args.disable_radix_cache, runner.reserved_pages)
+        self.kv = ReqKVManager(runner.num_pages, self.page_size, server_args.disable_radix_cache, runner.reserved_pages,
+                               session_budget=server_args.session_kv_budget)
         self.batches = BatchScheduler(SchedulerConfig.from_server_args(server_args, self.model_config.context_len),
                                       self.kv)
         self.sampler = Sampler(self.model_config.vocab_size)
@@ -122,6 +125,7 @@ class Scheduler:
         self.forward_ct = 0
         self._last_report_key = None
         self._last_report_time = 0.0
+        self._reported_sessions: Optional[List[str]] = None  # session ids of the last report that sent them
 
         self.recv_from_controller = channels.recv_from_controller
         self.send_to_detokenizer = channels.send_to_detokenizer
@@ -197,6 +201,8 @@ class Scheduler:
             self.send_to_controller.send_pyobj(FlushCacheReqOutput(msg.req_id, ok, self.instance_id))
         elif isinstance(msg, TransformCmd):
             self._pending_transform = msg
+        elif isinstance(msg, CloseSessionReqInput):
+            self.kv.sessions.close(msg.session_id)
         elif isinstance(msg, GetInternalStateReq):
             self.send_to_controller.send_pyobj(
                 GetInternalStateReqOutput(msg.req_id, self.instance_id, self.internal_state()))
@@ -215,6 +221,7 @@ class Scheduler:
             top_logprobs_num=recv.top_logprobs_num,
             stream=recv.stream,
             arrival_time=recv.arrival_time or time.time(),
+            session_id=recv.session_id,
         )
         if req.rid in self.grammar_pending:
             self.finish_now(req, finish_abort(f"request id {req.rid!r} is already in use by a live request", 400))
@@ -515,6 +522,7 @@ class Scheduler:
             "num_pages": self.kv.num_pages,
             "free_pages": self.kv.allocator.num_free,
             "cached_pages": self.kv.tree.cached_pages(),
+            **self.kv.sessions.stats(),
             "kv_used_tokens": self.kv.used_pages() * self.page_size,
             "kv_capacity_tokens": self.kv.num_pages * self.page_size,
             "forward_ct": self.forward_ct,
@@ -534,6 +542,7 @@ class Scheduler:
             waiting=[portable_req(r) for r in self.waiting],
             tree_paths=self.kv.tree.export(),
             new_token_ratio=self.batches.new_token_ratio,
+            session_pins=self.kv.sessions.export(),
         )
 
     def adopt_state(self, state: InstanceState) -> None:
@@ -542,15 +551,19 @@ class Scheduler:
             if isinstance(req.grammar, dict):
                 req.grammar = self.grammar_backend().restore(req.grammar["grammar_state"])
         self.kv.adopt(state.tree_paths, state.running)
+        self.kv.sessions.adopt(state.session_pins)
         self.batches.adopt(state.running, state.waiting, state.new_token_ratio)
 
     def report_load(self) -> None:
         """Send an InstanceReport when the load changed, a request finished, or a heartbeat is due."""
         waiting = self.batches.num_waiting + len(self.grammar_pending)
+        reclaimable = self.kv.tree.evictable_pages() + self.kv.tree.pinned_pages()
         key = (len(self.running), waiting, self.kv.used_pages(), self.kv.num_pages,
-               self.batches.tokens_in_flight(), self.kv.tree.evictable_pages(), self.batches.largest_prefill_left())
+               self.batches.tokens_in_flight(), reclaimable, self.batches.largest_prefill_left(),
+               self.batches.prefill_tokens_queued(), self.kv.tree.pinned_pages())
+        sessions = self.kv.sessions.session_ids()
         now = time.monotonic()
-        if (key == self._last_report_key and not self._finished_since_report
+        if (key == self._last_report_key and not self._finished_since_report and sessions == self._reported_sessions
                 and now - self._last_report_time < REPORT_HEARTBEAT_S):
             return
         report = InstanceReport(
@@ -565,7 +578,11 @@ class Scheduler:
             finished_rids=self._finished_since_report,
             forward_ct=self.forward_ct,
             prefill_tokens_left=key[6],
+            prefill_tokens_queued=key[7],
+            kv_pinned_tokens=key[8] * self.page_size,
+            sessions=sessions if sessions != self._reported_sessions else None,
         )
+        self._reported_sessions = sessions
         self._last_report_key = key
         self._last_report_time = now
         self._finished_since_report = []

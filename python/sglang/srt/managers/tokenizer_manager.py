@@ -10,6 +10,10 @@
       -> response dicts in SGLang's /generate format (one at the end, or a stream of them), with the
          cumulative text / output_ids / logprobs SGLang returns
 
+Sessions (SGLang's session API, session_controller.py): open_session / close_session, and a /generate with
+session_params becomes the session's next turn (the whole conversation as input_ids) right after
+tokenization; idle sessions are closed by the watchdog loop after --session-idle-timeout.
+
 Request ids are unique among live requests: a client rid already in flight, or one whose request was
 aborted and has not been confirmed finished by its scheduler yet ("draining"), is refused with a 400.
 
@@ -41,6 +45,8 @@ import zmq.asyncio
 from sglang.srt.managers.io_struct import (
     AbortReq,
     BatchStrOut,
+    CloseSessionReqInput,
+    OpenSessionReqInput,
     FlushCacheReq,
     FlushCacheReqOutput,
     GenerateReqInput,
@@ -52,6 +58,7 @@ from sglang.srt.managers.io_struct import (
     WorkerDied,
     TokenizedGenerateReqInput,
 )
+from sglang.srt.managers.session_controller import SessionStore, parse_session_params
 from sglang.srt.server_args import ServerArgs, parse_size
 from sglang.srt.utils import PortArgs, get_zmq_socket, remove_ipc_files
 
@@ -161,6 +168,8 @@ class TokenizerManager:
 
             self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
         self._seed_rng = random.Random(server_args.random_seed)
+        self.sessions = SessionStore(server_args.session_idle_timeout,
+                                     getattr(self.tokenizer, "bos_token_id", None))
         self.limits = RequestLimits.from_server_args(server_args, max_req_input_len)
         self.rid_to_state: Dict[str, ReqState] = {}
         # rid -> deadline: aborted requests whose scheduler has not confirmed their end yet (rid reserved).
@@ -236,12 +245,15 @@ class TokenizerManager:
             obj.normalize()
             chars = self._check_limits(obj)
             self._check_rids(obj.rid)  # before tokenizing: cheap
+            session_params = self._check_session_turns(obj)
             tokenized = await self.offload(chars, self._tokenize_all, obj)
             if chars > INLINE_TOKENIZE_CHARS:  # it waited for a thread: the world may have changed meanwhile
                 if not self.is_healthy():
                     raise ServerUnavailableError(
                         f"the server is not serving: {self._dead_reason or 'shutting down'}")
                 self._check_rids(obj.rid)  # others may have taken one while this one was tokenized
+            if session_params is not None:
+                self._make_session_turns(obj, session_params, tokenized)
             messages = [pickle.dumps(t, pickle.HIGHEST_PROTOCOL) for t in tokenized]
         except RecursionError:
             raise ValueError("the request is nested too deeply (a JSON value inside it); flatten it") from None
@@ -265,7 +277,67 @@ class TokenizerManager:
                 if not st.finished and st.rid in self.rid_to_state:
                     self._drain(st.rid)
                     await self.abort_request(st.rid)
+                    self.sessions.finished(st.rid, st.output_ids)  # a session turn keeps what it produced
                 self.rid_to_state.pop(st.rid, None)
+
+    # ---- sessions ----------------------------------------------------------------------------------------
+    async def open_session(self, obj: OpenSessionReqInput) -> str:
+        """A new session's id (ValueError -> 400 when the id is taken or the fields are wrong)."""
+        self._close_expired_sessions()
+        return self.sessions.open(obj.capacity_of_str_len, obj.session_id)
+
+    async def close_session(self, obj: CloseSessionReqInput) -> None:
+        """Forget the session's turns and release its pinned KV everywhere (ValueError -> 400 if not open)."""
+        self._ensure_started()
+        for rid in self.sessions.close(obj.session_id):
+            self._send_to_controller.send_pyobj(AbortReq(rid))
+        self._send_to_controller.send_pyobj(CloseSessionReqInput(obj.session_id))
+
+    def _close_expired_sessions(self) -> None:
+        for session_id in self.sessions.expired():
+            logger.info("session %s idle for more than %g s: closed (--session-idle-timeout)", session_id,
+                        self.sessions.idle_timeout_s)
+            self.sessions.close(session_id)
+            if self._send_to_controller is not None:
+                self._send_to_controller.send_pyobj(CloseSessionReqInput(session_id))
+
+    def _check_session_turns(self, obj: GenerateReqInput):
+        """The parsed session_params of each prompt (None without sessions), validated before tokenizing."""
+        if obj.session_params is None:
+            return None
+        self._close_expired_sessions()
+        value = obj.session_params
+        if isinstance(value, list):
+            if len(value) != obj.batch_size:
+                raise ValueError("'session_params' list must have one entry per prompt")
+            params = [parse_session_params(v) for v in value]
+        else:
+            params = [parse_session_params(value)] * obj.batch_size
+        n = obj.parallel_sample_num
+        for i, p in enumerate(params):
+            for j in range(n):
+                self.sessions.check(p, obj.rid[i * n + j])
+        return params
+
+    def _make_session_turns(self, obj: GenerateReqInput, params, tokenized: List[TokenizedGenerateReqInput]) -> None:
+        """Each tokenized prompt becomes its session's next turn (whole conversation as input_ids)."""
+        made, replaced = [], []
+        try:
+            for k, t in enumerate(tokenized):
+                replaced += self.sessions.prepare(params[k // obj.parallel_sample_num], t)
+                made.append(t.rid)
+                if len(t.input_ids) > self.max_req_input_len:
+                    raise ValueError(self._too_long_message(len(t.input_ids)))
+                if t.return_logprob and t.logprob_start_len >= len(t.input_ids):
+                    raise ValueError(f"logprob_start_len {t.logprob_start_len} is not inside the session turn's "
+                                     f"prompt of {len(t.input_ids)} tokens")
+                self._check_total_tokens(len(t.input_ids), t.sampling_params.max_new_tokens)
+        except ValueError:
+            for rid in made:
+                self.sessions.forget_turn(rid)
+            raise
+        for rid in replaced:  # turns replaced while still running
+            self._send_to_controller.send_pyobj(AbortReq(rid))
 
     # ---- validation --------------------------------------------------------------------------------------
     def _check_limits(self, obj: GenerateReqInput) -> int:
@@ -508,6 +580,7 @@ class TokenizerManager:
             st.output_top_logprobs.extend(d.output_top_logprobs)
         if d.finish_reason is not None:
             st.finished = True
+            self.sessions.finished(st.rid, st.output_ids)
             if self.metrics:
                 self.metrics.observe_e2e(now - st.created_time)
                 self.metrics.count_tokens(d.prompt_tokens, d.completion_tokens)
@@ -630,6 +703,7 @@ class TokenizerManager:
         reported = set()
         while self._healthy and not self._shutdown:
             await asyncio.sleep(0.5)
+            self._close_expired_sessions()
             for p in self.child_processes:
                 if p.is_alive() or p.pid in reported or self._shutdown:
                     continue

@@ -22,6 +22,10 @@ Ownership rules (who frees what):
   a partial last page itself.
 - With `disable=True` the tree keeps nothing: `match_prefix` matches nothing and `insert` returns 0, so the
   caller frees all of its pages.
+- `pin(node)` / `unpin(node)` hold a path for an open session (SGLang's session API) without a running
+  request: a pinned node is never evicted, but unlike a lock the pin is given up on demand (the caller's
+  policy, mem_cache/session_pins.py). Pages fall in three classes: locked (a running request uses them),
+  pinned (only sessions hold them), evictable (nobody does).
 - `rebase(mapping)` rewrites page ids in place (a Gyges merge/split renumbers pages); it does not touch
   any allocator: the caller sets up the allocator of the new id space (pass it as `allocator=`) so that
   `all_pages()` are marked used there.
@@ -43,7 +47,7 @@ from sglang.srt.mem_cache.page_allocator import PageAllocator
 class TreeNode:
     """One edge of the tree: `key` (token ids) cached in `pages` (one id per page_size tokens)."""
 
-    __slots__ = ("key", "pages", "children", "parent", "lock_ref", "last_access", "id")
+    __slots__ = ("key", "pages", "children", "parent", "lock_ref", "pin_ref", "last_access", "id")
 
     _ids = itertools.count()
 
@@ -53,6 +57,7 @@ class TreeNode:
         self.children: Dict[Tuple[int, ...], "TreeNode"] = {}
         self.parent: Optional["TreeNode"] = parent
         self.lock_ref: int = 0
+        self.pin_ref: int = 0  # open sessions holding this node (see RadixCache.pin)
         self.last_access: int = 0
         self.id = next(TreeNode._ids)
 
@@ -62,7 +67,7 @@ class TreeNode:
 
     def __repr__(self) -> str:
         return (f"TreeNode(id={self.id}, tokens={len(self.key)}, pages={self.pages}, "
-                f"lock_ref={self.lock_ref}, children={len(self.children)})")
+                f"lock_ref={self.lock_ref}, pin_ref={self.pin_ref}, children={len(self.children)})")
 
 
 @dataclass
@@ -90,6 +95,7 @@ class RadixCache:
         self.root.lock_ref = 1  # the root is never evicted
         self._evictable_pages = 0
         self._protected_pages = 0
+        self._pinned_pages = 0
 
     # ------------------------------------------------------------------------------------------------
     # queries
@@ -102,9 +108,13 @@ class RadixCache:
         """Pages in nodes pinned by at least one running request."""
         return self._protected_pages
 
+    def pinned_pages(self) -> int:
+        """Pages in nodes held only by session pins (no running request): reclaimable by unpinning."""
+        return self._pinned_pages
+
     def cached_pages(self) -> int:
         """All pages owned by the tree."""
-        return self._evictable_pages + self._protected_pages
+        return self._evictable_pages + self._protected_pages + self._pinned_pages
 
     def cached_tokens(self) -> int:
         return self.cached_pages() * self.page_size
@@ -149,6 +159,7 @@ class RadixCache:
         cut = num_pages * ps
         upper = TreeNode(node.key[:cut], node.pages[:num_pages], node.parent)
         upper.lock_ref = node.lock_ref
+        upper.pin_ref = node.pin_ref
         upper.last_access = node.last_access
         node.parent.children[self._child_key(node.key, 0)] = upper
         node.key = node.key[cut:]
@@ -222,33 +233,72 @@ class RadixCache:
     # locks
     # ------------------------------------------------------------------------------------------------
     def inc_lock_ref(self, node: TreeNode) -> None:
-        """Pin node and its ancestors (a running request uses their pages)."""
-        if self.disable:
-            return
-        while node is not self.root:
-            if node.lock_ref == 0:
-                self._evictable_pages -= len(node.pages)
-                self._protected_pages += len(node.pages)
-            node.lock_ref += 1
-            node = node.parent
+        """Lock node and its ancestors (a running request uses their pages)."""
+        self._add_ref(node, "lock_ref", +1)
 
     def dec_lock_ref(self, node: TreeNode) -> None:
+        self._add_ref(node, "lock_ref", -1)
+
+    def pin(self, node: TreeNode) -> None:
+        """Keep node and its ancestors cached for a session (never evicted while pinned)."""
+        self._add_ref(node, "pin_ref", +1)
+
+    def unpin(self, node: TreeNode) -> None:
+        """Undo one pin(node): the path becomes ordinary (LRU-evictable) cache again."""
+        self._add_ref(node, "pin_ref", -1)
+
+    def _add_ref(self, node: TreeNode, ref: str, delta: int) -> None:
+        """Add delta to the `ref` count (lock_ref / pin_ref) of node and every ancestor, moving their pages
+        between the locked / pinned / evictable counters."""
         if self.disable:
             return
-        # Validate the whole path first so that an unbalanced call changes nothing.
-        n = node
-        while n is not self.root:
-            if n.lock_ref <= 0:
-                raise RuntimeError(f"dec_lock_ref on an unlocked node: {n!r}")
-            if n.parent is None:
-                raise RuntimeError(f"dec_lock_ref on a node that is not in this tree: {n!r}")
-            n = n.parent
+        if delta < 0:  # validate the whole path first so that an unbalanced call changes nothing
+            n = node
+            while n is not self.root:
+                if getattr(n, ref) <= 0:
+                    raise RuntimeError(f"{ref} decrement on a node that holds none: {n!r}")
+                if n.parent is None:
+                    raise RuntimeError(f"{ref} decrement on a node that is not in this tree: {n!r}")
+                n = n.parent
         while node is not self.root:
-            node.lock_ref -= 1
-            if node.lock_ref == 0:
-                self._protected_pages -= len(node.pages)
-                self._evictable_pages += len(node.pages)
+            self._count(node, -1)
+            setattr(node, ref, getattr(node, ref) + delta)
+            self._count(node, +1)
             node = node.parent
+
+    def _count(self, node: TreeNode, sign: int) -> None:
+        """Add (sign=+1) or remove (-1) node's pages to / from the counter of its class."""
+        n = sign * len(node.pages)
+        if node.lock_ref:
+            self._protected_pages += n
+        elif node.pin_ref:
+            self._pinned_pages += n
+        else:
+            self._evictable_pages += n
+
+    def free_path(self, node: TreeNode) -> int:
+        """Evict node and then each ancestor that becomes an unreferenced leaf (a closed session's own
+        pages; prefixes other paths share stay). Returns the pages freed."""
+        freed = 0
+        while (node is not self.root and node.parent is not None and node.is_leaf
+               and not node.lock_ref and not node.pin_ref):
+            parent = node.parent
+            self.allocator.free(node.pages)
+            freed += len(node.pages)
+            self._evictable_pages -= len(node.pages)
+            del parent.children[self._child_key(node.key, 0)]
+            node.parent = None
+            node = parent
+        return freed
+
+    def path_of(self, node: TreeNode) -> Tuple[List[int], List[int]]:
+        """(token ids, page ids) from the root down to node."""
+        keys, pages = [], []
+        while node is not self.root:
+            keys.append(node.key)
+            pages.append(node.pages)
+            node = node.parent
+        return ([t for k in reversed(keys) for t in k], [p for ps in reversed(pages) for p in ps])
 
     # ------------------------------------------------------------------------------------------------
     # eviction / flush
@@ -259,7 +309,8 @@ class RadixCache:
         evicted, so the result may exceed num_pages. Returns the number of pages freed."""
         if self.disable or num_pages <= 0:
             return 0
-        heap = [(n.last_access, n.id, n) for n in self._iter_nodes() if n.is_leaf and n.lock_ref == 0]
+        heap = [(n.last_access, n.id, n) for n in self._iter_nodes()
+                if n.is_leaf and n.lock_ref == 0 and n.pin_ref == 0]
         heapq.heapify(heap)
         freed = 0
         while freed < num_pages and heap:
@@ -270,12 +321,13 @@ class RadixCache:
             parent = node.parent
             del parent.children[self._child_key(node.key, 0)]
             node.parent = None
-            if parent is not self.root and parent.is_leaf and parent.lock_ref == 0:
+            if parent is not self.root and parent.is_leaf and parent.lock_ref == 0 and parent.pin_ref == 0:
                 heapq.heappush(heap, (parent.last_access, parent.id, parent))
         return freed
 
     def reset(self) -> None:
-        """Flush the cache: every page goes back to the allocator. Raises if a request still pins a node."""
+        """Flush the cache: every page goes back to the allocator (session pins are dropped with it).
+        Raises if a running request still locks a node."""
         if self._protected_pages or any(n.lock_ref for n in self._iter_nodes()):
             raise RuntimeError(
                 f"cannot reset the radix cache: {self._protected_pages} pages are locked by running requests")
@@ -343,24 +395,30 @@ class RadixCache:
     def check_invariants(self) -> None:
         """Assert the tree's structural invariants (tests and debug builds)."""
         ps = self.page_size
-        evictable = protected = 0
+        evictable = protected = pinned = 0
         seen = set()
         for n in self._iter_nodes():
             assert len(n.key) > 0 and len(n.key) == len(n.pages) * ps, n
             assert n.parent.children.get(self._child_key(n.key, 0)) is n, n
             assert n.lock_ref >= 0, n
+            assert n.pin_ref >= 0, n
             if n.parent is not self.root:
                 assert n.parent.lock_ref >= n.lock_ref, (n.parent, n)
+                assert n.parent.pin_ref >= n.pin_ref, (n.parent, n)
             for p in n.pages:
                 assert p not in seen, f"page {p} owned by two nodes"
                 seen.add(p)
             if n.lock_ref:
                 protected += len(n.pages)
+            elif n.pin_ref:
+                pinned += len(n.pages)
             else:
                 evictable += len(n.pages)
+        assert pinned == self._pinned_pages, (pinned, self._pinned_pages)
         assert evictable == self._evictable_pages, (evictable, self._evictable_pages)
         assert protected == self._protected_pages, (protected, self._protected_pages)
 
     def __repr__(self) -> str:
         return (f"RadixCache(page_size={self.page_size}, cached_pages={self.cached_pages()}, "
-                f"protected_pages={self.protected_pages()}, disable={self.disable})")
+                f"protected_pages={self.protected_pages()}, pinned_pages={self.pinned_pages()}, "
+                f"disable={self.disable})")
