@@ -54,6 +54,8 @@ import sglang
 from sglang.srt.entrypoints.native_protocol import (
     AbortRequestBody,
     CloseSessionBody,
+    EncodeRequest,
+    EncodeResponse,
     GenerateRequest,
     GenerateResponse,
     HealthError,
@@ -71,10 +73,13 @@ from sglang.srt.entrypoints.openai.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ResponsesRequest,
     ScoringRequest,
     ScoringResponse,
 )
+from sglang.srt.entrypoints.openai.embedding import EmbeddingServing
 from sglang.srt.entrypoints.openai.responses import ResponsesServing
 from sglang.srt.entrypoints.openai.scoring import ScoreServing
 from sglang.srt.entrypoints.openai.serving import (
@@ -88,6 +93,7 @@ from sglang.srt.entrypoints.openai.serving import (
     is_unavailable,
     sse,
 )
+from sglang.srt.managers.io_struct import EmbeddingReqInput
 from sglang.srt.managers.io_struct import CloseSessionReqInput, GenerateReqInput, OpenSessionReqInput
 from sglang.srt.metrics.collector import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sglang.srt.metrics.collector import MetricsCollector
@@ -121,6 +127,7 @@ class ServerState:
         self.openai = OpenAIServing(tokenizer_manager)
         self.score = ScoreServing(tokenizer_manager, self.openai)
         self.responses = ResponsesServing(self.openai)
+        self.embedding = EmbeddingServing(tokenizer_manager, self.openai)
         self.ready = False  # set once the warm-up generation finished
         self.warmup_error: Optional[str] = None
         self.fatal_reason: Optional[str] = None  # why the server stopped serving for good (exit code 1)
@@ -333,7 +340,7 @@ def _rids(obj: GenerateReqInput) -> List[str]:
 _REF = "#/components/schemas/"
 # Request models documented through openapi_extra; install_openapi() adds them to the components.
 _BODY_MODELS = (GenerateRequest, AbortRequestBody, OpenSessionBody, CloseSessionBody, CompletionRequest, ChatCompletionRequest, ScoringRequest,
-                ResponsesRequest)
+                ResponsesRequest, EmbeddingRequest, EncodeRequest)
 _ERROR_TEXT = {400: "Invalid request (the message says what is wrong).", 401: "Missing or wrong API key.",
                404: "Unknown route, model or disabled feature.", 408: "The request body arrived too slowly.",
                413: "Request body too large.", 500: "The server failed this request.",
@@ -366,6 +373,12 @@ def _generate_ok() -> Dict[str, Any]:
                         "text/event-stream": {"schema": {"type": "string"}}}}
 
 
+def _one_or_list(name: str) -> Dict[str, Any]:
+    one = {"$ref": _REF + name}
+    return {"description": "One output, or a list for a batch.",
+            "content": {"application/json": {"schema": {"anyOf": [one, {"type": "array", "items": one}]}}}}
+
+
 def _openai_ok(model) -> Dict[str, Any]:
     return {"model": model, "description": "The completion; with stream=true, server-sent events of chunks "
                                            "and 'data: [DONE]'.",
@@ -381,7 +394,7 @@ def install_openapi(app: FastAPI) -> None:
                                  description="SGLang's native API and the OpenAI API. Errors: "
                                              '{"error": {"message", "type", "param", "code"}}.')
             comps = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (*_BODY_MODELS, GenerateResponse):
+            for model in (*_BODY_MODELS, GenerateResponse, EncodeResponse):
                 js = model.model_json_schema(ref_template=_REF + "{model}")
                 for name, sub in js.pop("$defs", {}).items():
                     comps.setdefault(name, sub)
@@ -712,6 +725,22 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
     async def v1_responses(request: Request):
         req = _validated(ResponsesRequest, await read_json(request))
         return await _map_errors(state.responses.create(req, request))
+
+    @app.post("/v1/embeddings", openapi_extra=_body(EmbeddingRequest),
+              responses=_responses(200, 400, 408, 413, 500, 503, ok=EmbeddingResponse))
+    async def v1_embeddings(request: Request):
+        req = _validated(EmbeddingRequest, await read_json(request))
+        return await _map_errors(state.embedding.embed(req, request))
+
+    @app.api_route("/encode", methods=["POST", "PUT"], openapi_extra=_body(EncodeRequest),
+                   responses=_responses(200, 400, 408, 413, 500, 503, ok=_one_or_list("EncodeResponse")))
+    async def encode(request: Request):
+        """SGLang's native embedding route: {"text" | "input_ids", "rid"} -> {"embedding", "meta_info"}
+        (a list for a batch)."""
+        data = await read_json(request)
+        fields = ("text", "input_ids", "rid", "image_data", "audio_data", "video_data", "lora_path")
+        obj = EmbeddingReqInput(**{k: data[k] for k in fields if k in data})
+        return ORJSONResponse(await _map_errors(first_output(tm.generate_request(obj, request))))
 
     return app
 

@@ -184,3 +184,20 @@ class HealthError(_Doc):
 
     error: ErrorResponse.Detail
     failed_instances: List[FailedInstance] = Field(default_factory=list)
+
+
+class EncodeRequest(_Doc):
+    """Body of POST /encode (SGLang's native embedding route): exactly one of text / input_ids; lists make a
+    batch."""
+
+    text: Optional[Union[str, List[str]]] = None
+    input_ids: Optional[Union[List[int], List[List[int]]]] = None
+    rid: Optional[Union[str, List[str]]] = None
+    image_data: None = Field(None, description="Not supported (400 unless null).")
+
+
+class EncodeResponse(_Doc):
+    """One prompt's embedding: its last token's final hidden state, L2-normalized; a batch answers a list."""
+
+    embedding: List[float]
+    meta_info: MetaInfo

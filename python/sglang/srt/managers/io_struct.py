@@ -165,6 +165,17 @@ class GenerateReqInput:
         return self.input_ids if self.is_single else self.input_ids[i]
 
 
+@dataclass
+class EmbeddingReqInput(GenerateReqInput):
+    """SGLang's /encode body (/v1/embeddings is mapped onto it): one prompt or a batch, as text or input_ids.
+    Each prompt is prefilled with max_new_tokens 0 and answered with the final hidden state (after the last
+    norm) of its last token, L2-normalized: SGLang's last-token pooling for generation models."""
+
+    def normalize(self) -> None:
+        self.sampling_params, self.stream, self.return_logprob = {"max_new_tokens": 0}, False, None
+        super().normalize()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # TokenizerManager -> Controller -> Scheduler
 # ----------------------------------------------------------------------------------------------------------
@@ -188,6 +199,8 @@ class TokenizedGenerateReqInput:
     stream: bool
     # time.time() when the TokenizerManager received the request.
     arrival_time: float = 0.0
+    # An embedding request (EmbeddingReqInput): the scheduler returns the last prompt token's pooled hidden state.
+    return_embedding: bool = False
     # Open session this turn belongs to (input_ids is then the whole conversation so far plus the new input).
     session_id: Optional[str] = None
     # Leading tokens of input_ids that the session's earlier turn computed (its KV is pinned where it ran).
@@ -301,6 +314,9 @@ class ReqOutputDelta:
     # Decoding options of the request (SamplingParams.skip_special_tokens / spaces_between_special_tokens).
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # Embedding requests, with the final delta: the last prompt token's final hidden state, L2-normalized
+    # (float32 values, hidden_size of them).
+    embedding: Optional[List[float]] = None
 
 
 @dataclass

@@ -45,6 +45,7 @@ class Req:
     top_logprobs_num: int = 0
     stream: bool = False
     arrival_time: float = field(default_factory=time.time)
+    return_embedding: bool = False  # an embedding request: pool the last prompt token's hidden state
     session_id: Optional[str] = None  # open session this turn belongs to (its KV stays pinned after it)
 
     # ---- generation state -----------------------------------------------------------------------
@@ -72,6 +73,7 @@ class Req:
     output_top_logprobs: List[Any] = field(default_factory=list)
     sent_output_len: int = 0
     trim_stop_str: Optional[str] = None
+    embedding: Optional[List[float]] = None  # embedding requests: the pooled hidden state, sent when finished
 
     @property
     def fill_ids(self) -> List[int]:

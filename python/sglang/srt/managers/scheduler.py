@@ -7,7 +7,8 @@ The decisions (which requests run, how many tokens, what to retract) are made by
                from the controller;
                constrained requests wait here while their grammar compiles on a side thread (time-limited)
     schedule   BatchScheduler.schedule() -> SchedulePlan (decodes + prefill chunks, retractions, failures)
-    forward    ForwardBatch broadcast to the other TP ranks, ModelRunner.forward on every rank
+    forward    ForwardBatch broadcast to the other TP ranks, ModelRunner.forward on every rank (the leader
+               also takes the rows' hidden states when an embedding request's prompt ends in the batch)
     sample     leader only: logprobs, sampling, grammar, stop checks; an exception fails only the request
                that raised it (the batch's requests when it is the forward pass on a TP1 instance)
     send       BatchTokenIDOut to the detokenizer, InstanceReport to the controller (on change, and at
@@ -221,6 +222,7 @@ class Scheduler:
             top_logprobs_num=recv.top_logprobs_num,
             stream=recv.stream,
             arrival_time=recv.arrival_time or time.time(),
+            return_embedding=recv.return_embedding,
             session_id=recv.session_id,
         )
         if req.rid in self.grammar_pending:
@@ -363,7 +365,11 @@ class Scheduler:
         try:
             if self.tp.size > 1:
                 self.tp.broadcast_object(fb)
-            logits = self.runner.forward(fb)  # [num_logit_rows, vocab] float32
+            hidden = None  # [num_logit_rows, hidden_size] when an embedding request is in the batch
+            if any(r.return_embedding for r, _ in plan.items):
+                logits, hidden = self.runner.forward_with_hidden(fb)
+            else:
+                logits = self.runner.forward(fb)  # [num_logit_rows, vocab] float32
         except Exception as e:
             if self.tp.size > 1:
                 raise  # the other ranks are out of step: the worker exits and the instance fails
@@ -375,13 +381,14 @@ class Scheduler:
             self.send_outputs(reqs)
             return
         self.forward_ct += 1
-        self.process_batch_result(plan, logits, row_of)
+        self.process_batch_result(plan, logits, row_of, hidden)
 
     @staticmethod
     def _internal_error(what: str, e: BaseException) -> dict:
         return finish_abort(f"{what}: {type(e).__name__}: {e}", 500)
 
-    def process_batch_result(self, plan: SchedulePlan, logits: torch.Tensor, row_of: Dict) -> None:
+    def process_batch_result(self, plan: SchedulePlan, logits: torch.Tensor, row_of: Dict,
+                             hidden: Optional[torch.Tensor] = None) -> None:
         index = {id(req): i for i, (req, _) in enumerate(plan.items)}
         ready = {id(r) for r in self.batches.forward_done(plan)}
         to_sample: List[Req] = []
@@ -400,6 +407,9 @@ class Scheduler:
             if id(req) not in ready:
                 continue
             if req.max_new_tokens == 0:
+                if req.return_embedding:  # SGLang's last-token pooling, L2-normalized
+                    last = hidden[row_of[(i, req.kv_len - 1)]].float()  # [hidden_size]
+                    req.embedding = torch.nn.functional.normalize(last, dim=-1).cpu().tolist()
                 req.finished_reason = finish_length(0)
                 req.input_logprobs_done = True
                 updated.append(req)
@@ -495,6 +505,7 @@ class Scheduler:
                 trim_stop_str=req.trim_stop_str,
                 skip_special_tokens=req.sampling_params.skip_special_tokens,
                 spaces_between_special_tokens=req.sampling_params.spaces_between_special_tokens,
+                embedding=req.embedding,
             )
             if req.return_logprob:
                 if req.input_token_logprobs or req.input_top_logprobs:

@@ -45,6 +45,7 @@ import zmq.asyncio
 from sglang.srt.managers.io_struct import (
     AbortReq,
     BatchStrOut,
+    EmbeddingReqInput,
     CloseSessionReqInput,
     OpenSessionReqInput,
     FlushCacheReq,
@@ -489,6 +490,7 @@ class TokenizerManager:
             top_logprobs_num=obj.top_logprobs_num[i],
             stream=obj.stream,
             arrival_time=time.time(),
+            return_embedding=isinstance(obj, EmbeddingReqInput),
         )
 
     async def _wait(self, st: ReqState, request) -> None:
@@ -605,6 +607,8 @@ class TokenizerManager:
             else:
                 meta["input_top_logprobs"] = []
                 meta["output_top_logprobs"] = []
+        if d.embedding is not None:  # an EmbeddingReqInput's answer, as SGLang's /encode gives it
+            return {"embedding": d.embedding, "meta_info": meta}
         return {"text": out.text, "output_ids": list(st.output_ids), "meta_info": meta}
 
     def _format_tokens(self, pairs, st: ReqState) -> List[List[Any]]:

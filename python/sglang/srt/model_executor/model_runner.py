@@ -10,6 +10,7 @@ Data flow at start-up:
 Per iteration:
     forward(batch): backend.prepare(batch) once -> model(...) writes K/V, returns hidden
         -> logits rows -> float32 [num_logit_rows, vocab_size], identical on every rank
+    forward_with_hidden(batch): the same, plus the hidden states of those rows (embedding requests)
 """
 
 from __future__ import annotations
@@ -160,8 +161,15 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Write the new tokens' K/V into the pool; return float32 logits [num_logit_rows, vocab_size]."""
+        return self.forward_with_hidden(batch)[0]
+
+    @torch.inference_mode()
+    def forward_with_hidden(self, batch: ForwardBatch):
+        """forward(), and the final hidden states (after the last norm) of the same rows:
+        -> (float32 logits [num_logit_rows, vocab_size], hidden [num_logit_rows, hidden_size] in the model dtype),
+        identical on every rank (what /v1/embeddings pools)."""
         host = batch.to("cpu") if batch.input_ids.device.type != "cpu" else batch
         self.attn_backend.prepare(host, self.kv_pool, self.device)
         dev = host.to(self.device) if self.device.type != "cpu" else host
-        hidden = self.model(dev.input_ids, dev.positions, dev, self.attn_backend, self.kv_pool)
-        return self.model.compute_logits(hidden, dev.logits_indices)
+        hidden = self.model(dev.input_ids, dev.positions, dev, self.attn_backend, self.kv_pool)  # [T, hidden]
+        return self.model.compute_logits(hidden, dev.logits_indices), hidden[dev.logits_indices]

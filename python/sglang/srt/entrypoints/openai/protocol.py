@@ -427,6 +427,46 @@ class ScoringResponse(_Model):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# /v1/embeddings (OpenAI's embeddings API as SGLang serves it for generation models: last-token pooling)
+# ----------------------------------------------------------------------------------------------------------
+class EmbeddingRequest(_Model):
+    # One text, a batch of texts, one prompt's token ids or a batch of them (no multimodal inputs).
+    input: Union[str, List[str], List[int], List[List[int]]]
+    model: Optional[str] = None
+    # "float": lists of numbers; "base64": the float32 little-endian bytes, base64-encoded (the openai client's
+    # default when it is not given).
+    encoding_format: Literal["float", "base64"] = "float"
+    # Only the model's hidden size (embeddings are not truncated).
+    dimensions: Optional[int] = None
+    user: Optional[str] = None
+    rid: Optional[Union[str, List[str]]] = None
+
+    @model_validator(mode="after")
+    def _checks(self):
+        items = [self.input] if isinstance(self.input, str) else self.input
+        if not items:
+            raise ValueError("input must not be empty")
+        if any(isinstance(i, str) and not i.strip() for i in items):
+            raise ValueError("input must not hold empty or whitespace-only texts")
+        if any(isinstance(i, list) and not i for i in items):
+            raise ValueError("input must not hold empty token id lists")
+        return self
+
+
+class EmbeddingObject(_Model):
+    embedding: Union[List[float], str]  # [hidden_size] floats, or their base64 (encoding_format)
+    index: int
+    object: str = "embedding"
+
+
+class EmbeddingResponse(_Model):
+    data: List[EmbeddingObject]
+    model: str
+    object: str = "list"
+    usage: Optional[UsageInfo] = None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # /v1/responses (OpenAI's Responses API: text in, one assistant message out)
 # ----------------------------------------------------------------------------------------------------------
 class ResponsesRequest(_Model):
