@@ -283,3 +283,28 @@ def test_detokenizer_survives_a_request_whose_decode_fails():
     assert [o.rid for o in outs] == ["bad", "good"] and outs[0].output_ids == [] and "bad" not in d.failed
     assert not outs[0].failed_in_detokenizer  # the scheduler's own final word: nothing left to abort
     assert outs[1].text == "abc"
+
+
+def test_load_report_says_the_largest_request_now_and_by_merging(stub_server):
+    """/get_load and /get_server_info: per instance the largest request its KV pool holds (within the context),
+    for the host the largest now and the largest it accepts by merging (the TM's prompt limit + 1 token)."""
+    tm, url = stub_server
+    release(tm, url)
+    tm.model_config.context_len = 1000
+    tm.max_req_input_len = 449  # a Gyges host: the largest instance it can form holds 450 tokens
+
+    async def states():
+        return [{"instance_id": 0, "kv_capacity_tokens": 200, "kv_used_tokens": 10},
+                {"instance_id": 1, "kv_capacity_tokens": 120, "kv_used_tokens": 0}]
+
+    tm.get_internal_state = states
+    load = requests.get(url + "/get_load", timeout=5).json()
+    assert [i["max_request_tokens"] for i in load["instances"]] == [200, 120]
+    assert (load["max_request_tokens_now"], load["max_request_tokens_merged"], load["load"]) == (200, 450, 10)
+    info = requests.get(url + "/get_server_info", timeout=5).json()
+    assert (info["max_request_tokens_now"], info["max_request_tokens_merged"]) == (200, 450)
+    tm.model_config.context_len = 150  # the context bounds both
+    tm.max_req_input_len = 149
+    load = requests.get(url + "/get_load", timeout=5).json()
+    assert [i["max_request_tokens"] for i in load["instances"]] == [150, 120]
+    assert (load["max_request_tokens_now"], load["max_request_tokens_merged"]) == (150, 150)

@@ -106,6 +106,18 @@ def test_get_load_counts_running_work(runtime):
     assert busy["load"] == sum(i["num_used_tokens"] for i in busy["instances"]) > 0
 
 
+def test_load_report_says_the_largest_request(runtime):
+    """Without Gyges the largest request now and by merging are the same: the context or the KV pool."""
+    load = requests.get(runtime.url + "/get_load", timeout=30).json()
+    info = requests.get(runtime.url + "/get_server_info", timeout=30).json()
+    ctx = requests.get(runtime.url + "/v1/models", timeout=30).json()["data"][0]["max_model_len"]
+    want = min(ctx, info["internal_states"][0]["kv_capacity_tokens"])
+    assert [i["max_request_tokens"] for i in load["instances"]] == [want]
+    assert load["max_request_tokens_now"] == load["max_request_tokens_merged"] == want
+    assert info["max_request_tokens_now"] == info["max_request_tokens_merged"] == want
+    assert info["max_req_input_len"] == want - 1
+
+
 def test_score_equals_next_token_probabilities(runtime):
     query, items = "The weather is sunny, the sky is", [" blue", " very"]
     tops = []

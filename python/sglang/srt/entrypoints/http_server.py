@@ -523,12 +523,13 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
         info = dataclasses.asdict(args)
         if info.get("api_key"):
             info["api_key"] = "<redacted>"
-        states = await tm.get_internal_state()
+        states = list(await tm.get_internal_state())
         info.update(
             max_total_num_tokens=tm.max_total_num_tokens,
             max_req_input_len=tm.max_req_input_len,
             version=sglang.__version__,
-            internal_states=list(states),
+            internal_states=states,
+            **_request_capacity(states),
         )
         return info
 
@@ -543,12 +544,26 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
     @app.get("/get_load", responses=_responses(200, 503, ok=LoadInfo))
     async def get_load():
         """SGLang's load report: "load" is the KV tokens in use over every instance, plus each instance's
-        running / waiting requests."""
+        running / waiting requests and the largest request it holds; and the largest request this host takes
+        now (its current shape) and by merging (Gyges)."""
         states = list(await tm.get_internal_state())
         per = [{"instance_id": st.get("instance_id"), "devices": st.get("devices"),
                 "num_running_reqs": st.get("running", 0), "num_waiting_reqs": st.get("waiting", 0),
-                "num_used_tokens": st.get("kv_used_tokens", 0)} for st in states]
-        return {"load": sum(p["num_used_tokens"] for p in per), "instances": per}
+                "num_used_tokens": st.get("kv_used_tokens", 0),
+                "max_request_tokens": _instance_request_tokens(st)} for st in states]
+        return {"load": sum(p["num_used_tokens"] for p in per), "instances": per, **_request_capacity(states)}
+
+    def _instance_request_tokens(st: Dict[str, Any]) -> int:
+        """Prompt + output tokens of the largest request one instance holds: its KV pool, within the context."""
+        return min(tm.model_config.context_len, st.get("kv_capacity_tokens", 0))
+
+    def _request_capacity(states: List[Dict[str, Any]]) -> Dict[str, int]:
+        """The largest request (prompt + output tokens) this host serves with its instances as they are, and
+        the largest it accepts: with Gyges, on the largest instance it can form by merging (what the TM's
+        prompt limit allows, plus one output token); without, the same as now."""
+        now = max((_instance_request_tokens(st) for st in states), default=0)
+        return {"max_request_tokens_now": now,
+                "max_request_tokens_merged": max(now, tm.max_req_input_len + 1)}
 
     @app.get("/version", responses=_responses(200, ok=VersionInfo))
     @app.get("/get_version", responses=_responses(200, ok=VersionInfo))

@@ -159,6 +159,10 @@ class LoadInfo(_Doc):
 
     load: int
     instances: List[Dict[str, Any]]
+    max_request_tokens_now: int = Field(description="Prompt + output tokens of the largest request an instance "
+                                        "of the current shape holds (min of the context and its KV pool).")
+    max_request_tokens_merged: int = Field(description="The largest request this host accepts: with Gyges, on the "
+                                           "largest instance it forms by merging; without, max_request_tokens_now.")
 
 
 class ServerInfo(_Doc):
@@ -168,6 +172,8 @@ class ServerInfo(_Doc):
     max_req_input_len: int
     version: str
     internal_states: List[Dict[str, Any]]
+    max_request_tokens_now: int = Field(description="As in /get_load.")
+    max_request_tokens_merged: int = Field(description="As in /get_load.")
 
 
 class VersionInfo(_Doc):
