@@ -4,10 +4,13 @@ Like SGLang's bench_one_batch, this drives the engine's forward path directly (n
 scheduler): a ModelRunner gets hand-built ForwardBatches.
 
     checkpoint  <- sglang.srt.demo_model.make_demo_model (a "small" Llama shape by default) or --model-path
-    TP1         ModelRunner in this process, torch threads = --threads (default: all cores)
+    TP1         ModelRunner in this process, torch threads = --threads (default: all cores); one runner (a row per
+                batch size) per --attention-backends entry (cpu: sgl_kernel's paged attention, torch_native: the
+                torch reference)
     TP2         torch.multiprocessing.spawn 2 ranks (gloo rendezvous), each a ModelRunner with 1 thread per rank
                 (cores / ranks); both run the same batches in lockstep, rank 0 times; the forward pass's
-                all-reduce / all-gather over shared memory and/or gloo (--tp-collectives, a row each)
+                all-reduce / all-gather over shared memory and/or gloo (--tp-collectives, a row each, for each
+                --attention-backends entry)
     baseline    transformers AutoModelForCausalLM on the same directory, same dtype and thread count as TP1
 
 Per batch size B (each measured --repeats times after one warm-up):
@@ -75,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--tp-sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--tp-collectives", nargs="+", default=["shm"], choices=["shm", "gloo"],
                    help="TP>1 collectives to run (each a row per batch size): shared memory (sgl_kernel) and/or gloo")
+    p.add_argument("--attention-backends", nargs="+", default=["cpu"], choices=["cpu", "torch_native"],
+                   help="--attention-backend of the runners (each a row per batch size)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -162,7 +167,7 @@ def _pages_per_req(args) -> int:
     return -(-(args.input_len + args.output_len + 1) // args.page_size)
 
 
-def make_runner(args, path: str, tp_group, tp_size: int, threads: int):
+def make_runner(args, path: str, tp_group, tp_size: int, threads: int, attention_backend: str):
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_executor.model_runner import ModelRunner
     from sglang.srt.server_args import ServerArgs
@@ -171,7 +176,7 @@ def make_runner(args, path: str, tp_group, tp_size: int, threads: int):
     need_pages = max(args.batch_sizes) * _pages_per_req(args)
     sa = ServerArgs(model_path=path, tp_size=tp_size, page_size=args.page_size, dtype=args.dtype,
                     device_memory="16GiB", max_total_tokens=need_pages * args.page_size,
-                    cpu_threads_per_worker=threads)
+                    cpu_threads_per_worker=threads, attention_backend=attention_backend)
     runner = ModelRunner(sa, ModelConfig.from_server_args(sa), tp_group, "cpu", show_progress=False)
     if runner.num_pages - runner.reserved_pages < need_pages:
         raise RuntimeError(f"KV pool has {runner.num_pages - runner.reserved_pages} free pages, the benchmark "
@@ -295,21 +300,23 @@ def bench_local(args, path: str, run_ours: bool, run_hf: bool) -> Dict[str, List
     from sglang.srt.distributed.parallel_state import get_tp_group
 
     group = get_tp_group([0])
-    runner = make_runner(args, path, group, 1, args.threads) if run_ours else None
+    runners = {b: make_runner(args, path, group, 1, args.threads, b) for b in args.attention_backends} if run_ours \
+        else {}
     model = load_hf(args, path) if run_hf else None
-    out = {"sglang": [], "transformers": []}
+    out = {"transformers": [], **{b: [] for b in runners}}
     for bs in args.batch_sizes:
-        if runner is not None:
+        for backend, runner in runners.items():
             torch.set_num_threads(args.threads)
-            out["sglang"].append(runner_one(args, runner, group, bs))
-            _report("sglang TP1", out["sglang"][-1])
+            out[backend].append(runner_one(args, runner, group, bs))
+            _report(f"sglang {backend} TP1", out[backend][-1])
         if model is not None:
             out["transformers"].append(hf_one(args, model, bs))
             _report("transformers", out["transformers"][-1])
     return out
 
 
-def _tp_worker(rank: int, world: int, port: int, args, path: str, out_file: str, collective: str) -> None:
+def _tp_worker(rank: int, world: int, port: int, args, path: str, out_file: str, collective: str,
+               attention_backend: str) -> None:
     from sglang.srt.distributed.parallel_state import (create_aligned_groups, destroy_distributed, get_tp_group,
                                                        init_distributed)
 
@@ -318,12 +325,12 @@ def _tp_worker(rank: int, world: int, port: int, args, path: str, out_file: str,
     init_distributed(world, rank, f"tcp://127.0.0.1:{port}", "gloo")
     create_aligned_groups(world, collective)
     group = get_tp_group(list(range(world)))
-    runner = make_runner(args, path, group, world, threads)
+    runner = make_runner(args, path, group, world, threads, attention_backend)
     results = []
     for bs in args.batch_sizes:
         results.append(runner_one(args, runner, group, bs))
         if rank == 0:
-            _report(f"sglang TP{world} ({collective})", results[-1])
+            _report(f"sglang {attention_backend} TP{world} ({collective})", results[-1])
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump(results, f)
@@ -337,12 +344,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_tp(args, path: str, tp: int, collective: str) -> List[Dict]:
+def bench_tp(args, path: str, tp: int, collective: str, attention_backend: str) -> List[Dict]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "rank0.json")
-        mp.spawn(_tp_worker, args=(tp, _free_port(), args, path, out_file, collective), nprocs=tp, join=True)
+        mp.spawn(_tp_worker, args=(tp, _free_port(), args, path, out_file, collective, attention_backend), nprocs=tp,
+                 join=True)
         with open(out_file) as f:
             return json.load(f)
 
@@ -438,11 +446,15 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()
     print(f"sglang ModelRunner TP1{'' if args.skip_hf else ' and transformers (interleaved)'}:", flush=True)
     local = bench_local(args, path, 1 in args.tp_sizes, not args.skip_hf)
-    rows += [dict(r, runtime="sglang", tp=1) for r in local["sglang"]]
+    for backend in args.attention_backends:
+        rows += [dict(r, runtime=f"sglang {backend}", tp=1) for r in local.get(backend, [])]
     for tp in args.tp_sizes:
-        for collective in (args.tp_collectives if tp > 1 else []):
-            print(f"sglang ModelRunner TP{tp} ({tp} processes, {collective} collectives):", flush=True)
-            rows += [dict(r, runtime=f"sglang {collective}", tp=tp) for r in bench_tp(args, path, tp, collective)]
+        for backend in (args.attention_backends if tp > 1 else []):
+            for collective in args.tp_collectives:
+                print(f"sglang ModelRunner TP{tp} ({tp} processes, {backend} attention, {collective} collectives):",
+                      flush=True)
+                rows += [dict(r, runtime=f"sglang {backend} {collective}", tp=tp)
+                         for r in bench_tp(args, path, tp, collective, backend)]
     rows += [dict(r, runtime="transformers", tp=1) for r in local["transformers"]]
     machine["loadavg_before_after"] = [list(load_before), list(os.getloadavg())]
     add_roofline(rows, facts, args, bandwidth)

@@ -4,9 +4,9 @@
     python -m sglang.bench_one_batch --model-path /tmp/demo-llama --batch-size 1 8 --input-len 128 \
         --output-len 16 --tp-size 1
 
-Upstream's flags map onto the benchmark's (--batch-size -> --batch-sizes, --tp-size -> --tp-sizes, one
---input-len / --output-len); anything else is passed through (see benchmark/bench_one_batch.py --help, e.g.
---skip-hf, --repeats, --result-dir).
+Upstream's flags map onto the benchmark's (--batch-size -> --batch-sizes, --tp-size -> --tp-sizes,
+--attention-backend -> --attention-backends, one --input-len / --output-len); anything else is passed through
+(see benchmark/bench_one_batch.py --help, e.g. --skip-hf, --repeats, --result-dir).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def translate(argv: Optional[List[str]] = None) -> List[str]:
     p.add_argument("--tp-size", type=int, nargs="+", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--page-size", type=int, default=None)
+    p.add_argument("--attention-backend", nargs="+", default=None)
     p.add_argument("--result-filename", default=None)
     known, rest = p.parse_known_args(argv)
     out: List[str] = []
@@ -57,6 +58,8 @@ def translate(argv: Optional[List[str]] = None) -> List[str]:
         out += ["--dtype", known.dtype]
     if known.page_size:
         out += ["--page-size", str(known.page_size)]
+    if known.attention_backend:
+        out += ["--attention-backends", *known.attention_backend]
     if known.result_filename:
         out += ["--result-dir", os.path.dirname(os.path.abspath(known.result_filename))]
     return out + rest

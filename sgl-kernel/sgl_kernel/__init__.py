@@ -2,6 +2,9 @@
 
     shm_comm()  -> module with ShmGroup(name, create, rank, size, chunk_bytes): shared-memory all-reduce (sum)
                    and all-gather for the ranks of one tensor-parallel group on one host (csrc/shm_comm.cpp)
+    paged_attention_ext() -> module with paged_attention(q, k, v, kv_buffer, layer, page_table, prefix_lens,
+                   extend_lens, scale) -> out: stores the new tokens' K/V into the head-centric pool and runs causal
+                   attention over it in place (decode and chunked prefill mixed, GQA; csrc/paged_attention.cpp)
 
 Each op keeps a torch / torch.distributed implementation in sglang as its reference and fallback.
 """
@@ -16,4 +19,9 @@ def shm_comm():
     return load("sgl_kernel_shm_comm")
 
 
-__all__ = ["available", "load", "shm_comm"]
+def paged_attention_ext():
+    """The CPU paged-attention extension (built on first call, ~1 min; cached afterwards)."""
+    return load("sgl_kernel_paged_attention")
+
+
+__all__ = ["available", "load", "paged_attention_ext", "shm_comm"]

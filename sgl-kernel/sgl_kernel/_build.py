@@ -17,9 +17,13 @@ CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 # extension name -> its C++ sources (under csrc/)
 _SOURCES = {
     "sgl_kernel_shm_comm": ["shm_comm.cpp"],
+    "sgl_kernel_paged_attention": ["paged_attention.cpp"],
 }
 
 _FLAGS = ["-O3", "-march=native", "-std=c++17"]
+# OpenMP (at::parallel_for over torch's intra-op threads): the soname libgomp.so.1 resolves to the runtime torch
+# has already loaded, so the kernel and torch share one thread pool and torch.set_num_threads applies to both.
+_OPENMP = {"sgl_kernel_paged_attention"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,7 +31,9 @@ def load(name: str) -> ModuleType:
     from torch.utils import cpp_extension
 
     sources = [os.path.join(CSRC, s) for s in _SOURCES[name]]
-    return cpp_extension.load(name=name, sources=sources, extra_cflags=_FLAGS, verbose=False)
+    omp = ["-fopenmp"] if name in _OPENMP else []
+    return cpp_extension.load(name=name, sources=sources, extra_cflags=_FLAGS + omp, extra_ldflags=omp,
+                              verbose=False)
 
 
 def available(name: str) -> bool:

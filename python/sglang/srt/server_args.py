@@ -109,7 +109,11 @@ class ServerArgs:
                               "cached prefix first.", choices=["fcfs", "lpm"])
     schedule_conservativeness: float = _f(1.0, "Scales the decode tokens reserved when admitting requests; "
                                           "lower admits more and retracts more.")
-    attention_backend: str = _f("torch_native", "Attention implementation.", choices=["torch_native"])
+    attention_backend: Optional[str] = _f(None, "Attention implementation: 'torch_native' (torch ops: gather + SDPA, "
+                                          "any device; the reference), 'cpu' (sgl_kernel's C++/OpenMP paged "
+                                          "attention over the KV pages in place; CPU, float32 / bfloat16). "
+                                          "Default: cpu on CPU when the extension builds, else torch_native.",
+                                          choices=["torch_native", "cpu"])
     stream_interval: int = _f(1, "Send streamed output every this many tokens.")
     watchdog_timeout: float = _f(300.0, "Seconds an instance that has work may go without finishing a forward "
                                  "pass: past it the controller fails the instance (its requests get a 503 "

@@ -21,7 +21,7 @@ import torch
 
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.distributed.parallel_state import TPGroup
-from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.layers.attention.selection import create_attention_backend
 from sglang.srt.mem_cache.kv_pool import HeadCentricKVPool
 from sglang.srt.model_executor.forward_batch import ForwardBatch
 from sglang.srt.model_executor.model_loader import load_weights
@@ -68,7 +68,7 @@ class ModelRunner:
                                                     model_config.num_layers, model_config.head_dim,
                                                     model_config.dtype)
         self._update_capacity()
-        self.attn_backend = TorchNativeAttnBackend()
+        self.attn_backend = create_attention_backend(server_args.attention_backend, self.device, model_config.dtype)
         heads = model_config.heads
         if not heads.is_identity and tp_group.rank == 0:
             logger.info("heads padded for TP up to %d: %d -> %d query heads (zeros), %d -> %d KV heads (copies); "
