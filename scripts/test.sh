@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet -e ./gyges -e ./sgl-kernel -e "./python[test]"
+(cd /tmp && python -m sgl_kernel)  # compile sgl-kernel's C++ extensions once, before the tests start servers
 bash test/compat/setup_venv.sh >/dev/null
 python -m pytest -q "$@"

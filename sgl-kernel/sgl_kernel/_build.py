@@ -20,6 +20,8 @@ _SOURCES = {
     "sgl_kernel_paged_attention": ["paged_attention.cpp"],
 }
 
+EXTENSIONS = tuple(_SOURCES)
+
 _FLAGS = ["-O3", "-march=native", "-std=c++17"]
 # OpenMP (at::parallel_for over torch's intra-op threads): the soname libgomp.so.1 resolves to the runtime torch
 # has already loaded, so the kernel and torch share one thread pool and torch.set_num_threads applies to both.
@@ -45,4 +47,4 @@ def available(name: str) -> bool:
         return False
 
 
-__all__ = ["load", "available"]
+__all__ = ["EXTENSIONS", "load", "available"]
