@@ -7,12 +7,16 @@
 Each host runs `python -m sglang.launch_server` inside its namespace (its own loopback for the runtime's
 internal gloo/ZMQ traffic), reachable only through its veth, as another machine would be. The router is
 `python -m sglang_router.launch_router --worker-urls http://10.212.1.2:30000 http://10.212.2.2:30000`.
+Each host is a Gyges host as docker/compose.yaml deploys them: two devices at TP1 (`--dp-size 2 --enable-gyges
+--gyges-policy auto`), each with a small KV pool.
 
 Checked: the router registers both hosts (it reads /health and /get_server_info); PyPI sglang 0.5.2's
 bench_serving (its OpenAI-completions backend) through the router completes every request and both hosts served some; one host killed
 (SIGKILL of its whole process tree), every request through the router still succeeds and the router reports
 the host unhealthy; the host restarted in its namespace, the router marks it healthy and sends it requests
-again. The model is the tiny random Llama (routing is what is tested, not answers). Needs root for
+again. Gyges across hosts: each host's /get_load says the largest request it takes now (one TP1 instance) and by
+merging (TP2); a request longer than every host's current shape, sent through the router, is served by the
+host the router picked, which merges its devices for it. The model is the tiny random Llama (routing is what is tested, not answers). Needs root for
 `ip netns` (CI and the developers' machines run as root).
 """
 
@@ -32,6 +36,9 @@ from test_compat_clients import run_client, venv_python  # noqa: F401 - the comp
 
 HOSTS = {"sgl12-h1": ("sgl12a", "10.212.1"), "sgl12-h2": ("sgl12b", "10.212.2")}
 PORT = 30000
+# A Gyges host: two CPU devices at TP1, KV pools small enough that a 150-token prompt needs the merged TP2.
+HOST_FLAGS = ["--dp-size", "2", "--enable-gyges", "--gyges-policy", "auto", "--gyges-split-delay", "0.5",
+              "--page-size", "4", "--max-total-tokens", "96"]
 START_TIMEOUT = 300
 
 
@@ -71,7 +78,8 @@ class HostServer:
         self.log = open(os.path.join(log_dir, f"{ns}-{time.time():.0f}.log"), "w+")
         # `ip netns exec` execs the command: self.proc.pid is the server's own pid
         self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "sglang.launch_server",
-                                      "--model-path", model, "--device", "cpu", "--host", addr, "--port", str(PORT)],
+                                      "--model-path", model, "--device", "cpu", "--host", addr, "--port", str(PORT),
+                                      *HOST_FLAGS],
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_healthy(self):
@@ -181,7 +189,7 @@ def generate_many(router_url, n, prompt_base="host test"):
 def test_router_reads_each_hosts_info(cluster):
     for h in cluster["hosts"].values():
         info = requests.get(h.url + "/get_server_info", timeout=10).json()
-        assert info["dp_size"] == 1 and info["model_path"] == cluster["model"]
+        assert info["dp_size"] == 2 and info["enable_gyges"] and info["model_path"] == cluster["model"]
         assert requests.get(h.url + "/get_model_info", timeout=10).json()["is_generation"] is True
     r = requests.get(cluster["url"] + "/v1/models", timeout=10)
     assert r.status_code == 200, r.text
@@ -204,6 +212,26 @@ def test_bench_serving_through_router(cluster, venv_python, tmp_path):  # noqa: 
     assert result["completed"] == n, stdout[-3000:]
     served = {ns: h.served_requests() - before[ns] for ns, h in cluster["hosts"].items()}
     assert sum(served.values()) >= n and all(v > 0 for v in served.values()), served
+
+
+def test_request_too_long_for_every_hosts_shape_is_served_by_merging(cluster):
+    loads = {ns: requests.get(h.url + "/get_load", timeout=10).json() for ns, h in cluster["hosts"].items()}
+    for load in loads.values():
+        assert len(load["instances"]) == 2
+        assert load["max_request_tokens_now"] < load["max_request_tokens_merged"], load
+    prompt_len = min(load["max_request_tokens_now"] for load in loads.values()) + 40
+    assert prompt_len + 4 <= min(load["max_request_tokens_merged"] for load in loads.values())
+    before = {ns: len(requests.get(h.url + "/gyges/topology", timeout=10).json()["history"])
+              for ns, h in cluster["hosts"].items()}
+    r = requests.post(cluster["url"] + "/generate", timeout=300, json={
+        "input_ids": [1] + [(7 * i) % 400 + 3 for i in range(prompt_len - 1)],
+        "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}})
+    assert r.status_code == 200, r.text[:500]
+    assert r.json()["meta_info"]["completion_tokens"] == 4
+    merged = [ns for ns, h in cluster["hosts"].items()
+              if any(e["kind"] == "merge" for e in requests.get(h.url + "/gyges/topology", timeout=10).json()[
+                  "history"][before[ns]:])]
+    assert len(merged) == 1, merged  # the host the router chose merged its two devices for the request
 
 
 def test_host_killed_then_restarted(cluster):
