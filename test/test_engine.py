@@ -5,6 +5,7 @@ Each Engine is started once per configuration (module scope) because start-up co
 
 import json
 import re
+import time
 
 import psutil
 import pytest
@@ -266,3 +267,38 @@ def test_lpm_policy_and_running_cap_give_the_same_outputs(test_model, engine_tp1
         assert all(o["meta_info"]["cached_tokens"] >= 32 for o in outs[:6])
     finally:
         eng.shutdown()
+
+
+def test_sessions_through_the_engine(engine_tp1):
+    """SGLang's session API in-process: a second turn reuses the first's pinned KV and equals the full
+    conversation sent without a session; close and the idle timeout release the session's pages."""
+    eng, page = engine_tp1, 16
+    sp = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+    turn1, turn2 = _sequence(300, 21), _sequence(400, 5)
+    sid = eng.open_session(100)
+    first = eng.generate(input_ids=turn1, sampling_params=sp, session_params={"id": sid})
+    second = eng.generate(input_ids=turn2, sampling_params=sp, session_params={"id": sid, "rid": first["meta_info"]["id"]})
+    assert second["meta_info"]["cached_tokens"] == (len(turn1) + len(first["output_ids"]) - 1) // page * page
+    assert eng.get_internal_state()[0]["sessions_pinned"] == 1
+    eng.close_session(sid)
+    with pytest.raises(ValueError, match="no open session"):
+        eng.close_session(sid)
+    assert eng.flush_cache()
+    full = turn1 + first["output_ids"] + turn2[1:]  # a turn's leading BOS is dropped (SGLang's rule)
+    assert eng.generate(input_ids=full, sampling_params=sp)["output_ids"] == second["output_ids"]
+    # an idle session is closed by the TokenizerManager's watchdog loop (--session-idle-timeout)
+    sessions = eng.tokenizer_manager.sessions
+    sid = eng.open_session(100)
+    eng.generate(input_ids=turn1, sampling_params=sp, session_params={"id": sid})
+    assert eng.get_internal_state()[0]["session_pinned_pages"] > 0
+    old, sessions.idle_timeout_s = sessions.idle_timeout_s, 0.2
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and eng.get_internal_state()[0]["sessions_pinned"]:
+            time.sleep(0.2)
+    finally:
+        sessions.idle_timeout_s = old
+    state = eng.get_internal_state()[0]
+    assert state["sessions_pinned"] == 0 and state["session_pinned_pages"] == 0
+    with pytest.raises(ValueError, match="not an open session"):
+        eng.generate(input_ids=turn2, sampling_params=sp, session_params={"id": sid})

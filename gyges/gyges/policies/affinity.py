@@ -1,8 +1,8 @@
 """Placement by affinity: send a request where its conversation's (or its longest cached prefix's) KV lives,
 unless the load there costs more than recomputing that prefix elsewhere (issue 13, SYMPHONY-style).
 
-Pure logic (no torch, no sockets), used by the live controller (manual placement and the policies'
-base-TP choice) and testable alone:
+Pure logic (no torch, no sockets), used by the live controller (manual placement) and by the policies
+(pick_by_affinity: GygesPolicy's base-TP choice, StaticDPLeastLoad) through RequestInfo.cached_tokens:
 
     PrefixIndex          the controller's approximate view of every instance's radix cache: chained hashes
                          of the page-aligned blocks of the prompts it routed there (LRU-bounded by the
@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
+
+from gyges.policies.base import InstanceLoad, RequestInfo, least_loaded
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,20 @@ def choose_by_affinity(prompt_tokens: int, cands: Sequence[AffinityCandidate], s
                                      c.running + c.waiting, c.tokens_in_flight, c.base))
 
 
+def pick_by_affinity(req: RequestInfo, cands: Sequence[InstanceLoad], step_model=None,
+                     chunk_tokens: int = 512) -> InstanceLoad:
+    """The policies' choice among instances that fit req now: least_loaded when nothing of its prompt is
+    cached on any of them (the behaviour without affinity), else choose_by_affinity."""
+    cached = dict(req.cached_tokens)
+    if not any(cached.get(c.base, 0) for c in cands):
+        return least_loaded(cands)
+    by_base = {c.base: c for c in cands}
+    best = choose_by_affinity(req.prompt_tokens, [
+        AffinityCandidate(c.base, c.tp, c.running, c.waiting, c.prefill_tokens_queued or 0, c.tokens_in_flight,
+                          cached.get(c.base, 0)) for c in cands], step_model, chunk_tokens)
+    return by_base[best.base]
+
+
 class PrefixIndex:
     """Per instance, the page-aligned prompt prefixes recently routed there (an approximation of its radix
     cache: it does not see evictions, and after a split every part inherits the merged instance's entries)."""
@@ -90,9 +106,10 @@ class PrefixIndex:
 
     def insert(self, instance: int, token_ids: Sequence[int], max_blocks: Optional[int] = None,
                hashes: Optional[List[int]] = None) -> None:
-        """Record that instance now caches token_ids' whole blocks (oldest entries dropped past max_blocks)."""
+        """Record that instance now caches token_ids' whole blocks (oldest entries dropped past max_blocks;
+        a prompt's leading blocks count as the most recent, so its tail goes first, as in a radix cache)."""
         table = self._blocks.setdefault(instance, OrderedDict())
-        for h in (hashes if hashes is not None else self.block_hashes(token_ids)):
+        for h in reversed(hashes if hashes is not None else self.block_hashes(token_ids)):
             table[h] = None
             table.move_to_end(h)
         if max_blocks is not None:

@@ -51,6 +51,9 @@ class InstanceLoad:
     # the most prompt tokens one request admitted here has still to prefill (None: not reported; the Gyges
     # policy then splits on memory alone)
     prefill_tokens_left: Optional[int] = None
+    # prompt tokens the requests here have still to prefill, in all (None: not reported; affinity placement
+    # then counts no queue)
+    prefill_tokens_queued: Optional[int] = None
 
     @property
     def base(self) -> int:
@@ -78,6 +81,9 @@ class RequestInfo:
     prompt_tokens: int
     max_new_tokens: int
     arrival: float
+    # (instance base, leading prompt tokens whose KV that instance holds): its session's pinned prefix or its
+    # longest cached prefix (gyges.policies.affinity); empty: nothing cached anywhere, or not known
+    cached_tokens: Tuple[Tuple[int, int], ...] = ()
 
     @property
     def need_tokens(self) -> int:
@@ -182,6 +188,7 @@ class LoadLedger:
         self._extra_requests: Dict[int, int] = {}
         self._largest: Dict[int, int] = {}
         self._largest_prompt: Dict[int, int] = {}
+        self._extra_prompt: Dict[int, int] = {}
 
     def load(self, base: int) -> InstanceLoad:
         """The instance as it will be once this round's placements arrive."""
@@ -195,9 +202,13 @@ class LoadLedger:
         prefill_left = inst.prefill_tokens_left
         if prefill_left is not None:
             prefill_left = max(prefill_left, self._largest_prompt[base])
+        queued = inst.prefill_tokens_queued
+        if queued is not None:
+            queued += self._extra_prompt[base]
         return replace(inst, waiting=inst.waiting + self._extra_requests[base],
                        tokens_in_flight=inst.tokens_in_flight + extra, idle_since=None,
-                       largest_request_tokens=largest, prefill_tokens_left=prefill_left)
+                       largest_request_tokens=largest, prefill_tokens_left=prefill_left,
+                       prefill_tokens_queued=queued)
 
     def loads(self) -> List[InstanceLoad]:
         return [self.load(b) for b in self._by_base]
@@ -207,6 +218,8 @@ class LoadLedger:
         self._extra_requests[base] = self._extra_requests.get(base, 0) + 1
         self._largest[base] = max(self._largest.get(base, 0), req.need_tokens)
         self._largest_prompt[base] = max(self._largest_prompt.get(base, 0), req.prompt_tokens)
+        cached = dict(req.cached_tokens).get(base, 0)
+        self._extra_prompt[base] = self._extra_prompt.get(base, 0) + max(1, req.prompt_tokens - cached)
         return Place(req.rid, base)
 
 

@@ -47,6 +47,7 @@ from gyges.costmodel import TransformCostModel
 from gyges.policies.base import (ClusterState, Decision, Hold, InstanceLoad, LoadLedger, Place, Policy, Reject,
                                  RequestInfo, TickDecision, Transform, can_ever_fit, fits_now, group_capacity,
                                  least_loaded, too_long_message, uniform_groups)
+from gyges.policies.affinity import pick_by_affinity
 from gyges.policies.size_bound import RequestSizeBound
 from gyges.topology import aligned_groups, is_power_of_two
 
@@ -211,8 +212,8 @@ class GygesPolicy(Policy):
             if rich:  # a KV-rich merged instance is as good a home as a base one: the emptiest by share
                 return min(base + rich, key=lambda i: ((i.held_tokens + req.need_tokens) / i.kv_capacity_tokens,
                                                        i.num_requests, i.base))
-            if base:
-                return least_loaded(base)
+            if base:  # where its cached prefix lives, unless the load there costs more than recomputing it
+                return pick_by_affinity(req, base, self.step_model, self.chunk_tokens)
             cands = [i for i in cands if self._spill_ok(req, i)]
         if not cands:
             return None

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Dict, Hashable, List, Optional, Sequence, Set, Tuple
 
 from gyges.policies.base import (ClusterState, Decision, Hold, InstanceLoad, LoadLedger, Place, Policy, Reject,
-                                 RequestInfo, TickDecision, can_ever_fit, fits_now, least_loaded,
+                                 RequestInfo, TickDecision, can_ever_fit, fits_now,
                                  too_long_message, uniform_groups)
+from gyges.policies.affinity import pick_by_affinity
 from gyges.topology import is_power_of_two
 
 
@@ -38,7 +39,7 @@ class StaticPolicy(Policy):
         return "all"
 
     def pick(self, req: RequestInfo, cands: Sequence[InstanceLoad]) -> InstanceLoad:
-        return least_loaded(cands)
+        return pick_by_affinity(req, cands)  # least_loaded unless its prompt is cached on one of them
 
     def forget(self, rid: str) -> None:
         """Called once a request is placed or rejected."""

@@ -162,6 +162,7 @@ class Controller:
         self.prefix_index = PrefixIndex(server_args.page_size)
         self.session_home: Dict[str, int] = {}  # session id -> instance holding (or about to hold) its KV
         self.reported_sessions: Dict[int, set] = {}  # instance -> sessions its last report listed as pinned
+        self._cached_info: Dict[str, tuple] = {}  # rid -> RequestInfo.cached_tokens, until it is placed
         self.step_model = StepTimeModel.load(server_args.gyges_cost_model) if server_args.gyges_cost_model else None
         self.chunk_tokens = (server_args.chunked_prefill_size if server_args.chunked_prefill_size > 0
                              else server_args.max_prefill_tokens)
@@ -342,6 +343,7 @@ class Controller:
             return
         view = self.views[base]
         self.routed[req.rid] = base
+        self._cached_info.pop(req.rid, None)
         hashes = self.prefix_index.block_hashes(req.input_ids)
         cached = self.prefix_index.match(base, req.input_ids, hashes)
         if req.session_id:
@@ -364,7 +366,11 @@ class Controller:
         return max(0, min(int(n), limit) if n is not None else limit)
 
     def _request_info(self, req: TokenizedGenerateReqInput) -> RequestInfo:
-        return RequestInfo(req.rid, len(req.input_ids), self._max_new(req), req.arrival_time)
+        cached = self._cached_info.get(req.rid)
+        if cached is None:  # once per request (held requests are described again on every tick)
+            cached = tuple(sorted((b, n) for b, n in self.cached_tokens_by_instance(req).items() if n))
+            self._cached_info[req.rid] = cached
+        return RequestInfo(req.rid, len(req.input_ids), self._max_new(req), req.arrival_time, cached)
 
     def cluster_state(self) -> ClusterState:
         busy = self._busy_bases()
@@ -382,6 +388,7 @@ class Controller:
                 transforming=view.instance_id in busy or r is None,
                 idle_since=view.idle_since,
                 prefill_tokens_left=max(r.prefill_tokens_left if r else 0, view.routed_prompt_since_report),
+                prefill_tokens_queued=(r.prefill_tokens_queued if r else 0) + view.routed_prefill_since_report,
             ))
         return ClusterState(self.args.num_devices, self.max_tp, tuple(loads), time.time(),
                             tuple(self._request_info(m) for m in self.held), tuple(sorted(self.capacity_by_tp.items())))
@@ -420,6 +427,7 @@ class Controller:
 
     def _unhold(self, rid: str) -> None:
         self.held = [m for m in self.held if m.rid != rid]
+        self._cached_info.pop(rid, None)
 
     def _abort_held(self, msg: AbortReq) -> None:
         hit = [m for m in self.held if msg.abort_all or (m.rid == msg.rid and m.arrival_time <= msg.issued_at)]
