@@ -288,6 +288,7 @@ def summarize(policy: str, results: List[Result], makespan: float, history: List
         "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
         "tpot_p50_s": pct(tpot, 50), "tpot_p99_s": pct(tpot, 99),
         "slo_attainment": len(slo) / len(results),
+        "goodput_req_s": len(slo) / makespan,  # requests finished within the SLO per second
         "merges": sum(1 for h in during if h.get("kind") == "merge"),
         "splits": sum(1 for h in during if h.get("kind") == "split"),
         "transform_pause_ms": [round(h.get("pause_ms", 0.0), 1) for h in during],
@@ -302,16 +303,17 @@ def fmt(x, unit="", digits=2):
 
 
 def table(rows: List[dict], a) -> str:
-    head = ("| policy | completed | failed | long done | req/s | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | "
-            f"TPOT p99 | SLO (TTFT<={a.slo_ttft:g}s, TPOT<={a.slo_tpot * 1e3:g}ms) | merges | splits |")
+    head = ("| policy | completed | failed | long done | goodput req/s | req/s | out tok/s | TTFT p50 | TTFT p99 | "
+            f"TPOT p50 | TPOT p99 | SLO (TTFT<={a.slo_ttft:g}s, TPOT<={a.slo_tpot * 1e3:g}ms) | merges | splits |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for s in rows:
         if "skipped" in s:
-            lines.append(f"| {s['policy']} | " + " | ".join(["n/a"] * 12) + " |")
+            lines.append(f"| {s['policy']} | " + " | ".join(["n/a"] * 13) + " |")
             continue
         lines.append(
             f"| {s['policy']} | {s['completed']}/{s['requests']} | {s['failed']} | "
-            f"{s['long_completed']}/{s['long_requests']} | {fmt(s['throughput_req_s'])} | {fmt(s['output_tok_s'], '', 1)} | "
+            f"{s['long_completed']}/{s['long_requests']} | {fmt(s['goodput_req_s'])} | {fmt(s['throughput_req_s'])} | "
+            f"{fmt(s['output_tok_s'], '', 1)} | "
             f"{fmt(s['ttft_p50_s'], ' s')} | {fmt(s['ttft_p99_s'], ' s')} | "
             f"{fmt(None if s['tpot_p50_s'] is None else s['tpot_p50_s'] * 1e3, ' ms', 1)} | "
             f"{fmt(None if s['tpot_p99_s'] is None else s['tpot_p99_s'] * 1e3, ' ms', 1)} | "
@@ -424,11 +426,13 @@ def skip_reason(policy: str) -> Optional[str]:
 
 
 def run_policy(policy: str, workload: List[TraceRequest], a, model_dir: str, cost_model: Optional[str],
-               log_dir: Path, before_replay: Optional[Callable[[str, dict], None]] = None) -> dict:
+               log_dir: Path, before_replay: Optional[Callable[[str, dict], None]] = None,
+               after_replay: Optional[Callable[[str, dict], None]] = None) -> dict:
     """One live run: a server for `policy`, the workload replayed against it. Returns {"summary", "samples",
     "history", "wall0", "results" (one dict per request, Result's fields), "server_args"}; {"summary":
     {"policy", "skipped"}} when the policy cannot run on 2 devices or the run failed. before_replay(url,
-    topology) runs once the server is ready (benchmark/validate_sim.py times the server's overhead there)."""
+    topology) runs once the server is ready, after_replay(url, topology) once the replay (and its tail) is over
+    (benchmark/validate_sim.py times the server's overhead there)."""
     reason = skip_reason(policy)
     if reason:
         print(f"{policy} skipped on 2 devices: {reason}", file=sys.stderr)
@@ -439,10 +443,15 @@ def run_policy(policy: str, workload: List[TraceRequest], a, model_dir: str, cos
         topo0 = requests.get(srv.url + "/gyges/topology", timeout=30).json()
         if before_replay is not None:
             before_replay(srv.url, topo0)
+        load_before = os.getloadavg()
         results, samples, makespan, wall0 = asyncio.run(replay(srv.url, workload, a, policy))
+        load_after = os.getloadavg()
         topo = requests.get(srv.url + "/gyges/topology", timeout=30).json()
+        if after_replay is not None:
+            after_replay(srv.url, topo)
         summary = summarize(policy, results, makespan, topo.get("history", []), wall0, a)
         summary["initial_instances"] = [(i["devices"], i["tp"], i["kv_capacity_tokens"]) for i in topo0["instances"]]
+        summary["loadavg_before_after"] = [[round(x, 2) for x in load_before], [round(x, 2) for x in load_after]]
         print(json.dumps({k: v for k, v in summary.items() if k != "transform_pause_ms"}), file=sys.stderr)
         return {"summary": summary, "samples": samples, "history": topo.get("history", []), "wall0": wall0,
                 "results": [asdict(r) for r in results], "server_args": srv.args[1:]}

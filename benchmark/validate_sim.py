@@ -8,15 +8,18 @@ machine, every policy, side by side.
    `--cost-model FILE` uses a model file measured before instead. The same file goes to the live Gyges server (--gyges-cost-model).
 2. Live: `bench_traces.run_policy` per policy (a real `python -m sglang.launch_server` on 2 CPU devices,
    bench_traces' flags, its workload replayed over HTTP; static-hybrid needs >= 3 devices and is reported
-   as skipped). Right before the replay, the server's own per-request overhead (HTTP, tokenizer manager,
-   controller, detokenizer) is measured: `--overhead-probes` sequential 8-token requests, their TTFT less
-   the step-time model's prefill of 8 tokens.
+   as skipped). Right before and right after the replay the server is probed (`--overhead-probes`
+   sequential requests of 8 prompt tokens and 17 new ones, alone on it): the machine's speed now against
+   when the model was measured (speed factor = their streamed decode step / that of the same probes at
+   the same TP during step 1; the load of a shared machine drifts: 2x within minutes here), and the server's own per-request
+   overhead (HTTP, tokenizer manager, controller, detokenizer: their TTFT less the scaled model's prefill).
 3. Simulated: gyges.sim.Simulator fed the same requests (prompt length, max_new_tokens, arrival = when the
    client really sent each one in that live run), a SimConfig made from the live server's own flags
    (ServerArgs: page size, chunked prefill size, prefill budget, running limit; KV capacity of each TP as
    the live instances reported it) and controller behaviour (a tick on every iteration's report and every
-   100 ms, none during a transformation; no request sizes reported), the measured models, the measured
-   overhead (half on the way in, half on the way out: only their sum is measured), and the policy object
+   100 ms, none during a transformation; no request sizes reported), the measured models (step times x
+   the speed factor, unless --no-speed-calibration), the measured overhead (half on the way in, half on
+   the way out: only their sum is measured), and the policy object
    the live controller builds from the same flags (Controller._make_policy).
 4. Per policy: live vs simulated throughput (req/s), TTFT p50/p99, TPOT p50, merges and splits with the
    relative error; errors above --tolerance (15%) or transformation counts off by more than one are
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -42,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import aiohttp
@@ -51,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmark"))
 
 import bench_traces  # noqa: E402
+import measure_costs  # noqa: E402
 from bench_common import cpu_model_name, pct  # noqa: E402
 from gyges.costmodel import StepTimeModel, TransformCostModel  # noqa: E402
 from gyges.sim.simulator import SimConfig, Simulator  # noqa: E402
@@ -70,15 +76,34 @@ METRICS = [  # (key, label, unit scale for the table, kind): kind "rel" = relati
 # =====================================================================================================
 # Cost models
 # =====================================================================================================
+@dataclass
+class StreamTiming:
+    """One streamed request of a generate call, on the call's clock (seconds since it began)."""
+
+    first_s: float  # first token received
+    last_s: float  # last token received
+    tokens: int  # completion tokens
+    reads: int  # reads of the stream that brought new tokens (< tokens: some arrived together)
+
+    @property
+    def paced(self) -> bool:
+        """Tokens after the first arrived one read each, at most one in four together: the client read the
+        stream as the server wrote it (a client starved of CPU finds several events at once, and then
+        last - first no longer spans the decode steps)."""
+        return self.tokens > 1 and self.reads - 1 >= 0.75 * (self.tokens - 1)
+
+
 class HttpEngine:
     """sglang.Engine's generate / gyges_topology / gyges_transform / flush_cache / shutdown over a running
     server's HTTP API, so that measure_costs.py's probe times the server as bench_traces drives it: every
     prompt of a generate call is its own streaming /generate request (input_ids, ignore_eos), all sent at
-    once, and the call returns when the last stream ends."""
+    once, and the call returns when the last stream ends. `last_timings`: when each request of the last call
+    got its first and its last token (the client's view, as bench_traces times TTFT and TPOT)."""
 
     def __init__(self, url: str, timeout_s: float = 600.0):
         self.url = url
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.last_timings: List[StreamTiming] = []
 
     def _get(self, path: str) -> dict:
         return requests.get(self.url + path, timeout=self.timeout.total).json()
@@ -89,21 +114,48 @@ class HttpEngine:
             raise RuntimeError(f"POST {path} {body}: {resp.status_code} {resp.text[:300]}")
         return resp.json()
 
-    async def _stream_all(self, prompts: List[List[int]], sampling_params: dict) -> None:
-        async def one(session: aiohttp.ClientSession, ids: List[int]) -> None:
-            body = {"input_ids": ids, "sampling_params": sampling_params, "stream": True}
-            async with session.post(self.url + "/generate", json=body, timeout=self.timeout) as resp:
-                if resp.status != 200:
-                    raise RuntimeError(f"/generate: {resp.status} {(await resp.text())[:300]}")
-                async for _ in resp.content.iter_any():
-                    pass
+    async def stream_one(self, session: aiohttp.ClientSession, ids: List[int], sampling_params: dict,
+                         t0: float) -> StreamTiming:
+        """One streaming /generate of ids; times on the clock that started at t0."""
+        body = {"input_ids": ids, "sampling_params": dict(sampling_params, temperature=0), "stream": True}
+        first = last = None
+        tokens = reads = 0
+        async with session.post(self.url + "/generate", json=body, timeout=self.timeout) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"/generate: {resp.status} {(await resp.text())[:300]}")
+            buf = b""
+            async for chunk in resp.content.iter_any():
+                buf += chunk
+                before = tokens
+                while b"\n\n" in buf:
+                    event, buf = buf.split(b"\n\n", 1)
+                    payload = event.strip()[5:].strip()  # after "data:"
+                    if not payload or payload == b"[DONE]":
+                        continue
+                    tokens = max(tokens, int(json.loads(payload).get("meta_info", {}).get("completion_tokens", 0)))
+                if tokens > before:
+                    last = time.perf_counter() - t0
+                    first = last if first is None else first
+                    reads += 1
+        return StreamTiming(first or 0.0, last or 0.0, tokens, reads)
 
+    async def _stream_all(self, prompts: List[List[int]], sampling_params: dict) -> List[StreamTiming]:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            await asyncio.gather(*(one(session, ids) for ids in prompts))
+            t0 = time.perf_counter()
+            return await asyncio.gather(*(self.stream_one(session, ids, sampling_params, t0) for ids in prompts))
+
+    async def stream_sequential(self, prompts: List[List[int]], sampling_params: dict) -> List[StreamTiming]:
+        """One request after the other over one session (as the replay's client keeps one), each timed from
+        its own send."""
+        out = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            for ids in prompts:
+                out.append(await self.stream_one(session, ids, sampling_params, time.perf_counter()))
+        return out
 
     def generate(self, input_ids, sampling_params: dict) -> None:
         prompts = input_ids if input_ids and isinstance(input_ids[0], list) else [input_ids]
-        asyncio.run(self._stream_all(prompts, dict(sampling_params, temperature=0)))
+        self.last_timings = asyncio.run(self._stream_all(prompts, sampling_params))
 
     def gyges_topology(self) -> dict:
         return self._get("/gyges/topology")
@@ -122,45 +174,85 @@ def small_grid():
     """The `--grid small` step cases (measure_costs.StepCase: batch per instance, cached prefix, fresh tokens,
     decode steps) for light loads of short requests: prefills of 32 to 512 tokens (one over a cached prefix,
     like a long prompt's later chunks), decodes of 1, 2 and 4 requests; ~20 s per TP degree on the demo model."""
-    from measure_costs import StepCase
+    StepCase = measure_costs.StepCase
+    return [StepCase(1, 0, 32, 16), StepCase(1, 0, 160, 16), StepCase(1, 0, 512, 16), StepCase(2, 0, 96, 16),
+            StepCase(4, 0, 64, 16), StepCase(1, 1024, 512, 16)]
 
-    return [StepCase(1, 0, 32, 16), StepCase(1, 0, 160, 16), StepCase(1, 0, 512, 8), StepCase(2, 0, 96, 16),
-            StepCase(4, 0, 64, 16), StepCase(1, 1024, 512, 8)]
+
+def streamed_decode_step(timings: Sequence[StreamTiming]) -> Optional[float]:
+    """One decode step from a call's streams: the median over its paced requests (StreamTiming.paced) of
+    (last - first token) / (tokens - 1); None when none was paced. Every token after the first is one decode
+    iteration of the batch the request is in, and the prefill's time does not enter (timing two calls and
+    subtracting, as measure_costs.py does in-process, buries a 5 ms decode step under the noise of a 300 ms
+    prefill on a shared machine)."""
+    steps = sorted((t.last_s - t.first_s) / (t.tokens - 1) for t in timings if t.paced)
+    return steps[len(steps) // 2] if steps else None
+
+
+class StreamingProbe(measure_costs.EngineProbe):
+    """measure_costs.EngineProbe whose step cases are timed from the streams of one call per repeat: the
+    prefill point is the call's time to the last request's first token (its prefill iteration, plus the
+    request's way through the server: with_call_overhead), the decode point the streamed decode step;
+    written in EngineProbe's raw format (decode_call_s = prefill + N steps), so measure_costs.fit_all fits
+    them unchanged. The engine is an HttpEngine."""
+
+    def step_case(self, case: measure_costs.StepCase, repeats: int) -> Dict:
+        n = self.instances()
+        prefix = [1] + self.tokens(case.prefix - 1) if case.prefix else []
+        if prefix:  # one copy per instance: the least-loaded placement gives each instance its own
+            self.generate([prefix + self.tokens(1) for _ in range(n)], 1)
+        one, steps = [], []
+        for _ in range(repeats + 2):  # up to two more calls when streams came back unpaced
+            prompts = [(prefix or [1]) + self.tokens(case.suffix - (0 if prefix else 1)) for _ in range(case.batch * n)]
+            self.generate(prompts, case.decode_steps + 1)
+            timings = self.engine.last_timings
+            step = streamed_decode_step(timings)
+            if len(one) < repeats:
+                one.append(max(t.first_s for t in timings))
+            if step is not None:
+                steps.append(step)
+            if len(one) >= repeats and len(steps) >= repeats:
+                break
+        steps = steps or [0.0]  # no paced stream at all: no decode point (fit_all drops a step <= 0)
+        t1 = sorted(one)[len(one) // 2]
+        return {"case": asdict(case), "instances": n, "prefill_call_s": one,
+                "decode_call_s": [t1 + case.decode_steps * d for d in steps], "timed": "streamed"}
 
 
 def measure_alone_speedup(engine: HttpEngine, vocab: int, repeats: int = 3, steps: int = 16) -> dict:
     """How much faster a TP1 instance decodes while the other one is idle (SimConfig.alone_speedup): one
     32-token request decoding `steps` tokens alone, against two at once (one per instance); each decode
-    step = (time of steps + 1 tokens - time of 1 token) / steps, best of `repeats`."""
+    step streamed (streamed_decode_step), the median of `repeats` calls."""
     import random
 
     rng = random.Random(1)
 
-    def decode_step(k: int) -> float:
-        best = float("inf")
-        for _ in range(repeats):
-            prompts = lambda: [[1] + [rng.randrange(3, vocab) for _ in range(31)] for _ in range(k)]  # noqa: E731
-            t0 = time.perf_counter()
-            engine.generate(prompts(), {"max_new_tokens": 1, "ignore_eos": True})
-            t1 = time.perf_counter()
-            engine.generate(prompts(), {"max_new_tokens": steps + 1, "ignore_eos": True})
-            t2 = time.perf_counter()
-            best = min(best, (t2 - t1 - (t1 - t0)) / steps)
-        return best
+    def decode_step(k: int) -> Optional[float]:
+        runs = []
+        for _ in range(repeats + 2):  # up to two more calls when streams came back unpaced
+            engine.generate([[1] + [rng.randrange(3, vocab) for _ in range(31)] for _ in range(k)],
+                            {"max_new_tokens": steps + 1, "ignore_eos": True})
+            step = streamed_decode_step(engine.last_timings)
+            runs += [] if step is None else [step]
+            if len(runs) >= repeats:
+                break
+        return sorted(runs)[len(runs) // 2] if runs else None
 
     alone, both = decode_step(1), decode_step(2)
-    return {"decode_alone_s": alone, "decode_both_s": both,
-            "alone_speedup": max(1.0, both / alone) if alone > 0 else 1.0}
+    measured = bool(alone and both)
+    return {"decode_alone_s": alone, "decode_both_s": both, "measured": measured,
+            "alone_speedup": max(1.0, both / alone) if measured else 1.0}
 
 
 def measure_cost_model(a, model_dir: str, out: Path, log_dir: Path) -> Path:
     """Measure the step-time and transformation models on this machine and write them to `out`.
 
-    --costs server (default): measure_costs.py's probe (EngineProbe: each step case on every instance at once,
-    TP1 then TP2, then merges and splits holding different amounts of KV) and fit (fit_all), timed through a
-    server started with bench_traces' flags (policy manual, the whole KV arena: the grid's batches need more
-    than --max-total-tokens), streaming like the replay, and first measure_alone_speedup (written under
-    "fit" -> "serving"). --grid: small (small_grid), quick or full (measure_costs.py's). --costs engine:
+    --costs server (default): measure_costs.py's probe (StreamingProbe: each step case on every instance at
+    once, TP1 then TP2, then merges and splits holding different amounts of KV) and fit (fit_all), timed
+    through a server started with bench_traces' flags (policy manual, the whole KV arena: the grid's batches
+    need more than --max-total-tokens), streaming like the replay (prefill = time to the first tokens, decode
+    step = the streamed time between tokens), and first measure_alone_speedup (written under "fit" ->
+    "serving"). --grid: small (small_grid), quick or full (measure_costs.py's). --costs engine:
     `measure_costs.py` as it is (an in-process sglang.Engine; no alone_speedup: 1)."""
     if a.costs == "engine":
         cmd = [sys.executable, str(REPO / "benchmark" / "measure_costs.py"), "--model-path", model_dir,
@@ -168,7 +260,6 @@ def measure_cost_model(a, model_dir: str, out: Path, log_dir: Path) -> Path:
         print("measuring the cost models:", " ".join(cmd[1:]), file=sys.stderr)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         return out
-    import measure_costs
     from gyges.costmodel import save_models
 
     probe_args = copy.copy(a)
@@ -182,13 +273,14 @@ def measure_cost_model(a, model_dir: str, out: Path, log_dir: Path) -> Path:
         cases = small_grid() if a.grid == "small" else measure_costs.step_cases(a.grid == "quick")
         repeats = 3  # best of: a shared machine only ever makes a run slower
         vocab = int(json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size", 512))
-        probe = measure_costs.EngineProbe(HttpEngine(srv.url), 2, vocab, 16)
+        probe = StreamingProbe(HttpEngine(srv.url), 2, vocab, 16)
         raw: dict = {"steps": {}, "transforms": []}
         probe.warm()
         serving = measure_alone_speedup(probe.engine, vocab)
         for tp in (1, 2):
             probe.set_tp(tp)
             probe.warm()
+            serving.setdefault("probe_decode_s", {})[str(tp)] = probe_decode_step(srv.url, a.overhead_probes)
             raw["steps"][str(tp)] = [probe.step_case(c, repeats) for c in cases]
         probe.set_tp(1)
         for k in (512, 1536) if a.grid == "small" else measure_costs.fill_tokens(a.grid == "quick"):
@@ -212,43 +304,73 @@ def measure_cost_model(a, model_dir: str, out: Path, log_dir: Path) -> Path:
 # =====================================================================================================
 # Live
 # =====================================================================================================
-async def _probe_overhead(url: str, n: int, prompt_len: int) -> List[float]:
-    """TTFT of n sequential streaming requests of prompt_len tokens (one new token each)."""
-    out = []
-    async with aiohttp.ClientSession() as session:
-        for i in range(n):
-            body = {"input_ids": [1] + [3 + (7 * i + j) % 400 for j in range(prompt_len - 1)],
-                    "sampling_params": {"max_new_tokens": 1, "ignore_eos": True, "temperature": 0}, "stream": True}
-            t0 = time.perf_counter()
-            async with session.post(url + "/generate", json=body) as resp:
-                async for _ in resp.content.iter_any():
-                    out.append(time.perf_counter() - t0)
-                    break
-                await resp.read()
-    return out
+PROBE_PROMPT, PROBE_NEW = 8, 17  # the probe requests (prompt tokens, new tokens)
+
+
+def _probe_server(url: str, n: int, prompt_len: int, new_tokens: int) -> List[StreamTiming]:
+    """n sequential streaming requests of prompt_len tokens and new_tokens new ones, each alone on the server."""
+    prompts = [[1] + [3 + (7 * i + j) % 400 for j in range(prompt_len - 1)] for i in range(n)]
+    return asyncio.run(HttpEngine(url).stream_sequential(prompts, {"max_new_tokens": new_tokens, "ignore_eos": True}))
+
+
+def probe_decode_step(url: str, n: int) -> Optional[float]:
+    """The median streamed decode step of n probe requests (PROBE_PROMPT + PROBE_NEW tokens, sequential)."""
+    timings = _probe_server(url, n + 1, PROBE_PROMPT, PROBE_NEW)[1:]  # the first pays one-off costs
+    steps = [(t.last_s - t.first_s) / (t.tokens - 1) for t in timings if t.paced]
+    return pct(steps, 50)
+
+
+def scaled(model: StepTimeModel, factor: float) -> StepTimeModel:
+    """model with every time term multiplied by factor (a machine `factor` times slower)."""
+    return dataclasses.replace(model, **{f.name: getattr(model, f.name) * factor for f in dataclasses.fields(model)
+                                         if f.name.endswith("_s")})
+
+
+def serving_of(model_file: Path) -> dict:
+    """What measure_cost_model measured beside the fit ("fit" -> "serving"; {} for another model file)."""
+    fit = json.loads(Path(model_file).read_text()).get("fit") or {}
+    return fit.get("serving") or {}
 
 
 def alone_speedup_of(model_file: Path) -> float:
     """SimConfig.alone_speedup measured with a model file (1 when it was not measured)."""
-    fit = json.loads(Path(model_file).read_text()).get("fit") or {}
-    return float((fit.get("serving") or {}).get("alone_speedup", 1.0))
+    return float(serving_of(model_file).get("alone_speedup", 1.0))
 
 
 def live_run(policy: str, workload: List[TraceRequest], a, model_dir: str, cost_model: str, log_dir: Path,
-             step_model: StepTimeModel, alone_speedup: float = 1.0) -> dict:
-    """bench_traces' live run of `policy`, with the per-request overhead measured right before the replay."""
-    probe: dict = {}
+             step_model: StepTimeModel, alone_speedup: float = 1.0, reference_decode: Optional[dict] = None) -> dict:
+    """bench_traces' live run of `policy`, with the server probed right before and right after the replay (on a
+    shared machine the load drifts: the two sides bracket the replay): `--overhead-probes` sequential requests
+    of PROBE_PROMPT prompt tokens and PROBE_NEW new ones each time, alone on the server.
 
-    def before_replay(url: str, topology: dict) -> None:
+    speed_factor (with --speed-calibration): the median streamed decode step of the probes over that of the
+    same probes when the model was measured (reference_decode: TP -> seconds, measure_cost_model's
+    "probe_decode_s"; probes on an instance of another TP than the run's first are not compared): how much
+    slower or faster the machine runs now than then; the simulation scales every step time by it. overhead =
+    the median of (probe TTFT - the scaled model's prefill of PROBE_PROMPT tokens): the request's way
+    through the server (HTTP, tokenizer manager, controller, detokenizer)."""
+    probe: dict = {"ttft_s": [], "decode_step_s": [], "model_prefill_s": [], "reference_decode_s": None}
+
+    def measure(url: str, topology: dict) -> None:
         tp = max(int(i["tp"]) for i in topology["instances"])
-        ttfts = asyncio.run(_probe_overhead(url, a.overhead_probes, 8))
-        ttfts = ttfts[1:] or ttfts  # the first pays one-off costs
-        # each probe runs alone on the host, as the simulator times it
-        prefill = step_model.batch_time([(8, 8)], tp) / (alone_speedup if len(topology["instances"]) > 1 else 1.0)
-        probe.update({"ttft_s": ttfts, "tp": tp, "model_prefill_s": prefill,
-                      "overhead_s": max(0.0, sorted(ttfts)[len(ttfts) // 2] - prefill)})
+        alone = alone_speedup if len(topology["instances"]) > 1 else 1.0  # each probe runs alone on the host
+        timings = _probe_server(url, a.overhead_probes + 1, PROBE_PROMPT, PROBE_NEW)[1:]  # the first pays one-offs
+        probe["ttft_s"] += [t.first_s for t in timings]
+        probe["model_prefill_s"] += [step_model.batch_time([(PROBE_PROMPT, PROBE_PROMPT)], tp) / alone] * len(timings)
+        probe.setdefault("tp", tp)
+        if tp == probe["tp"]:
+            probe["decode_step_s"] += [(t.last_s - t.first_s) / (t.tokens - 1) for t in timings if t.paced]
 
-    run = bench_traces.run_policy(policy, workload, a, model_dir, cost_model, log_dir, before_replay=before_replay)
+    run = bench_traces.run_policy(policy, workload, a, model_dir, cost_model, log_dir, before_replay=measure,
+                                  after_replay=measure)
+    factor = 1.0
+    ref = (reference_decode or {}).get(str(probe.get("tp")))
+    if a.speed_calibration and probe["decode_step_s"] and ref:
+        probe["reference_decode_s"] = ref
+        factor = pct(probe["decode_step_s"], 50) / ref
+    probe["speed_factor"] = factor
+    probe["overhead_s"] = max(0.0, pct([t - factor * m for t, m in zip(probe["ttft_s"], probe["model_prefill_s"])],
+                                       50) or 0.0)
     run["overhead_probe"] = probe
     return run
 
@@ -298,6 +420,7 @@ def simulate_run(run: dict, caps: Dict[int, int], step_model: StepTimeModel, tra
     records in bench_traces' Result fields)."""
     policy, server_args = controller_policy(run["server_args"][2:])  # after "-m sglang.launch_server"
     overhead = run["overhead_probe"]["overhead_s"]
+    step_model = scaled(step_model, run["overhead_probe"].get("speed_factor", 1.0))
     cfg = sim_config(server_args, caps, step_model, transform_model, overhead, alone_speedup)
     live = run["results"]
     trace = [TraceRequest(r["sent_s"] if r.get("sent_s") is not None else r["arrival_s"], r["prompt_tokens"],
@@ -442,7 +565,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[bench_traces.make_parser(add_help=False)],
                                 conflict_handler="resolve")
     p.add_argument("--policies", nargs="+", default=list(bench_traces.ALL_POLICIES),
-                   choices=bench_traces.ALL_POLICIES, help="policies to run live and simulate")
+                   choices=bench_traces.ALL_POLICIES + ["auto"],
+                   help="policies to run live and simulate (auto: the Gyges policy as --gyges-policy auto)")
     p.add_argument("--cost-model", default=None,
                    help="a model file measured before (default: measure now, step 1 of the module docstring)")
     p.add_argument("--grid", choices=["small", "quick", "full"], default="quick",
@@ -451,7 +575,10 @@ def parse_args(argv=None):
                    help="measure through a server with bench_traces' flags (default) or an in-process Engine")
     p.add_argument("--measure-once", dest="measure_each", action="store_false",
                    help="measure the models once for all policies (default: right before each live run)")
-    p.add_argument("--overhead-probes", type=int, default=6, help="sequential requests timing the overhead")
+    p.add_argument("--overhead-probes", type=int, default=8,
+                   help="sequential requests probing the server before and after each replay (overhead, speed)")
+    p.add_argument("--no-speed-calibration", dest="speed_calibration", action="store_false",
+                   help="simulate with the step model as measured (default: scaled by the probes' speed factor)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE, help="relative error flagged (default 0.15)")
     p.add_argument("--out-name", default="validate_sim", help="file name stem under --result-dir")
     return p.parse_args(argv)
@@ -483,7 +610,7 @@ def validate(a, workload: Optional[List[TraceRequest]] = None) -> dict:
                                                 log_dir)
         step_model = StepTimeModel.load(str(models[policy]))
         runs[policy] = live_run(policy, workload, a, model_dir, str(models[policy]), log_dir, step_model,
-                                alone_speedup_of(models[policy]))
+                                alone_speedup_of(models[policy]), serving_of(models[policy]).get("probe_decode_s"))
     caps = capacities(runs)
     entries: Dict[str, dict] = {}
     for policy, run in runs.items():
@@ -497,7 +624,7 @@ def validate(a, workload: Optional[List[TraceRequest]] = None) -> dict:
         live_m = metrics(run["results"], run["summary"]["merges"], run["summary"]["splits"])
         sim_m = metrics(sim_records, sim_result["merges"], sim_result["splits"])
         rows = compare(live_m, sim_m, a.tolerance)
-        entries[policy] = {"live": live_m, "sim": sim_m, "rows": rows,
+        entries[policy] = {"live": live_m, "sim": sim_m, "rows": rows, "live_summary": run["summary"],
                            "per_request_ttft": per_request_agreement(run["results"], sim_records),
                            "overhead_probe": run["overhead_probe"], "live_history": run["history"],
                            "cost_model_file": str(models[policy]),
@@ -524,7 +651,13 @@ def report(res: dict, a, cmdline: str) -> Tuple[str, bool]:
                   f"{policy}: {e['live']['completed']}/{e['live']['requests']} completed live, "
                   f"{e['sim']['completed']} simulated; per-request TTFT |sim - live| p50 "
                   f"{pr.get('abs_diff_p50_s', float('nan')):.3f} s, p90 {pr.get('abs_diff_p90_s', float('nan')):.3f} s; "
-                  f"measured overhead {e['overhead_probe'].get('overhead_s', float('nan')) * 1e3:.1f} ms", ""]
+                  f"measured overhead {e['overhead_probe'].get('overhead_s', float('nan')) * 1e3:.1f} ms, machine "
+                  f"speed factor {e['overhead_probe'].get('speed_factor', 1.0):.2f} (probe decode step now / when "
+                  f"the model was measured); "
+                  f"load average before/after the replay {e['live_summary'].get('loadavg_before_after')}", ""]
+    summaries = [e["live_summary"] for e in res["entries"].values() if "live_summary" in e]
+    if summaries:
+        parts += ["The live runs (bench_traces' table):", "", bench_traces.table(summaries, a), ""]
     return "\n".join(parts), flagged
 
 
