@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -107,6 +108,16 @@ class Setup:
                          capacity_by_tp=capacity, slo_ttft_s=self.slo_ttft_s, slo_tpot_s=self.slo_tpot_s,
                          step_model=step,
                          transform_model=hardware.transform_model(gpu, model))
+
+    def variant(self) -> str:
+        """What differs from the plain roofline + memory model, for titles and file names."""
+        parts = (["paper's KV limits"] if self.capacity_override else []) + \
+                (["paper's TP penalty"] if self.tp_penalty else [])
+        return " (" + ", ".join(parts) + ")" if parts else ""
+
+    def tag(self) -> str:
+        return f"{self.gpu}_{self.model}" + ("_paperkv" if self.capacity_override else "") + \
+            ("_tppenalty" if self.tp_penalty else "")
 
     def gyges_spec(self) -> str:
         # the prefill-time target: half the TTFT SLO, leaving the other half for queueing
@@ -214,12 +225,15 @@ MAIN_COLS = [("label", "configuration", "{}"), ("goodput_req_s", "goodput req/s"
 
 
 def compare_rows(runs: Sequence[dict], setup: Setup) -> List[dict]:
-    """Metrics per run, plus goodput relative to the best static configuration that rejects nothing, and
-    goodput on the requests all-TP1 least-loaded DP serves."""
+    """Metrics per run, plus goodput relative to the best static configuration that rejects no request some
+    instance could hold, and goodput on the requests all-TP1 least-loaded DP serves."""
     rows = [dict(label=r["label"], **metrics(r, setup)) for r in runs]
     dp = next((r for r in runs if r["spec"] == "static-dp-ll"), None)
     servable = {q[0] for q in dp["requests"] if not q[2]} if dp else None
-    serve_all = [row for row in rows if row["label"].startswith(("static", "hybrid")) and row["rejected"] == 0]
+    # "serves every request": rejects only what no instance of the largest size could hold (the fewest rejected)
+    least_rejected = min(row["rejected"] for row in rows)
+    serve_all = [row for row in rows if row["label"].startswith(("static", "hybrid"))
+                 and row["rejected"] == least_rejected]
     best = max((row["goodput_req_s"] for row in serve_all), default=float("nan"))
     for run, row in zip(runs, rows):
         row["vs_best_static"] = row["goodput_req_s"] / best if best and best == best else float("nan")
@@ -244,7 +258,7 @@ def plot_load_curve(path: str, loads: Sequence[float], curves: Dict[str, List[fl
         ax.plot(loads, ys, marker="o", label=label, linewidth=2.5 if label.startswith("gyges") else 1.2)
     ax.set_xlabel("offered load (x the traces' recorded rate)")
     ax.set_ylabel("goodput (req/s within SLO)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -260,7 +274,7 @@ def plot_bars(path: str, rows: Sequence[dict], title: str) -> None:
     labels = [r["label"] for r in rows]
     ax.barh(labels, [r["goodput_req_s"] for r in rows], color=["C3" if l.startswith("gyges") else "C0" for l in labels])
     ax.set_xlabel("goodput (req/s within SLO)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -295,11 +309,11 @@ def cmd_traces(a, setup: Setup) -> int:
         rows = compare_rows(runs, setup)
         title = (f"{setup.devices} x {setup.gpu.upper()}, {setup.model}, Azure {mix} + Mooncake, "
                  f"{a.duration:.0f} s, {len(trace)} requests; SLO TTFT <= {setup.slo_ttft_s:g} s, "
-                 f"TPOT <= {setup.slo_tpot_s * 1000:g} ms")
+                 f"TPOT <= {setup.slo_tpot_s * 1000:g} ms{setup.variant()}")
         print(title)
         print(table(rows, MAIN_COLS))
         print()
-        tag = f"study_{setup.gpu}_{setup.model}_{mix}"
+        tag = f"study_{setup.tag()}_{mix}"
         plot_bars(os.path.join(RESULTS, tag + ".png"), rows, title)
         out[mix] = rows
         save(tag, {"title": title, "rows": rows})
@@ -318,13 +332,16 @@ def cmd_load(a, setup: Setup) -> int:
         for row in rows:
             curves[row["label"]].append(row["goodput_req_s"])
         tables.append((load, rows))
+        print(f"offered load {load:g}x ({len(trace)} requests over {trace[-1].arrival_s:.0f} s){setup.variant()}")
+        print(table(rows, MAIN_COLS), flush=True)
+        print()
     title = (f"{setup.devices} x {setup.gpu.upper()}, {setup.model}, Azure {a.mix} + Mooncake, "
-             f"{a.duration:.0f} s windows; goodput against offered load")
+             f"{a.duration:.0f} s windows{setup.variant()}; goodput against offered load")
     print(title)
     cols = [("label", "configuration", "{}")] + [(f"l{k}", f"{load:g}x", "{:.2f}") for k, load in enumerate(loads)]
     rows = [dict(label=label, **{f"l{k}": v for k, v in enumerate(vals)}) for label, vals in curves.items()]
     print(table(rows, cols))
-    tag = f"study_load_{setup.gpu}_{setup.model}_{a.mix}"
+    tag = f"study_load_{setup.tag()}_{a.mix}"
     os.makedirs(RESULTS, exist_ok=True)
     save(tag, {"title": title, "loads": loads, "curves": curves,
                "tables": [{"load": load, "rows": rows} for load, rows in tables]})
@@ -347,7 +364,7 @@ def cmd_paper(a, setup: Setup) -> int:
         r["vs_rr"] = r["throughput_tok_s"] / base["gyges mechanism + round-robin"]
         r["vs_ll"] = r["throughput_tok_s"] / base["gyges mechanism + least-loaded"]
     title = (f"Paper's scheduler experiment: {setup.devices} x {setup.gpu.upper()} TP1 at start, {setup.model}, "
-             f"1K-token requests {a.short_per_min}/min + 50K-token 1/min, {a.minutes:g} min")
+             f"1K-token requests {a.short_per_min}/min + 50K-token 1/min, {a.minutes:g} min{setup.variant()}")
     print(title)
     cols = [("label", "configuration", "{}"), ("throughput_tok_s", "tok/s", "{:.0f}"), ("vs_rr", "x RR", "{:.2f}"),
             ("vs_ll", "x LL", "{:.2f}"), ("goodput_req_s", "goodput req/s", "{:.2f}"),
@@ -356,7 +373,7 @@ def cmd_paper(a, setup: Setup) -> int:
             ("rejected", "rejected", "{}"), ("unfinished", "unfinished", "{}"), ("merges", "merges", "{}"),
             ("splits", "splits", "{}")]
     print(table(rows, cols))
-    tag = f"study_paper_{setup.gpu}_{setup.model}_{a.short_per_min}"
+    tag = f"study_paper_{setup.tag()}_{a.short_per_min}"
     save(tag, {"title": title, "rows": rows})
     plot_bars(os.path.join(RESULTS, tag + ".png"), rows, title)
     return 0
