@@ -5,7 +5,7 @@ in shuffled order, and one mixed batch: decodes (extend 1), prefills without a p
 cached prefix, a request with no new tokens. Both backends run the same layer on copies of the pool; the new
 tokens' K/V must land in the same slots (bit for bit) and the outputs must agree (float32: 1e-5; bfloat16:
 both against the float32 reference, within bfloat16 rounding).
-Shapes: head_dim 64-256, GQA ratio 1-8, page size 1-16, float32 and bfloat16; small, so the file runs in seconds.
+Shapes: head_dim 64-256 (and 72, 80), GQA ratio 1-8 and 72, page size 1-16, float32 and bfloat16; small, so the file runs in seconds.
 """
 
 import math
@@ -28,6 +28,7 @@ CASES = [
     (128, 8, 1, 1, torch.float32, [(3, 40), (17, 1), (0, 2)]),  # page size 1, GQA 8 (MQA)
     (256, 2, 1, 16, torch.float32, [(31, 17), (64, 1)]),  # head_dim 256, a chunk past a page boundary
     (80, 6, 3, 8, torch.float32, [(0, 50), (9, 33)]),  # head_dim not a power of two, prefill only
+    (72, 72, 1, 4, torch.float32, [(3, 2), (10, 1)]),  # GQA 72 (more rows than one work item holds); 72 % 16 != 0
     (64, 4, 2, 16, torch.bfloat16, [(0, 1), (20, 1), (45, 1)]),
     (128, 8, 2, 4, torch.bfloat16, [(0, 30), (11, 1), (28, 12)]),
     (256, 4, 4, 1, torch.bfloat16, [(5, 7), (40, 1)]),

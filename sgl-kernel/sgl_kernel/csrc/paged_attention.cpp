@@ -35,7 +35,8 @@
 namespace {
 
 constexpr int64_t kTile = 32;  // key positions per tile
-constexpr int64_t kRows = 32;  // query rows (tokens x heads of one KV head) per work item, at most
+constexpr int64_t kRows = 64;  // query rows (tokens x heads of one KV head) per work item, at most
+constexpr int kGroup = 4;      // rows computed together (one K/V load serves all of them)
 
 inline float to_f32(float x) { return x; }
 inline float to_f32(at::BFloat16 x) {
@@ -55,9 +56,41 @@ inline at::BFloat16 from_f32<at::BFloat16>(float f) {
   return at::BFloat16(f);  // round to nearest even, as torch does
 }
 
-// exp(x) for x <= 0 (scores minus their running max), written so that the compiler vectorizes a loop of it:
-// x = n ln2 + r, |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial (~1 ulp), 2^n through the exponent bits.
-// Below -87 the result is 0 (the mask's -inf too).
+// 16 floats as one value (GCC/Clang vector extensions: one AVX-512 register, two AVX2 ones, ...); V16u is the
+// same for unaligned memory.
+typedef float V16 __attribute__((vector_size(64)));
+typedef float V16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t I16 __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+
+inline V16 load16(const float* p) { return *reinterpret_cast<const V16u*>(p); }
+inline void store16(float* p, V16 v) { *reinterpret_cast<V16u*>(p) = v; }
+inline V16 splat16(float x) { return V16{} + x; }
+
+// exp(x) for x <= 0 (scores minus their running max), 16 lanes at once: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by
+// Cephes' degree-6 polynomial (~1 ulp), 2^n through the exponent bits. Below -87 the result is 0 (the mask's
+// -inf too).
+inline V16 exp_nonpos16(V16 x) {
+  const I16 tiny = x < -87.0f;
+  x = x < -87.0f ? splat16(-87.0f) : x;
+  const V16 magic = splat16(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const V16 n = (x * 1.44269504088896341f + magic) - magic;
+  V16 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V16 p = splat16(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;
+  V16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return tiny ? V16{} : p * scale;
+}
+
+// The same for one float (the running-max correction).
 inline float exp_nonpos(float x) {
   const bool tiny = x < -87.0f;
   x = std::max(x, -87.0f);
@@ -125,15 +158,88 @@ struct Attention {
     }
   }
 
-  // buf: (2 * kRows + kTile) * dim + kTile * dim floats of scratch for one thread
+  // Rows of an item at most (a GQA group larger than kRows is one item of `group` rows).
+  int64_t max_rows() const { return std::max(kRows, group); }
+
+  // Per-thread scratch, in floats: Q and acc [max_rows][dim], K^T [dim][kTile], V [kTile][dim], P [max_rows][kTile],
+  // m, l [max_rows].
+  int64_t scratch_floats() const { return 2 * max_rows() * dim + 2 * kTile * dim + max_rows() * (kTile + 2); }
+
+  // One key tile [k0, k0 + n) for the NR rows r0 .. r0 + NR - 1: scores (each K^T load serves every row), online
+  // softmax per row (masked keys: later positions and the tile's padding get probability 0), then
+  // acc = acc * alpha + P V (each V load serves every row; acc stays in registers over the tile).
+  template <int NR>
+  void group_tile(int64_t r0, int64_t k0, int64_t n, int64_t first_pos, const float* qf, float* acc,
+                  const float* kt, const float* vt, float* probs, float* m, float* l) const {
+    V16 sa[NR], sb[NR];  // scores of keys k0 .. k0 + 15, k0 + 16 .. k0 + 31
+    for (int g = 0; g < NR; ++g) sa[g] = sb[g] = V16{};
+    for (int64_t d = 0; d < dim; ++d) {
+      const V16 ka = load16(kt + d * kTile), kb = load16(kt + d * kTile + kLanes);
+      for (int g = 0; g < NR; ++g) {
+        const V16 qd = splat16(qf[(r0 + g) * dim + d]);
+        sa[g] += qd * ka;
+        sb[g] += qd * kb;
+      }
+    }
+    float alpha[NR];
+    int64_t group_visible = 0;
+    for (int g = 0; g < NR; ++g) {
+      const int64_t r = r0 + g;
+      float* pr = probs + g * kTile;
+      const int64_t visible = std::max<int64_t>(0, std::min(n, first_pos + r / group - k0 + 1));
+      group_visible = std::max(group_visible, visible);
+      if (visible == 0) {  // this row sees nothing of the tile: its state stays
+        std::fill(pr, pr + kTile, 0.0f);
+        alpha[g] = 1.0f;
+        continue;
+      }
+      store16(pr, sa[g]);
+      store16(pr + kLanes, sb[g]);
+      for (int64_t j = visible; j < kTile; ++j) pr[j] = -std::numeric_limits<float>::infinity();
+      const V16 a = load16(pr), b = load16(pr + kLanes);
+      const V16 mx = a > b ? a : b;
+      float tile_max = mx[0];
+      for (int i = 1; i < kLanes; ++i) tile_max = std::max(tile_max, mx[i]);
+      const float m_new = std::max(m[r], tile_max);
+      alpha[g] = exp_nonpos(m[r] - m_new);  // 0 on the first tile (m = -inf)
+      const V16 pa = exp_nonpos16(a - m_new), pb = exp_nonpos16(b - m_new);
+      store16(pr, pa);
+      store16(pr + kLanes, pb);
+      const V16 ps = pa + pb;
+      float sum = 0.0f;
+      for (int i = 0; i < kLanes; ++i) sum += ps[i];
+      l[r] = l[r] * alpha[g] + sum;
+      m[r] = m_new;
+    }
+    if (group_visible == 0) return;
+    int64_t d0 = 0;
+    for (; d0 + kLanes <= dim; d0 += kLanes) {
+      V16 a[NR];
+      for (int g = 0; g < NR; ++g) a[g] = load16(acc + (r0 + g) * dim + d0) * alpha[g];
+      for (int64_t j = 0; j < group_visible; ++j) {
+        const V16 vj = load16(vt + j * dim + d0);
+        for (int g = 0; g < NR; ++g) a[g] += probs[g * kTile + j] * vj;
+      }
+      for (int g = 0; g < NR; ++g) store16(acc + (r0 + g) * dim + d0, a[g]);
+    }
+    for (; d0 < dim; ++d0) {  // head_dim not a multiple of 16
+      for (int g = 0; g < NR; ++g) {
+        float a = acc[(r0 + g) * dim + d0] * alpha[g];
+        for (int64_t j = 0; j < group_visible; ++j) a += probs[g * kTile + j] * vt[j * dim + d0];
+        acc[(r0 + g) * dim + d0] = a;
+      }
+    }
+  }
+
   void run(const Item& it, float* buf) const {
     const int64_t rows = it.ntok * group;
-    float* qf = buf;                    // [rows][dim], scaled
-    float* acc = qf + kRows * dim;      // [rows][dim]
-    float* kt = acc + kRows * dim;      // [dim][kTile]
-    float* vt = kt + kTile * dim;       // [kTile][dim]
-    float m[kRows], l[kRows], s[kTile];
-    int64_t qpos[kRows];
+    float* qf = buf;                         // [rows][dim], pre-scaled
+    float* acc = qf + max_rows() * dim;      // [rows][dim]
+    float* kt = acc + max_rows() * dim;      // [dim][kTile]
+    float* vt = kt + kTile * dim;            // [kTile][dim]
+    float* probs = vt + kTile * dim;         // [kGroup][kTile]: one row group's scores, then probabilities
+    float* m = probs + max_rows() * kTile;   // [rows] running max
+    float* l = m + max_rows();               // [rows] running sum
     const int64_t first_pos = prefix[it.req] + (it.tok0 - starts[it.req]);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t t = it.tok0 + r / group, h = it.kv_head * group + r % group;
@@ -142,42 +248,18 @@ struct Attention {
       std::fill(acc + r * dim, acc + (r + 1) * dim, 0.0f);
       m[r] = -std::numeric_limits<float>::infinity();
       l[r] = 0.0f;
-      qpos[r] = first_pos + r / group;
     }
     const int64_t keys = first_pos + it.ntok;  // the last token sees keys 0 .. keys - 1
+    static_assert(kTile == 2 * kLanes, "a key tile is two vectors of scores");
     for (int64_t k0 = 0; k0 < keys; k0 += kTile) {
       const int64_t n = std::min(kTile, keys - k0);
       load_tile(it.req, it.kv_head, k0, n, kt, vt);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t visible = std::min(n, qpos[r] - k0 + 1);  // keys k0 .. k0 + visible - 1
-        if (visible <= 0) continue;
-        const float* qr = qf + r * dim;
-        for (int64_t j = 0; j < kTile; ++j) s[j] = 0.0f;
-        for (int64_t d = 0; d < dim; ++d) {
-          const float qd = qr[d];
-          const float* kd = kt + d * kTile;
-          for (int64_t j = 0; j < kTile; ++j) s[j] += qd * kd[j];
-        }
-        float tile_max = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < visible; ++j) tile_max = std::max(tile_max, s[j]);
-        const float m_new = std::max(m[r], tile_max);
-        const float alpha = exp_nonpos(m[r] - m_new);  // 0 on the first tile (m = -inf)
-        float sum = 0.0f;
-        for (int64_t j = 0; j < kTile; ++j) {
-          const float p = j < visible ? exp_nonpos(s[j] - m_new) : 0.0f;
-          s[j] = p;
-          sum += p;
-        }
-        l[r] = l[r] * alpha + sum;
-        m[r] = m_new;
-        float* ar = acc + r * dim;
-        if (alpha != 1.0f) {
-          for (int64_t d = 0; d < dim; ++d) ar[d] *= alpha;
-        }
-        for (int64_t j = 0; j < visible; ++j) {
-          const float p = s[j];
-          const float* vj = vt + j * dim;
-          for (int64_t d = 0; d < dim; ++d) ar[d] += p * vj[d];
+      for (int64_t r0 = 0; r0 < rows; r0 += kGroup) {
+        switch (std::min<int64_t>(kGroup, rows - r0)) {
+          case 4: group_tile<4>(r0, k0, n, first_pos, qf, acc, kt, vt, probs, m, l); break;
+          case 3: group_tile<3>(r0, k0, n, first_pos, qf, acc, kt, vt, probs, m, l); break;
+          case 2: group_tile<2>(r0, k0, n, first_pos, qf, acc, kt, vt, probs, m, l); break;
+          default: group_tile<1>(r0, k0, n, first_pos, qf, acc, kt, vt, probs, m, l); break;
         }
       }
     }
@@ -253,9 +335,8 @@ void attend(const torch::Tensor& q, const torch::Tensor& kv_buffer, int64_t laye
   std::atomic<int64_t> next{0};
   const int64_t num_items = static_cast<int64_t>(items.size());
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_items);
-  const int64_t dim = a.dim;
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf((2 * kRows + 2 * kTile) * dim);
+    std::vector<float> buf(a.scratch_floats());
     for (int64_t w = begin; w < end; ++w) {
       for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) a.run(items[i], buf.data());
     }
