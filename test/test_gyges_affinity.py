@@ -44,6 +44,9 @@ def test_recomputing_n_tokens_costs_the_prefill_of_n_tokens(model):
 def test_ties_go_to_the_emptier_instance_then_the_lowest_device():
     assert choose_by_affinity(10, [_cand(1), _cand(0)]).base == 0
     assert choose_by_affinity(10, [_cand(0, waiting=2), _cand(1)]).base == 1
+    fuller = AffinityCandidate(0, 1, 0, 0, 0, 0, 0, kv_free_tokens=10)
+    emptier = AffinityCandidate(1, 1, 0, 0, 0, 0, 0, kv_free_tokens=100)
+    assert choose_by_affinity(10, [fuller, emptier]).base == 1  # new conversations spread over the memory
     with pytest.raises(ValueError):
         choose_by_affinity(10, [])
 
@@ -62,6 +65,8 @@ def test_prefix_index_matches_whole_leading_blocks():
     assert idx.match(0, a) == 8 and idx.size(1) == 0
     idx.regroup([0], [0, 1])  # split: every part inherits
     assert idx.match(1, list(range(100, 116))) == 12
+    idx.replace(1, idx.block_hashes(a))  # a new leader's own report after the split: exactly what it holds
+    assert idx.match(1, a) == 8 and idx.match(1, list(range(100, 116))) == 0
 
 
 def _load(base, tp=1, queued=0, running=0, cap=1000, in_flight=0):

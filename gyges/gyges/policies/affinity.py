@@ -18,7 +18,8 @@ Pure logic (no torch, no sockets), used by the live controller (manual placement
 
     so recomputing N prompt tokens costs exactly the prefill time of N tokens, and a busy home loses to an
     idle instance once its queue costs more than the recompute it saves. Ties: fewer requests, fewer tokens
-    in flight, lowest device. Without any cached tokens this is least-queued-work placement.
+    in flight, more free KV memory (new conversations spread, so their pinned KV is not evicted by each
+    other), lowest device. Without any cached tokens this is least-queued-work placement.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class AffinityCandidate:
     prefill_tokens_queued: int  # prompt tokens its requests have still to prefill, in all
     tokens_in_flight: int  # tokens its requests may still need (tie-break)
     cached_tokens: int = 0  # leading tokens of this request's prompt whose KV is there
+    kv_free_tokens: int = 0  # KV tokens not held by requests or cache there (tie-break: spread the memory)
 
 
 def _chunks(n: int, chunk: int) -> int:
@@ -68,7 +70,7 @@ def choose_by_affinity(prompt_tokens: int, cands: Sequence[AffinityCandidate], s
     if not cands:
         raise ValueError("no candidate instance")
     return min(cands, key=lambda c: (placement_cost(prompt_tokens, c, step_model, chunk_tokens),
-                                     c.running + c.waiting, c.tokens_in_flight, c.base))
+                                     c.running + c.waiting, c.tokens_in_flight, -c.kv_free_tokens, c.base))
 
 
 def pick_by_affinity(req: RequestInfo, cands: Sequence[InstanceLoad], step_model=None,
@@ -81,7 +83,8 @@ def pick_by_affinity(req: RequestInfo, cands: Sequence[InstanceLoad], step_model
     by_base = {c.base: c for c in cands}
     best = choose_by_affinity(req.prompt_tokens, [
         AffinityCandidate(c.base, c.tp, c.running, c.waiting, c.prefill_tokens_queued or 0, c.tokens_in_flight,
-                          cached.get(c.base, 0)) for c in cands], step_model, chunk_tokens)
+                          cached.get(c.base, 0), c.kv_capacity_tokens - c.kv_used_tokens)
+        for c in cands], step_model, chunk_tokens)
     return by_base[best.base]
 
 
@@ -139,6 +142,11 @@ class PrefixIndex:
             self._blocks.pop(s, None)
         for t in targets:
             self._blocks[t] = OrderedDict(union)
+
+    def replace(self, instance: int, hashes: Sequence[int], max_blocks: Optional[int] = None) -> None:
+        """The instance holds exactly these blocks (its own report after a transformation)."""
+        self._blocks[instance] = OrderedDict()
+        self.insert(instance, (), max_blocks, list(hashes))
 
     def drop(self, instance: int) -> None:
         self._blocks.pop(instance, None)

@@ -163,6 +163,7 @@ class Controller:
         self.session_home: Dict[str, int] = {}  # session id -> instance holding (or about to hold) its KV
         self.reported_sessions: Dict[int, set] = {}  # instance -> sessions its last report listed as pinned
         self._cached_info: Dict[str, tuple] = {}  # rid -> RequestInfo.cached_tokens, until it is placed
+        self.reported_prefixes: Dict[int, List[int]] = {}  # new leaders' cached blocks, not yet in the index
         self.step_model = StepTimeModel.load(server_args.gyges_cost_model) if server_args.gyges_cost_model else None
         self.chunk_tokens = (server_args.chunked_prefill_size if server_args.chunked_prefill_size > 0
                              else server_args.max_prefill_tokens)
@@ -303,7 +304,8 @@ class Controller:
             base=view.instance_id, tp=view.instance.tp, running=r.running,
             waiting=r.waiting + view.routed_since_report,
             prefill_tokens_queued=r.prefill_tokens_queued + view.routed_prefill_since_report,
-            tokens_in_flight=r.tokens_in_flight + view.routed_tokens_since_report, cached_tokens=cached)
+            tokens_in_flight=r.tokens_in_flight + view.routed_tokens_since_report, cached_tokens=cached,
+            kv_free_tokens=r.kv_capacity_tokens - r.kv_used_tokens - view.routed_tokens_since_report)
 
     def route(self, req: TokenizedGenerateReqInput) -> None:
         if self.policy is not None:
@@ -498,10 +500,12 @@ class Controller:
 
     def _regroup_affinity(self, cmd: TransformCmd) -> None:
         """After a merge / split: the prefix index and session homes follow the instances (a session on a
-        split instance is first assumed on the part with the old leader; the new leaders' reports correct it)."""
+        split instance is first assumed on the part with the old leader, every part inherits the cached
+        prefixes; the new leaders' first reports, with their sessions and cached blocks, correct both)."""
         sources = [inst[0] for inst in cmd.src_instances]
         targets = [inst[0] for inst in cmd.dst_instances]
         self.prefix_index.regroup(sources, targets)
+        self._apply_reported_prefixes()
         for base in sources:
             if base not in targets:
                 self.reported_sessions.pop(base, None)
@@ -509,6 +513,14 @@ class Controller:
             if home in sources and home not in self.views:
                 inst = self.topology.instance_of(home)
                 self.session_home[sid] = inst.leader
+
+    def _apply_reported_prefixes(self) -> None:
+        """A new leader reported the blocks its radix cache holds: that replaces the regrouped guess."""
+        for base, hashes in list(self.reported_prefixes.items()):
+            if base in self.views:
+                cap = self.views[base].report.kv_capacity_tokens if self.views[base].report else None
+                self.prefix_index.replace(base, hashes, cap // self.args.page_size if cap else None)
+                del self.reported_prefixes[base]
 
     def _sessions_reported(self, instance_id: int, sessions: List[str]) -> None:
         """An instance's report listed the sessions pinned there: they live there; those that left the list
@@ -660,6 +672,10 @@ class Controller:
                 self.routed.pop(rid, None)
             if msg.sessions is not None:
                 self._sessions_reported(msg.instance_id, msg.sessions)
+            if msg.cached_prefix_hashes is not None:
+                self.reported_prefixes[msg.instance_id] = msg.cached_prefix_hashes
+                if self.active is None or self.active.done is not None:  # else: after the regroup
+                    self._apply_reported_prefixes()
             if view is None:
                 # A new leader of a split can report before the transformation's TransformDone arrives
                 # (it comes from another worker's socket): keep it for the view about to be created.

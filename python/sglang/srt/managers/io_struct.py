@@ -381,6 +381,9 @@ class InstanceReport:
     kv_pinned_tokens: int = 0
     # Ids of the sessions whose KV is pinned here, when the set changed since the previous report (None: same).
     sessions: Optional[List[str]] = None
+    # First report after a merge / split: the chained block hashes (gyges.policies.affinity.PrefixIndex, block =
+    # page_size) of every prefix this instance's radix cache holds, for the controller's prefix index.
+    cached_prefix_hashes: Optional[List[int]] = None
 
 
 @dataclass

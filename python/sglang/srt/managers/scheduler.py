@@ -127,6 +127,7 @@ class Scheduler:
         self._last_report_key = None
         self._last_report_time = 0.0
         self._reported_sessions: Optional[List[str]] = None  # session ids of the last report that sent them
+        self._report_prefixes = migrated is not None  # the first report after a transformation lists the cache
 
         self.recv_from_controller = channels.recv_from_controller
         self.send_to_detokenizer = channels.send_to_detokenizer
@@ -565,6 +566,13 @@ class Scheduler:
         self.kv.sessions.adopt(state.session_pins)
         self.batches.adopt(state.running, state.waiting, state.new_token_ratio)
 
+    def _cached_prefix_hashes(self) -> List[int]:
+        from gyges.policies.affinity import PrefixIndex
+
+        index = PrefixIndex(self.page_size)
+        hashes = {h for tokens, _ in self.kv.tree.export() for h in index.block_hashes(tokens)}
+        return sorted(hashes)
+
     def report_load(self) -> None:
         """Send an InstanceReport when the load changed, a request finished, or a heartbeat is due."""
         waiting = self.batches.num_waiting + len(self.grammar_pending)
@@ -592,7 +600,9 @@ class Scheduler:
             prefill_tokens_queued=key[7],
             kv_pinned_tokens=key[8] * self.page_size,
             sessions=sessions if sessions != self._reported_sessions else None,
+            cached_prefix_hashes=self._cached_prefix_hashes() if self._report_prefixes else None,
         )
+        self._report_prefixes = False
         self._reported_sessions = sessions
         self._last_report_key = key
         self._last_report_time = now
