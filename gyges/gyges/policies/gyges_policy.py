@@ -192,12 +192,39 @@ class GygesPolicy(Policy):
             largest, held = max(largest, extra.need_tokens), held + extra.need_tokens
         return largest <= cap and held <= parts * cap - (parts - 1) * largest
 
-    def _spill_ok(self, req: RequestInfo, inst: InstanceLoad) -> bool:
-        """A merged instance takes base-TP work only while its long work runs, when it was merged for
-        capacity, or when the work keeps it splittable (it is on its way back to base TP)."""
-        if self._capacity_rich(inst, req.need_tokens) or self._sizes.bound(inst) > self._part_capacity(inst, self.base_tp):
-            return True
-        return self._fits_parts(inst, self.base_tp, req)
+    def drain_part(self, inst: InstanceLoad, need: float) -> Optional[int]:
+        """The TP of the parts a merged instance larger than its work needs drains towards (None: it is
+        needed at its size): the smallest part that holds its largest request, that it is not KV-rich
+        against (requests of `need` tokens), and at which no prefill there is too slow. A draining instance
+        takes only the work that keeps it splittable into those parts, and splits as soon as it is."""
+        part = self.base_tp
+        while part < inst.tp:
+            if (self._sizes.bound(inst) <= self._part_capacity(inst, part)
+                    and not self._capacity_rich(inst, need, part)
+                    and (inst.prefill_tokens_left is None
+                         or self.speed_tp(inst.prefill_tokens_left, part, inst.tp) <= part)):
+                return part
+            part *= 2
+        return None
+
+    def _draining(self, req: RequestInfo, target: int, loads: Sequence[InstanceLoad]) -> Dict[int, int]:
+        """{instance base: drain part} of the instances that take req only if it keeps them splittable: every
+        merged instance that drains to base TP, and those that drain to a larger part while another instance
+        serves req's class (one that is not larger than its work needs; when there is none, the fullest
+        of the smallest draining ones serves, the others drain)."""
+        out: Dict[int, int] = {}
+        for i in loads:
+            if i.tp > max(target, self.base_tp) and not i.transforming:
+                part = self.drain_part(i, req.need_tokens)
+                if part is not None:
+                    out[i.base] = part
+        serves = [i for i in loads if i.tp >= target and not i.transforming and i.base not in out]
+        if not serves:
+            wide = [i for i in loads if out.get(i.base, self.base_tp) > self.base_tp]
+            if wide:
+                keeper = min(wide, key=lambda i: (i.tp, -i.held_tokens, i.base))
+                del out[keeper.base]
+        return out
 
     def _choose(self, req: RequestInfo, target: int, ledger: LoadLedger, reserved: Set[int]
                 ) -> Optional[InstanceLoad]:
@@ -206,15 +233,19 @@ class GygesPolicy(Policy):
             # merged for speed: one long prefill at a time (a second one would stretch both, and every
             # decode batched with them); the next gets its own group or waits
             cands = [i for i in cands if not i.prefill_tokens_left]
+        # an instance larger than its work needs drains to a split: it takes only what keeps it splittable
+        draining = self._draining(req, target, ledger.loads())
+        cands = [i for i in cands if i.base not in draining or self._fits_parts(i, draining[i.base], req)]
         if target <= self.base_tp:
             rich = [i for i in cands if self._capacity_rich(i, req.need_tokens)]
             base = [i for i in cands if i.tp <= self.base_tp]
-            if rich:  # a KV-rich merged instance is as good a home as a base one: the emptiest by share
-                return min(base + rich, key=lambda i: ((i.held_tokens + req.need_tokens) / i.kv_capacity_tokens,
-                                                       i.num_requests, i.base))
+            if rich:  # a KV-rich merged instance of the smallest such size is as good a home as a base one
+                # (the emptiest by share); larger ones only when none of those has room
+                tier = min(i.tp for i in rich)
+                return min(base + rich, key=lambda i: (i.tp > tier and i.tp, (i.held_tokens + req.need_tokens)
+                                                       / i.kv_capacity_tokens, i.num_requests, i.base))
             if base:  # where its cached prefix lives, unless the load there costs more than recomputing it
                 return pick_by_affinity(req, base, self.step_model, self.chunk_tokens)
-            cands = [i for i in cands if self._spill_ok(req, i)]
         if not cands:
             return None
         smallest = min(i.tp for i in cands)
@@ -364,17 +395,19 @@ class GygesPolicy(Policy):
         have = sum(m.kv_capacity_tokens for m in members)
         return group_capacity(state, group) / have if have else 0.0
 
-    def _capacity_rich(self, inst: InstanceLoad, need: float) -> bool:
-        """inst holds capacity_merge_gain x the KV of its base-TP parts together, and (with a step model)
-        decodes requests of `need` tokens faster than they would: splitting it would give that up."""
-        if self.capacity_merge_gain is None or inst.tp <= self.base_tp:
+    def _capacity_rich(self, inst: InstanceLoad, need: float, part_tp: Optional[int] = None) -> bool:
+        """inst holds capacity_merge_gain x the KV of its parts of TP part_tp (default: base TP) together,
+        and (with a step model) decodes requests of `need` tokens faster than they would: splitting it into
+        them would give that up."""
+        part_tp = part_tp or self.base_tp
+        if self.capacity_merge_gain is None or inst.tp <= part_tp:
             return False
-        parts = inst.tp // self.base_tp
-        part = self._part_capacity(inst, self.base_tp)
+        parts = inst.tp // part_tp
+        part = self._part_capacity(inst, part_tp)
         if inst.kv_capacity_tokens < self.capacity_merge_gain * parts * part:
             return False
         return self._decode_rate(inst.kv_capacity_tokens, inst.tp, need) > parts * self._decode_rate(
-            part, self.base_tp, need)
+            part, part_tp, need)
 
     def _decode_gain(self, state: ClusterState, group: Sequence[int], members: Sequence[InstanceLoad],
                      need: float) -> bool:
@@ -417,8 +450,8 @@ class GygesPolicy(Policy):
         part = self.base_tp
         while part < inst.tp:
             wanted = any(t > part for _, t in held)  # a held request needs more than a part
-            if held and self._capacity_rich(inst, sum(h.need_tokens for h, _ in held) / len(held)):
-                wanted = True  # splitting would cost KV capacity while requests wait for memory
+            if held and self._capacity_rich(inst, sum(h.need_tokens for h, _ in held) / len(held), part):
+                wanted = True  # splitting into these parts would cost KV capacity while requests wait for memory
             fast_enough = (inst.prefill_tokens_left is None
                            or self.speed_tp(inst.prefill_tokens_left, part, inst.tp) <= part)
             if not wanted and fast_enough and self._fits_parts(inst, part):
