@@ -121,3 +121,19 @@ def test_bad_inputs_are_rejected():
         backend.forward(torch.randn(2, 4, 64), torch.randn(2, 2, 64), torch.randn(2, 2, 64), 5, fb, pool)
     with pytest.raises(ValueError, match="float32"):
         CpuPagedAttnBackend().prepare(fb, HeadCentricKVPool(4, 4, 2, NUM_LAYERS, 64, torch.float16, "cpu"), "cpu")
+
+
+def test_backend_choice(monkeypatch):
+    from sglang.srt.distributed.parallel_state import resolve_collective
+    from sglang.srt.layers.attention.selection import resolve_attention_backend
+
+    assert resolve_attention_backend(None, "cpu", torch.float32) == "cpu"  # the extension builds here
+    assert resolve_attention_backend(None, "cpu", torch.float16) == "torch_native"
+    assert resolve_attention_backend("torch_native", "cpu", torch.float32) == "torch_native"
+    with pytest.raises(ValueError, match="runs on CPU"):
+        resolve_attention_backend("cpu", "cpu", torch.float16)
+    with pytest.raises(ValueError, match="expected one of"):
+        resolve_attention_backend("triton-x", "cpu", torch.float32)
+    monkeypatch.setitem(__import__("sys").modules, "sgl_kernel", None)  # not installed: the torch code serves
+    assert resolve_attention_backend(None, "cpu", torch.float32) == "torch_native"
+    assert resolve_collective("auto") == "gloo"

@@ -63,6 +63,15 @@ def aligned_rank_lists(world_size: int) -> List[List[int]]:
     return out
 
 
+def sgl_kernel_builds(extension: str) -> bool:
+    """True when sgl_kernel is installed and its C++ extension `extension` builds here; never raises."""
+    try:
+        from sgl_kernel import available
+    except ImportError:  # the package is not installed: the torch implementations serve
+        return False
+    return available(extension)
+
+
 def resolve_collective(collective: str) -> str:
     """'shm' or 'gloo' for the forward pass's CPU collectives; every rank of the world gets the same answer.
 
@@ -77,9 +86,7 @@ def resolve_collective(collective: str) -> str:
         if collective == "shm":
             raise ValueError("--tp-collective shm is for CPU workers (on CUDA the device group is NCCL)")
         return "gloo"
-    from sgl_kernel import available
-
-    ok = available("sgl_kernel_shm_comm")
+    ok = sgl_kernel_builds("sgl_kernel_shm_comm")
     if collective == "shm" and not ok:
         from sgl_kernel import shm_comm
 

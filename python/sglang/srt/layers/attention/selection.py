@@ -33,11 +33,12 @@ def resolve_attention_backend(name: Optional[str], device, dtype: torch.dtype) -
                              f"this worker is on {device} in {dtype}")
         return name
     if device.type == "cpu" and dtype in SUPPORTED_DTYPES:
-        from sgl_kernel import available
+        from sglang.srt.distributed.parallel_state import sgl_kernel_builds
 
-        if available("sgl_kernel_paged_attention"):
+        if sgl_kernel_builds("sgl_kernel_paged_attention"):
             return "cpu"
-        logger.warning("sgl_kernel's CPU paged attention does not build here: using torch_native attention")
+        logger.warning("sgl_kernel's CPU paged attention is not installed or does not build here: using torch_native "
+                       "attention")
     return "torch_native"
 
 
