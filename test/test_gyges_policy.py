@@ -587,3 +587,97 @@ def test_kv_rich_ticks_place_where_it_fits_merge_validly_and_never_split_while_r
             assert not remaining, "split a KV-rich instance while requests wait for memory"
             inst = insts[t.devices[0]]
             assert inst.held_tokens + extra.get(inst.base, 0) <= capacity[t.tp]
+
+
+# -- Gyges: shapes by demand (paper-like H20 limits: a TP2 holds 11x a TP1, a TP4 under 1.5x two TP2s) -----
+PAPER_LIKE = ((1, 1000), (2, 11000), (4, 32000))
+
+
+class PenalizedSteps:
+    """A step costs (base + tokens/tp) x a TP penalty (the Gyges paper's 1.32 at TP2, 2.22 at TP4): merging
+    always loses decode throughput."""
+
+    factor = {1: 1.0, 2: 1.32, 4: 2.22, 8: 3.73}
+
+    def step_time(self, batch_tokens, context_tokens, tp, requests=None):
+        return (0.01 + 1e-4 * batch_tokens / tp + 1e-7 * context_tokens / tp) * self.factor[tp]
+
+
+def paper_load(devices, held=0, largest=None, running=None):
+    devices = tuple(devices)
+    cap = dict(PAPER_LIKE)[len(devices)]
+    n = running if running is not None else (1 if held else 0)
+    return InstanceLoad(devices, len(devices), n, 0, cap, held, 0, 0, False, None if n else 0.0,
+                        largest if largest is not None else held)
+
+
+def test_merged_instance_larger_than_its_work_drains_to_a_partial_split_while_requests_wait():
+    """A TP4 whose requests all fit a TP2 takes only what keeps it splittable into TP2s, and splits into them
+    although requests wait (two TP2s hold almost as much KV: it is not KV-rich against them)."""
+    tp2_full = (paper_load((4, 5), held=10_500), paper_load((6, 7), held=10_500))
+    req = RequestInfo("m", 4000, 1000, 0.0)  # 5000 tokens: a TP2 request
+    heavy = ClusterState(8, 4, (paper_load(range(4), held=15_000, largest=8000),) + tp2_full, 0.0,
+                         capacity_by_tp=PAPER_LIKE)
+    assert isinstance(GygesPolicy().on_request(req, heavy), Hold)  # 20,000 > 2 x 11,000 - 8,000
+    light = ClusterState(8, 4, (paper_load(range(4), held=8000, largest=8000),) + tp2_full, 0.0,
+                         capacity_by_tp=PAPER_LIKE)
+    assert GygesPolicy().on_request(req, light) == Place("m", 0)  # 13,000 <= 14,000: still splittable
+    waiting = RequestInfo("s", 900, 100, 0.0)
+    splittable = ClusterState(8, 4, (paper_load(range(4), held=14_000, largest=8000),) + tp2_full, 1.0,
+                              held=(waiting,), capacity_by_tp=PAPER_LIKE)
+    assert GygesPolicy(split_delay=0.0).on_tick(splittable) == [Transform((0, 1, 2, 3), 2)]
+
+
+def test_the_only_instance_of_a_size_keeps_serving_that_size():
+    """No other instance holds TP2 requests: the TP4 takes them although that keeps it from splitting."""
+    tp1_full = tuple(paper_load((d,), held=1000) for d in range(4, 8))
+    state = ClusterState(8, 4, (paper_load(range(4), held=15_000, largest=8000),) + tp1_full, 0.0,
+                         capacity_by_tp=PAPER_LIKE)
+    assert GygesPolicy().on_request(RequestInfo("m", 4000, 1000, 0.0), state) == Place("m", 0)
+
+
+def test_short_work_goes_to_the_smallest_kv_rich_size_before_a_larger_emptier_one():
+    insts = (paper_load((0, 1), held=5000, running=5), paper_load((2,), held=1000), paper_load((3,), held=1000),
+             paper_load((4, 5, 6, 7), held=1000, largest=500, running=2))
+    state = ClusterState(8, 4, insts, 0.0, capacity_by_tp=PAPER_LIKE)
+    assert GygesPolicy().on_request(RequestInfo("s", 400, 100, 0.0), state) == Place("s", 0)
+
+
+def test_with_a_step_model_a_request_waits_for_the_instance_of_its_size_instead_of_merging_another():
+    busy_tp4 = paper_load(range(4), held=25_000, largest=20_000)
+    idle = tuple(paper_load((d,)) for d in range(4, 8))
+    long_req = RequestInfo("long", 19_000, 1000, 0.0)  # 20,000 tokens: TP4 only
+    state = ClusterState(8, 4, (busy_tp4,) + idle, 1.0, held=(long_req,), capacity_by_tp=PAPER_LIKE)
+    assert GygesPolicy().on_tick(state) == [Transform((4, 5, 6, 7), 4)]  # memory alone: the second TP4
+    assert GygesPolicy(step_model=PenalizedSteps()).on_tick(state) == []  # it would cost 4 devices' speed
+    done = ClusterState(8, 4, (paper_load(range(4), held=5000, largest=5000),) + idle, 2.0, held=(long_req,),
+                        capacity_by_tp=PAPER_LIKE)
+    assert GygesPolicy(step_model=PenalizedSteps()).on_tick(done) == [Place("long", 0)]
+
+
+def test_with_a_step_model_a_group_drains_before_it_merges():
+    """The long request would not fit right after merging (0, 1): the pair takes no new work and merges
+    once it would (its requests finish at TP1 speed instead of the merged instance's)."""
+    long_req = RequestInfo("long", 9000, 1000, 0.0)  # 10,000 tokens: a TP2
+    full = ClusterState(4, 4, tuple(paper_load((d,), held=900) for d in range(4)), 1.0, held=(long_req,),
+                        capacity_by_tp=PAPER_LIKE)
+    assert GygesPolicy().on_tick(full) == [Transform((0, 1), 2)]  # without a model: merge at once
+    policy = GygesPolicy(step_model=PenalizedSteps())
+    assert policy.on_tick(full) == []
+    d = policy.on_request(RequestInfo("s", 50, 10, 1.0), full)
+    assert isinstance(d, Place) and d.instance in (2, 3)  # not on the draining pair
+    drained = ClusterState(4, 4, (paper_load((0,), held=500), paper_load((1,), held=500)) + full.instances[2:],
+                           2.0, held=(long_req,), capacity_by_tp=PAPER_LIKE)
+    assert policy.on_tick(drained) == [Transform((0, 1), 2)]
+
+
+def test_with_a_step_model_a_costly_merge_waits_while_smaller_requests_are_held():
+    long_req = RequestInfo("long", 9000, 1000, 0.0)
+    short = RequestInfo("s", 900, 50, 0.5)  # 950 tokens: no TP1 instance has room now
+    insts = tuple(paper_load((d,), held=100) for d in range(4))
+    policy = GygesPolicy(step_model=PenalizedSteps(), long_defer_s=5.0)
+    state = lambda now: ClusterState(4, 4, insts, now, held=(long_req, short), capacity_by_tp=PAPER_LIKE)
+    assert policy.on_tick(state(1.0)) == []  # the short one goes first
+    assert GygesPolicy(step_model=PenalizedSteps(), long_defer_s=5.0).on_tick(
+        ClusterState(4, 4, insts, 1.0, held=(long_req,), capacity_by_tp=PAPER_LIKE)) == [Transform((0, 1), 2)]
+    assert policy.on_tick(state(5.0)) == [Transform((0, 1), 2)]  # waited long_defer_s: merged anyway

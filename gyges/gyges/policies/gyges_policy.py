@@ -19,8 +19,18 @@ Placement of a request of target T (arrivals, then held requests oldest first):
   2. otherwise, for T > base TP, a plan (`plan_for`): merge the aligned group of size T that the request
      fits right after merging (fewest requests disturbed: their decodes would be batched with its prefill;
      then fewest KV tokens held, i.e. least moved; lowest device), or, when no group fits it right away and an instance of TP >= T
-     exists or is forming, wait for that instance instead of merging another group;
+     exists or is forming, wait for that instance instead of merging another group. With a step-time model,
+     where merging the group costs its devices decode throughput (`merge_loses`): wait for an instance of
+     TP >= T whenever one exists; when none does and the request would not fit right after merging, the
+     group drains first (takes no new smaller work) and merges once it would; and while smaller requests are
+     held, the request makes no plan at all for up to long_defer_s (they go first);
   3. otherwise hold.
+A merged instance larger than what it runs needs (`drain_part`: its largest request fits a smaller part that
+it is not KV-rich against, no prefill there needs its speed) takes only the work that keeps it splittable
+into those parts, and so splits soon (partially: TP4 -> 2 x TP2); one whose long work is all that keeps it
+large takes only what would fit those parts once that work ends. When no other instance of a request's size
+or larger serves, the fullest of the smallest such instances takes it regardless. Base-TP work goes to the
+base instances and the KV-rich merged ones of the smallest such size, larger ones only when those are full.
 The instances a held request waits for, and the members of the merge planned for it, take no new work of
 a smaller class (they would delay it). One merge starts per tick, for the oldest held request that plans
 one.
@@ -35,8 +45,9 @@ Splits. A merged instance splits to the smallest TP its requests allow (a partia
 TP2, when one of them still needs a larger part; the part without it splits again on a later tick) as
 soon as, for split_delay seconds: its requests fit the parts (proved from aggregate reports by
 RequestSizeBound: largest M <= part capacity C and held H <= k*C - (k-1)*M), no request still prefilling
-there needs the larger TP for speed, and no held request needs more than a part (it would be merged
-again).
+there needs the larger TP for speed, no held request needs more than a part (it would be merged
+again), and, while requests wait, it is not KV-rich against those parts (a TP4 holding under
+capacity_merge_gain x what two TP2s hold splits into them while requests wait; into TP1s it does not).
 """
 
 from __future__ import annotations
@@ -51,7 +62,8 @@ from gyges.policies.affinity import pick_by_affinity
 from gyges.policies.size_bound import RequestSizeBound
 from gyges.topology import aligned_groups, is_power_of_two
 
-# A plan for a held request that no instance takes now: ("merge", group) or ("wait", instance bases).
+# A plan for a held request that no instance takes now: ("merge", group), ("drain", group: merge it once the
+# request fits right after) or ("wait", instance bases).
 Plan = Tuple[str, Tuple[int, ...]]
 
 
@@ -64,7 +76,8 @@ class GygesPolicy(Policy):
     def __init__(self, split_delay: float = 1.0, cost_model: Optional[TransformCostModel] = None,
                  base_tp: int = 1, step_model=None, ttft_target_s: Optional[float] = None,
                  min_speedup: float = 1.5, chunk_tokens: int = 8192, max_disturbed_per_device: int = 4,
-                 capacity_merge_gain: Optional[float] = 1.5, capacity_merge_wait_s: float = 2.0):
+                 capacity_merge_gain: Optional[float] = 1.5, capacity_merge_wait_s: float = 2.0,
+                 long_defer_s: float = 60.0):
         if split_delay < 0:
             raise ValueError("split_delay must be >= 0")
         if not is_power_of_two(base_tp):
@@ -85,6 +98,10 @@ class GygesPolicy(Policy):
             raise ValueError("capacity_merge_gain must be > 1 (or None: no merges for capacity)")
         self.capacity_merge_gain = capacity_merge_gain
         self.capacity_merge_wait_s = capacity_merge_wait_s
+        if long_defer_s < 0:
+            raise ValueError("long_defer_s must be >= 0")
+        self.long_defer_s = long_defer_s
+        self._committed: Set[str] = set()  # held requests whose merge (or the drain before it) has begun
         self._sizes = RequestSizeBound()
         self._split_ready_since: Dict[Tuple[int, ...], float] = {}
         self._forming: Optional[Tuple[int, ...]] = None  # devices of the merge this policy started last
@@ -207,24 +224,40 @@ class GygesPolicy(Policy):
             part *= 2
         return None
 
-    def _draining(self, req: RequestInfo, target: int, loads: Sequence[InstanceLoad]) -> Dict[int, int]:
-        """{instance base: drain part} of the instances that take req only if it keeps them splittable: every
-        merged instance that drains to base TP, and those that drain to a larger part while another instance
-        serves req's class (one that is not larger than its work needs; when there is none, the fullest
-        of the smallest draining ones serves, the others drain)."""
-        out: Dict[int, int] = {}
+    def _draining(self, req: RequestInfo, target: int, loads: Sequence[InstanceLoad]
+                  ) -> Dict[int, Tuple[int, bool]]:
+        """{instance base: (part, long work runs)} of the merged instances that take req only if it keeps them
+        splittable into parts of that TP: those larger than their work needs (drain_part), and those whose
+        long work is all that keeps them large (once it ends, what they hold besides it must fit the parts
+        they are not KV-rich against). Except that when no other instance of req's size or larger serves,
+        the fullest of the smallest such ones serves (one that drains to base TP never does: the way back)."""
+        out: Dict[int, Tuple[int, bool]] = {}
         for i in loads:
-            if i.tp > max(target, self.base_tp) and not i.transforming:
-                part = self.drain_part(i, req.need_tokens)
-                if part is not None:
-                    out[i.base] = part
+            if i.tp <= max(target, self.base_tp) or i.transforming:
+                continue
+            part = self.drain_part(i, req.need_tokens)
+            if part is not None:
+                out[i.base] = (part, False)
+                continue
+            part = self.base_tp
+            while part < i.tp and self._capacity_rich(i, req.need_tokens, part):
+                part *= 2
+            if part < i.tp:
+                out[i.base] = (part, True)
         serves = [i for i in loads if i.tp >= target and not i.transforming and i.base not in out]
         if not serves:
-            wide = [i for i in loads if out.get(i.base, self.base_tp) > self.base_tp]
+            wide = [i for i in loads if i.base in out and (out[i.base][1] or out[i.base][0] > self.base_tp)]
             if wide:
                 keeper = min(wide, key=lambda i: (i.tp, -i.held_tokens, i.base))
                 del out[keeper.base]
         return out
+
+    def _keeps_splittable(self, req: RequestInfo, inst: InstanceLoad, part: int, long_work: bool) -> bool:
+        if not long_work:
+            return self._fits_parts(inst, part, req)
+        parts, cap = inst.tp // part, self._part_capacity(inst, part)
+        rest = inst.held_tokens - self._sizes.bound(inst) + req.need_tokens  # what stays once the long one ends
+        return rest <= parts * cap - (parts - 1) * req.need_tokens
 
     def _choose(self, req: RequestInfo, target: int, ledger: LoadLedger, reserved: Set[int]
                 ) -> Optional[InstanceLoad]:
@@ -235,7 +268,7 @@ class GygesPolicy(Policy):
             cands = [i for i in cands if not i.prefill_tokens_left]
         # an instance larger than its work needs drains to a split: it takes only what keeps it splittable
         draining = self._draining(req, target, ledger.loads())
-        cands = [i for i in cands if i.base not in draining or self._fits_parts(i, draining[i.base], req)]
+        cands = [i for i in cands if i.base not in draining or self._keeps_splittable(req, i, *draining[i.base])]
         if target <= self.base_tp:
             rich = [i for i in cands if self._capacity_rich(i, req.need_tokens)]
             base = [i for i in cands if i.tp <= self.base_tp]
@@ -291,12 +324,36 @@ class GygesPolicy(Policy):
             homes.append(forming[0])
         plan: Optional[Plan] = None
         merge = self.merge_group(req, target, state, ledger) if target > self.base_tp else None
-        if merge is not None and (merge[1] or not homes):
+        loses = merge is not None and self.merge_loses(state, merge[0], ledger)
+        if loses and req.rid not in self._committed and state.now - req.arrival < self.long_defer_s and any(
+                self.target_tp(h, state) < target for h in state.held):
+            # the merge would cost the devices throughput while smaller requests wait: they go first
+            self._plans[req.rid] = None
+            return None
+        if merge is not None and not merge[1] and not homes and loses:
+            plan = ("drain", merge[0])  # its members finish their work at their own (faster) speed first
+        elif merge is not None and (merge[1] or not homes) and not (homes and loses):
             plan = ("merge", merge[0])
         elif homes:
             plan = ("wait", tuple(homes))
         self._plans[req.rid] = plan
+        if plan is not None and plan[0] != "wait":
+            self._committed.add(req.rid)  # its group drains or merges: deferring it now would undo that
         return plan
+
+    def merge_loses(self, state: ClusterState, group: Sequence[int], ledger: LoadLedger) -> bool:
+        """With a step-time model: merged, the group's members' requests (at least one each) would decode
+        fewer tokens per second than they do apart (the TP cost outweighs the larger batch). Then a request
+        waits for an existing instance of its size rather than merge another group, and a group that it does
+        not fit right after merging drains (takes no new smaller work) before it merges."""
+        if self.step_model is None:
+            return False
+        members = [ledger.load(i.base) for i in state.instances if set(i.devices) <= set(group)]
+        batch = [max(1, m.num_requests) for m in members]
+        context = [max(b, m.held_tokens // 2) for b, m in zip(batch, members)]  # half of what they hold attended
+        apart = sum(b / self.step_model.step_time(b, c, m.tp) for b, c, m in zip(batch, context, members))
+        merged = sum(batch) / self.step_model.step_time(sum(batch), sum(context), len(group))
+        return merged < apart
 
     def _reserved(self, target: int, ahead: Sequence[Tuple[RequestInfo, int]], state: ClusterState,
                   ledger: LoadLedger) -> Set[int]:
@@ -366,6 +423,7 @@ class GygesPolicy(Policy):
             self._split_decision(still_held, state, ledger)  # keeps the readiness timers current
             return out
         self._sizes.forget_missing(state)
+        self._committed &= {h.rid for h, _ in still_held}
         transform = self._merge_decision(still_held, state, ledger) or self._capacity_merge(still_held, state, ledger)
         split = self._split_decision(still_held, state, ledger)
         transform = transform or split
