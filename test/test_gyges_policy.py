@@ -6,7 +6,6 @@ independent of the policy's own helpers: an aligned group of s devices holds C*s
 formable instance holds C * (largest power of two <= min(num_devices, max_tp)).
 """
 
-from dataclasses import replace
 from typing import Dict, List, Tuple
 
 import pytest
@@ -682,14 +681,3 @@ def test_with_a_step_model_a_costly_merge_waits_while_smaller_requests_are_held(
     assert GygesPolicy(step_model=PenalizedSteps(), long_defer_s=5.0).on_tick(
         ClusterState(4, 4, insts, 1.0, held=(long_req,), capacity_by_tp=PAPER_LIKE)) == [Transform((0, 1), 2)]
     assert policy.on_tick(state(5.0)) == [Transform((0, 1), 2)]  # waited long_defer_s: merged anyway
-
-
-def test_instance_merged_for_a_long_prompt_takes_no_smaller_work_while_it_prefills():
-    """Every decode batched with the long prompt's chunks would stall; the TP2 and TP1s serve short work
-    (here they are full: it waits). Once the prefill is done, the TP4 takes what fits its TP2 parts."""
-    others = (paper_load((4, 5), held=11_000), paper_load((6,), held=1000), paper_load((7,), held=1000))
-    prefilling = replace(paper_load(range(4), held=20_000, largest=20_000), prefill_tokens_left=15_000)
-    short = RequestInfo("s", 400, 100, 0.0)
-    state = lambda tp4: ClusterState(8, 4, (tp4,) + others, 0.0, capacity_by_tp=PAPER_LIKE)
-    assert isinstance(GygesPolicy().on_request(short, state(prefilling)), Hold)
-    assert GygesPolicy().on_request(short, state(replace(prefilling, prefill_tokens_left=0))) == Place("s", 0)

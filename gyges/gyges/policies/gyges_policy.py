@@ -28,8 +28,7 @@ Placement of a request of target T (arrivals, then held requests oldest first):
 A merged instance larger than what it runs needs (`drain_part`: its largest request fits a smaller part that
 it is not KV-rich against, no prefill there needs its speed) takes only the work that keeps it splittable
 into those parts, and so splits soon (partially: TP4 -> 2 x TP2); one whose long work is all that keeps it
-large takes only what would fit those parts once that work ends; one merged for a long prompt (not KV-rich
-against its halves) takes none while that prompt has more than one chunk to prefill. When no other instance of a request's size
+large takes only what would fit those parts once that work ends. When no other instance of a request's size
 or larger serves, the fullest of the smallest such instances takes it regardless. Base-TP work goes to the
 base instances and the KV-rich merged ones of the smallest such size, larger ones only when those are full.
 The instances a held request waits for, and the members of the merge planned for it, take no new work of
@@ -236,11 +235,6 @@ class GygesPolicy(Policy):
         for i in loads:
             if i.tp <= max(target, self.base_tp) or i.transforming:
                 continue
-            if ((i.prefill_tokens_left or 0) > self.chunk_tokens
-                    and not self._capacity_rich(i, req.need_tokens, i.tp // 2)):
-                # merged for a long prompt still prefilling: every decode batched with its chunks would stall
-                out[i.base] = (0, True)
-                continue
             part = self.drain_part(i, req.need_tokens)
             if part is not None:
                 out[i.base] = (part, False)
@@ -259,8 +253,6 @@ class GygesPolicy(Policy):
         return out
 
     def _keeps_splittable(self, req: RequestInfo, inst: InstanceLoad, part: int, long_work: bool) -> bool:
-        if part == 0:
-            return False  # takes none now
         if not long_work:
             return self._fits_parts(inst, part, req)
         parts, cap = inst.tp // part, self._part_capacity(inst, part)
