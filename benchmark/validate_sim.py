@@ -18,7 +18,8 @@ machine, every policy, side by side.
    (ServerArgs: page size, chunked prefill size, prefill budget, running limit; KV capacity of each TP as
    the live instances reported it) and controller behaviour (a tick on every iteration's report and every
    100 ms, none during a transformation; no request sizes reported), the measured models (step times x
-   the speed factor, unless --no-speed-calibration), the measured overhead (half on the way in, half on
+   the speed factor, unless --no-speed-calibration; attention padding as the server's attention backend
+   does it: engine_attention_padding), the measured overhead (half on the way in, half on
    the way out: only their sum is measured), and the policy object
    the live controller builds from the same flags (Controller._make_policy).
 4. Per policy: live vs simulated throughput (req/s), TTFT p50/p99, TPOT p50, merges and splits with the
@@ -292,6 +293,9 @@ def measure_cost_model(a, model_dir: str, out: Path, log_dir: Path) -> Path:
     finally:
         srv.stop()
     parts, fitted = measure_costs.fit_all(raw, model_dir, "float32")
+    from sglang.srt.server_args import prepare_server_args
+
+    parts["step"] = dataclasses.replace(parts["step"], padding=engine_attention_padding(prepare_server_args(srv.args[3:])))
     print(measure_costs.summary_table(fitted), file=sys.stderr)
     info = {"source": "benchmark/validate_sim.py: measure_costs.py's probe and fit over the HTTP API of "
                       "python -m sglang.launch_server " + " ".join(srv.args[3:]),
@@ -378,6 +382,21 @@ def live_run(policy: str, workload: List[TraceRequest], a, model_dir: str, cost_
 # =====================================================================================================
 # Simulated
 # =====================================================================================================
+def engine_attention_padding(server_args) -> float:
+    """StepTimeModel.padding of the attention backend these server flags run on this machine: 0 for sgl_kernel's
+    CPU paged attention (the default on CPU since it builds: no padding between requests), 1 for the
+    torch-native backend (every sequence padded to the batch's longest query and context; the padding=1 that
+    measure_costs.fit_all writes). It matters only for mixed batches (a long prefill chunk or a long context
+    beside short decodes), which the grid's uniform cases cannot show: with 1 on the CPU backend, the
+    simulated bench_traces Gyges run stays merged for 430 s where the live one splits back 10 times."""
+    import torch
+    from sglang.srt.layers.attention.selection import resolve_attention_backend
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        str(server_args.dtype), torch.float32)
+    return 0.0 if resolve_attention_backend(server_args.attention_backend, server_args.device, dtype) == "cpu" else 1.0
+
+
 def controller_policy(server_argv: Sequence[str]):
     """The policy object the live controller builds from these launch_server flags."""
     from sglang.srt.managers.controller import Controller
@@ -420,7 +439,8 @@ def simulate_run(run: dict, caps: Dict[int, int], step_model: StepTimeModel, tra
     records in bench_traces' Result fields)."""
     policy, server_args = controller_policy(run["server_args"][2:])  # after "-m sglang.launch_server"
     overhead = run["overhead_probe"]["overhead_s"]
-    step_model = scaled(step_model, run["overhead_probe"].get("speed_factor", 1.0))
+    step_model = dataclasses.replace(scaled(step_model, run["overhead_probe"].get("speed_factor", 1.0)),
+                                     padding=engine_attention_padding(server_args))
     cfg = sim_config(server_args, caps, step_model, transform_model, overhead, alone_speedup)
     live = run["results"]
     trace = [TraceRequest(r["sent_s"] if r.get("sent_s") is not None else r["arrival_s"], r["prompt_tokens"],
@@ -625,6 +645,7 @@ def validate(a, workload: Optional[List[TraceRequest]] = None) -> dict:
         sim_m = metrics(sim_records, sim_result["merges"], sim_result["splits"])
         rows = compare(live_m, sim_m, a.tolerance)
         entries[policy] = {"live": live_m, "sim": sim_m, "rows": rows, "live_summary": run["summary"],
+                           "server_args": run["server_args"],
                            "per_request_ttft": per_request_agreement(run["results"], sim_records),
                            "overhead_probe": run["overhead_probe"], "live_history": run["history"],
                            "cost_model_file": str(models[policy]),
