@@ -497,6 +497,23 @@ def test_server_exits_nonzero_when_nothing_can_serve(test_model, victim):
     assert "no instance left serving" in log if victim.startswith("worker") else "detokenizer exited" in log
 
 
+def test_port_in_use_fails_at_once_before_any_process_starts(test_model):
+    """The HTTP port is bound before the workers start (their gloo connections take ephemeral ports, which
+    could otherwise take it during start-up): a port already in use is a clear non-zero exit within seconds,
+    with no model loaded and no child process started."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", test_model("llama"),
+                            "--device", "cpu", "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr[-2000:]
+    assert "Loading safetensors" not in r.stderr, "the model was loaded before the port was checked"
+    assert time.time() - t0 < 60
+
+
 def test_failed_instance_makes_health_503_and_others_serve(test_model):
     srv = ServerProcess(test_model("llama"), "--dp-size", "2")
     child_bound_to(srv.proc.pid, "worker-1").kill()

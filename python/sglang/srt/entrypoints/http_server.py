@@ -35,6 +35,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import time
 from contextlib import asynccontextmanager
 from typing import Any, Dict, List, Optional
@@ -871,6 +872,24 @@ def make_uvicorn_server(app, config):
     return server
 
 
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """The listening address, bound before any child process starts: the workers' torch.distributed (gloo)
+    connections take ephemeral ports, and one of them could otherwise take the HTTP port during start-up
+    (the server then failed with 'address already in use' after loading the model). A port in use fails
+    here, at once."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise RuntimeError(f"the HTTP server cannot listen on {host}:{port}: {e}") from e
+    sock.set_inheritable(False)
+    return sock
+
+
 def launch_server(server_args) -> None:
     """Start every process, serve HTTP until SIGINT/SIGTERM (or until nothing can serve: ServingFailed), then
     stop every process and remove the ipc files."""
@@ -885,6 +904,7 @@ def launch_server(server_args) -> None:
     # launch (which stops what it started); while serving, uvicorn captures it, shuts down gracefully and
     # then re-raises it into this handler, so the `finally` below always stops the child processes.
     signal.signal(signal.SIGTERM, _interrupt)
+    sock = bind_http_socket(server_args.host, server_args.port)
     try:
         tm = launch_subprocesses(server_args)
         shutdown.tm = tm
@@ -895,7 +915,7 @@ def launch_server(server_args) -> None:
         app = create_app(tm, metrics)
         server = make_uvicorn_server(app, uvicorn_config(app, server_args))
         logger.info("HTTP server on http://%s:%d", server_args.host, server_args.port)
-        server.run()
+        server.run(sockets=[sock])
         if not server.started:
             raise RuntimeError(f"the HTTP server could not start on {server_args.host}:{server_args.port}")
         if app.state.server.warmup_error:
@@ -903,4 +923,5 @@ def launch_server(server_args) -> None:
         if app.state.server.fatal_reason:
             raise ServingFailed(app.state.server.fatal_reason)
     finally:
+        sock.close()
         shutdown()
