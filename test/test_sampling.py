@@ -392,3 +392,55 @@ def test_top_k_top_p_distribution():
     counts = torch.bincount(torch.tensor(out.next_token_ids), minlength=VOCAB)
     assert counts[2:].sum() == 0
     assert abs(counts[0].item() / N - 4 / 7) < 0.03
+
+
+# ------------------------------------------------------------------------------ fast path (no logprobs)
+def _mixed_states(trial):
+    configs = [dict(temperature=0.0), dict(sampling_seed=trial), dict(top_k=5, sampling_seed=trial + 1),
+               dict(top_p=0.8, temperature=0.7, sampling_seed=trial + 2), dict(min_p=0.1, sampling_seed=trial + 3),
+               dict(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.2, repetition_penalty=1.3),
+               dict(top_p=0.9, sampling_seed=trial + 4, logit_bias={"7": 2.0}, min_new_tokens=3)]
+    return [make_state(**c) for c in configs]
+
+
+@pytest.mark.parametrize("probe", [1024, 3])
+def test_no_logprob_fast_path_gives_the_same_tokens(monkeypatch, probe):
+    """return_logprob all False (no logsumexp, one host copy of the ids) samples exactly the tokens of the
+    full path, greedy and seeded, in a mixed batch and in single-kind batches; rows that asked keep their
+    logprobs and top logprobs, equal to the full path's."""
+    import sglang.srt.sampling.sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "TOP_P_PROBE", probe)  # 3: top_p rows overflow the probe (sorted path)
+    torch.manual_seed(11)
+    sampler = Sampler(VOCAB, eos_token_ids=[EOS])
+    for trial in range(25):
+        states = _mixed_states(trial)
+        for rows in (list(range(len(states))), [0, 5], [1, 2, 3, 4, 6]):  # mixed, all greedy, all seeded
+            st = [states[i] for i in rows]
+            x = torch.randn(len(rows), VOCAB) * 2.0
+            outs = [[(trial * 7 + j) % VOCAB for j in range(trial % 5)] for _ in rows]
+            full = sampler.sample(x, st, outs, top_logprobs_nums=[2] * len(rows))
+            fast = sampler.sample(x, st, outs, return_logprob=[False] * len(rows))
+            assert fast.next_token_ids == full.next_token_ids
+            assert fast.next_token_logprobs == [None] * len(rows) and fast.top_logprobs == [None] * len(rows)
+            asks = [j % 2 == 0 for j in range(len(rows))]
+            some = sampler.sample(x, st, outs, top_logprobs_nums=[2 if a else 0 for a in asks], return_logprob=asks)
+            assert some.next_token_ids == full.next_token_ids
+            for j, a in enumerate(asks):
+                if a:
+                    assert some.next_token_logprobs[j] == pytest.approx(full.next_token_logprobs[j], abs=1e-6)
+                    assert [t for _, t in some.top_logprobs[j]] == [t for _, t in full.top_logprobs[j]]
+                else:
+                    assert some.next_token_logprobs[j] is None and some.top_logprobs[j] is None
+
+
+def test_inverse_cdf_guard_steps_back_to_a_positive_column():
+    """u * total rounding up to the total lands past the last positive column: the vectorized guard picks the
+    last positive column at or before it (what the former per-row loop did), with no per-row host work."""
+    import sglang.srt.sampling.sampler as sampler_mod
+
+    w = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.0, 0.0, 0.0, 0.0]])
+    u = [1.0, 1.0, 0.25]  # 1.0 stands for a u whose product with the total rounded up to the total
+    assert sampler_mod.inverse_cdf_sample(w, u) == [3, 5, 0]
+    ids = torch.arange(6).flip(0).expand(3, 6)  # columns -> token ids
+    assert sampler_mod.inverse_cdf_sample(w, u, ids) == [2, 0, 5]

@@ -446,13 +446,16 @@ class Scheduler:
                     req.finished_reason = self._internal_error("handling the sampled token failed", e)
 
     def _sample(self, reqs: List[Req], logits: torch.Tensor, rows: List[int]):
+        if len(rows) != logits.shape[0] or rows != list(range(len(rows))):  # a decode batch: no copy
+            logits = logits[torch.tensor(rows, dtype=torch.int64)]  # [len(reqs), vocab]
         return self.sampler.sample(
-            logits[torch.tensor(rows, dtype=torch.int64)],  # [len(reqs), vocab]
+            logits,
             states=[r.sampling_state for r in reqs],
             output_ids=[r.output_ids for r in reqs],
             grammars=[r.grammar for r in reqs],
             top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
             eos_token_ids=self.stop_checker.eos_token_ids,
+            return_logprob=[r.return_logprob for r in reqs],  # no logsumexp for rows that did not ask
         )
 
     def _append_token(self, req: Req, out, j: int) -> None:

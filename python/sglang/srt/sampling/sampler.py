@@ -13,6 +13,12 @@ Data flow for one scheduler step (logits come from ModelRunner.forward, one row 
          (truncated rows work on their top candidates from torch.topk, not a full-vocab sort)
       -> SampleOutput(next_token_ids, next_token_logprobs, top_logprobs)
 
+Fast path (the scheduler passes return_logprob per row): rows that asked for no logprobs get none, and when
+no row asked, no full-vocabulary logsumexp runs at all. The chosen ids of greedy and sampled rows are
+written into one device tensor [B] and copied to the host once (`.tolist()`): the only host sync of a step,
+except a top_p-only row whose nucleus is wider than TOP_P_PROBE candidates (then its vocabulary is sorted,
+decided on the host) and the rare rows needing a fallback on CPU, where a check costs no transfer.
+
 Reproducibility: the only randomness is one uniform number u per (request, output position), computed
 from (seed, sample_index, position) by a fixed integer hash (`position_uniform`). The token is the first
 vocab id whose cumulative processed probability (in vocab-id order, float64) exceeds u. Nothing depends
@@ -82,8 +88,8 @@ class SamplingState:
 @dataclass
 class SampleOutput:
     next_token_ids: List[int]
-    # log_softmax(raw logits)[next token], one per request
-    next_token_logprobs: List[float]
+    # log_softmax(raw logits)[next token], one per request (None for a row that did not ask for logprobs)
+    next_token_logprobs: List[Optional[float]]
     # per request: None (not asked) or [(logprob, token_id), ...] best first, from raw logits
     top_logprobs: List[Optional[List[Tuple[float, int]]]] = field(default_factory=list)
 
@@ -118,8 +124,12 @@ class Sampler:
                grammars: Optional[Sequence[Optional[object]]] = None,
                top_logprobs_nums: Optional[Sequence[int]] = None,
                eos_token_ids: Optional[Iterable[int]] = None,
-               output_ids: Optional[Sequence[Sequence[int]]] = None) -> SampleOutput:
+               output_ids: Optional[Sequence[Sequence[int]]] = None,
+               return_logprob: Optional[Sequence[bool]] = None) -> SampleOutput:
         """Sample next tokens. logits: float [B, V]; every list has one entry per row (request).
+
+        return_logprob: per row, whether it needs next_token_logprobs (rows with top_logprobs_nums > 0 get
+        them too); None: every row gets them. Rows not asking get None, and no work is spent on them.
 
         output_ids_lists (alias output_ids): tokens generated so far per request (the sampled token's
         position is its length). prompt_ids_lists: per request prompt ids for the repetition penalty;
@@ -153,13 +163,24 @@ class Sampler:
             self._apply_min_new_tokens(x, params, output_ids_lists, eos)
             self._fix_empty_rows(x, raw)
 
-        next_ids = self._choose(x, states, output_ids_lists)
+        next_ids_t = self._choose(x, states, output_ids_lists)  # int64 [B] on the logits' device
+        next_ids = next_ids_t.tolist()  # the step's one host sync
 
         nums = [int(k) for k in top_logprobs_nums] if top_logprobs_nums is not None else [0] * batch
-        chosen, tops = logprobs_of(raw, next_ids, max(nums) if nums else 0)
-        top_lists: List[Optional[List[Tuple[float, int]]]] = []
-        for i, k in enumerate(nums):
-            top_lists.append(tops[i][:k] if (tops is not None and k > 0) else None)
+        if return_logprob is None:
+            wanted = list(range(batch))
+        else:
+            wanted = [i for i in range(batch) if return_logprob[i] or nums[i] > 0]
+        chosen: List[Optional[float]] = [None] * batch
+        top_lists: List[Optional[List[Tuple[float, int]]]] = [None] * batch
+        if wanted:  # fast path otherwise: no logsumexp over the vocabulary
+            sub = raw if len(wanted) == batch else raw[torch.tensor(wanted, device=raw.device)]
+            top_num = max(nums[i] for i in wanted)
+            picked, tops = logprobs_of(sub, [next_ids[i] for i in wanted], top_num)
+            for j, i in enumerate(wanted):
+                chosen[i] = picked[j]
+                if tops is not None and nums[i] > 0:
+                    top_lists[i] = tops[j][:nums[i]]
         return SampleOutput(next_token_ids=next_ids, next_token_logprobs=chosen, top_logprobs=top_lists)
 
     # ------------------------------------------------------------------ logit processing steps
@@ -198,37 +219,40 @@ class Sampler:
         idx = (torch.tensor(rows, device=dev), torch.tensor(toks, device=dev))
         saved = x[idx].clone()
         x[idx] = float("-inf")
-        # A grammar that allows only EOS wins over min_new_tokens: undo the ban on rows left empty.
+        # A grammar that allows only EOS wins over min_new_tokens: undo the ban on rows left empty
+        # (a masked write, no host sync).
         row_empty = ~(x > float("-inf")).any(dim=1)
         undo = row_empty[idx[0]]
-        if bool(undo.any()):
-            x[idx[0][undo], idx[1][undo]] = saved[undo]
+        x[idx] = torch.where(undo, saved, x[idx])
 
     @staticmethod
     def _fix_empty_rows(x: torch.Tensor, raw: torch.Tensor) -> None:
         """A row with no allowed token or a NaN (should not happen) falls back to its raw logits."""
         bad = ~(x.amax(dim=1) > float("-inf"))  # amax propagates NaN; NaN > -inf is False
-        if bool(bad.any()):
-            x[bad] = raw[bad]
+        if x.device.type == "cpu" and not bool(bad.any()):
+            return  # on CPU a check is free and skips a pass over [B, V]
+        torch.where(bad.unsqueeze(1), raw, x, out=x)
 
     # ------------------------------------------------------------------ choosing tokens
     def _choose(self, x: torch.Tensor, states: Sequence[SamplingState],
-                output_ids_lists: Sequence[Sequence[int]]) -> List[int]:
+                output_ids_lists: Sequence[Sequence[int]]) -> torch.Tensor:
+        """int64 [B] next token ids on x's device (no host sync)."""
         batch = x.shape[0]
-        next_ids = [0] * batch
+        dev = x.device
         greedy = [i for i, s in enumerate(states) if _is_greedy(s.params)]
+        if len(greedy) == batch:
+            return x.argmax(dim=-1)
         greedy_set = set(greedy)
         random_rows = [i for i in range(batch) if i not in greedy_set]
-        if greedy:
-            g = x if len(greedy) == batch else x[torch.tensor(greedy, device=x.device)]
-            for i, t in zip(greedy, g.argmax(dim=-1).tolist()):
-                next_ids[i] = t
-        if random_rows:
-            r = x if len(random_rows) == batch else x[torch.tensor(random_rows, device=x.device)]
-            ps = [states[i].params for i in random_rows]
-            u = [states[i].uniform(len(output_ids_lists[i])) for i in random_rows]
-            for i, t in zip(random_rows, sample_from_logits(r, ps, u)):
-                next_ids[i] = t
+        ps = [states[i].params for i in random_rows]
+        u = [states[i].uniform(len(output_ids_lists[i])) for i in random_rows]
+        if not greedy:
+            return sample_from_logits_tensor(x, ps, u)
+        next_ids = torch.empty(batch, dtype=torch.long, device=dev)
+        g = torch.tensor(greedy, device=dev)
+        next_ids[g] = x[g].argmax(dim=-1)
+        r = torch.tensor(random_rows, device=dev)
+        next_ids[r] = sample_from_logits_tensor(x[r], ps, u)
         return next_ids
 
 
@@ -251,6 +275,12 @@ def sample_from_logits(x: torch.Tensor, params: Sequence[SamplingParams], unifor
     Gives the same token as inverse_cdf_sample(filtered_probs(x, params), uniforms) (the dense
     reference) but works on the top candidates of truncated rows instead of sorting the vocabulary.
     """
+    return sample_from_logits_tensor(x, params, uniforms).tolist()
+
+
+def sample_from_logits_tensor(x: torch.Tensor, params: Sequence[SamplingParams],
+                              uniforms: Sequence[float]) -> torch.Tensor:
+    """sample_from_logits as an int64 [R] tensor on x's device (no host sync but TOP_P_PROBE overflow)."""
     dev = x.device
     vocab = x.shape[1]
     temps = [p.temperature for p in params]
@@ -258,27 +288,32 @@ def sample_from_logits(x: torch.Tensor, params: Sequence[SamplingParams], unifor
         probs = torch.softmax(x, dim=-1)
     else:
         probs = torch.softmax(x / torch.tensor(temps, dtype=x.dtype, device=dev).unsqueeze(1), dim=-1)
-    out = [0] * len(params)
     trunc = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
     trunc_set = set(trunc)
     dense = [i for i in range(len(params)) if i not in trunc_set]
+    dense_ids = trunc_ids = None
     if dense:
         sub = probs if len(dense) == len(params) else probs[torch.tensor(dense, device=dev)]
         min_ps = [params[i].min_p for i in dense]
         if any(m > 0.0 for m in min_ps):
             thr = sub.amax(dim=1, keepdim=True) * torch.tensor(min_ps, dtype=sub.dtype, device=dev).unsqueeze(1)
             sub = sub * (sub >= thr)
-        for i, t in zip(dense, inverse_cdf_sample(sub, [uniforms[i] for i in dense])):
-            out[i] = t
+        dense_ids = inverse_cdf_sample_tensor(sub, [uniforms[i] for i in dense])
     if trunc:
-        rows = torch.tensor(trunc, device=dev)
-        toks = _sample_truncated(probs[rows], [params[i] for i in trunc], [uniforms[i] for i in trunc])
-        for i, t in zip(trunc, toks):
-            out[i] = t
+        rows = probs if len(trunc) == len(params) else probs[torch.tensor(trunc, device=dev)]
+        trunc_ids = _sample_truncated(rows, [params[i] for i in trunc], [uniforms[i] for i in trunc])
+    if trunc_ids is None:
+        return dense_ids
+    if dense_ids is None:
+        return trunc_ids
+    out = torch.empty(len(params), dtype=torch.long, device=dev)  # [R]
+    out[torch.tensor(dense, device=dev)] = dense_ids
+    out[torch.tensor(trunc, device=dev)] = trunc_ids
     return out
 
 
-def _sample_truncated(probs: torch.Tensor, params: Sequence[SamplingParams], uniforms: Sequence[float]) -> List[int]:
+def _sample_truncated(probs: torch.Tensor, params: Sequence[SamplingParams], uniforms: Sequence[float]) -> torch.Tensor:
+    """int64 [R] tokens of rows with top_k / top_p from their best candidates (sorted rows on overflow)."""
     dev = probs.device
     vocab = probs.shape[1]
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
@@ -301,18 +336,15 @@ def _sample_truncated(probs: torch.Tensor, params: Sequence[SamplingParams], uni
     keep[:, 0] = True
     # rows whose top_p prefix may extend past the probed candidates: sort their whole vocabulary
     overflow = ((kt >= vocab) & (cum[:, -1:] < top_p)).squeeze(1)
-    if width < vocab and bool(overflow.any()):
-        full = torch.nonzero(overflow).flatten().tolist()
-        dense = filtered_probs_from_probs(probs[torch.tensor(full, device=dev)], [params[i] for i in full])
-        fixed = inverse_cdf_sample(dense, [uniforms[i] for i in full])
-    else:
-        full, fixed = [], []
     weights = vals * keep
     ids_sorted, perm = ids.sort(dim=1)  # vocab-id order, like the dense inverse CDF
     w = weights.gather(1, perm)
-    result = inverse_cdf_sample(w, uniforms, ids_sorted)
-    for i, t in zip(full, fixed):
-        result[i] = t
+    result = inverse_cdf_sample_tensor(w, uniforms, ids_sorted)
+    if width < vocab and bool(overflow.any()):  # a host sync, only with top_p-only rows in the batch
+        full = torch.nonzero(overflow).flatten()
+        fl = full.tolist()
+        dense = filtered_probs_from_probs(probs[full], [params[i] for i in fl])
+        result[full] = inverse_cdf_sample_tensor(dense, [uniforms[i] for i in fl])
     return result
 
 
@@ -350,16 +382,24 @@ def inverse_cdf_sample(weights: torch.Tensor, uniforms: Sequence[float],
 
     Columns are vocab ids in increasing order (token_ids [R, C] maps columns to ids when given).
     """
-    cdf = torch.cumsum(weights.double(), dim=-1)
+    return inverse_cdf_sample_tensor(weights, uniforms, token_ids).tolist()
+
+
+def inverse_cdf_sample_tensor(weights: torch.Tensor, uniforms: Sequence[float],
+                              token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """inverse_cdf_sample as an int64 [R] tensor on the weights' device (no host sync off CPU)."""
+    cdf = torch.cumsum(weights.double(), dim=-1)  # [R, C]
     u = torch.tensor(list(uniforms), dtype=torch.float64, device=weights.device).unsqueeze(1)
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=weights.shape[1] - 1)
-    # guard against landing on a zero-weight column through rounding: step back to a positive one
-    bad = torch.nonzero(weights.gather(1, idx) <= 0).flatten().tolist()
-    if bad:
-        for j in bad:
-            nz = torch.nonzero(weights[j] > 0).flatten()
-            before = nz[nz <= idx[j, 0]]
-            idx[j, 0] = before[-1] if before.numel() else nz[0]
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=weights.shape[1] - 1)  # [R, 1]
+    # guard against landing on a zero-weight column through rounding (u * total rounding up to the total):
+    # step back to the last positive column at or before it, else the first positive one
+    bad = weights.gather(1, idx) <= 0  # [R, 1]
+    if weights.device.type != "cpu" or bool(bad.any()):  # on CPU the check is free and saves a pass
+        positive = weights > 0
+        cols = torch.arange(weights.shape[1], device=weights.device).unsqueeze(0)  # [1, C]
+        before = torch.where(positive & (cols <= idx), cols, -1).amax(dim=1, keepdim=True)
+        first = positive.to(torch.int8).argmax(dim=1, keepdim=True)
+        idx = torch.where(bad, torch.where(before >= 0, before, first), idx)
     if token_ids is not None:
         idx = token_ids.gather(1, idx)
-    return idx.squeeze(1).tolist()
+    return idx.squeeze(1)
