@@ -413,7 +413,7 @@ def test_no_logprob_fast_path_gives_the_same_tokens(monkeypatch, probe):
     monkeypatch.setattr(sampler_mod, "TOP_P_PROBE", probe)  # 3: top_p rows overflow the probe (sorted path)
     torch.manual_seed(11)
     sampler = Sampler(VOCAB, eos_token_ids=[EOS])
-    for trial in range(25):
+    for trial in range(12):
         states = _mixed_states(trial)
         for rows in (list(range(len(states))), [0, 5], [1, 2, 3, 4, 6]):  # mixed, all greedy, all seeded
             st = [states[i] for i in rows]
@@ -444,3 +444,56 @@ def test_inverse_cdf_guard_steps_back_to_a_positive_column():
     assert sampler_mod.inverse_cdf_sample(w, u) == [3, 5, 0]
     ids = torch.arange(6).flip(0).expand(3, 6)  # columns -> token ids
     assert sampler_mod.inverse_cdf_sample(w, u, ids) == [2, 0, 5]
+
+
+# ----------------------------------------------------------------------------- incremental penalties
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as hs  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=hs.data())
+def test_incremental_penalties_equal_recomputed(data):
+    """Counts folded in token by token (PenaltyCounts) penalize exactly like counts recomputed from the whole
+    prompt + output lists, step after step, for any mix of rows; a list that is not the one followed
+    (shorter, or another last token) rebuilds its counts."""
+    import pickle
+
+    from sglang.srt.sampling.penalties import PenaltyCounts, apply_penalties
+
+    vocab = 16
+    rows = data.draw(hs.integers(1, 4))
+    params = [SamplingParams(
+        repetition_penalty=data.draw(hs.sampled_from([1.0, 1.3, 0.7])),
+        frequency_penalty=data.draw(hs.sampled_from([0.0, 0.5, -0.25])),
+        presence_penalty=data.draw(hs.sampled_from([0.0, 0.4]))) for _ in range(rows)]
+    prompts = [data.draw(hs.lists(hs.integers(0, vocab - 1), max_size=6)) for _ in range(rows)]
+    outputs = [[] for _ in range(rows)]
+    counts = [PenaltyCounts() for _ in range(rows)]
+    torch.manual_seed(data.draw(hs.integers(0, 100)))
+    for step in range(data.draw(hs.integers(1, 12))):
+        logits = torch.randn(rows, vocab)
+        ref, inc = logits.clone(), logits.clone()
+        apply_penalties(ref, params, outputs, prompts)
+        apply_penalties(inc, params, outputs, prompts, counts)
+        assert torch.equal(ref, inc), step
+        for i in range(rows):
+            outputs[i].extend(data.draw(hs.lists(hs.integers(0, vocab - 1), min_size=0, max_size=2)))
+        if data.draw(hs.booleans()):  # moves with the request (a Gyges transformation pickles it)
+            counts = pickle.loads(pickle.dumps(counts))
+        if data.draw(hs.integers(0, 9)) == 0:  # another list than the one followed
+            outputs = [o[: len(o) // 2] + [vocab - 1] for o in outputs]
+
+
+def test_sampler_keeps_penalty_counts_in_the_state():
+    state = make_state(frequency_penalty=1.0, presence_penalty=0.5)
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 9] = 1.0
+    outs = [[9, 9, 4]]
+    sampler = Sampler(VOCAB, eos_token_ids=[EOS])
+    assert sampler.sample(logits, [state], outs).next_token_ids[0] not in (9, 4)
+    c = state.penalty_counts
+    assert (c.folded, c.output_counts()) == (3, {9: 2, 4: 1})
+    outs[0].append(9)
+    sampler.sample(logits, [state], outs)
+    assert (c.folded, c.output_counts()) == (4, {9: 3, 4: 1})

@@ -34,7 +34,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from sglang.srt.sampling.penalties import apply_penalties
+from sglang.srt.sampling.penalties import PenaltyCounts, apply_penalties, uses_penalties
 from sglang.srt.sampling.sampling_params import GREEDY_EPS, SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -70,6 +70,8 @@ class SamplingState:
     # The prompt ids, kept only when the repetition penalty needs them and sample() gets no
     # prompt_ids_lists (a reference to the request's list, not a copy).
     prompt_ids: Optional[Sequence[int]] = None
+    # Token counts of the penalties, folded in one new token at a time (created at the first sample()).
+    penalty_counts: Optional[PenaltyCounts] = field(default=None, compare=False)
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_ids: Optional[Sequence[int]] = None,
@@ -159,7 +161,10 @@ class Sampler:
                 from sglang.srt.constrained.xgrammar_backend import apply_masks
 
                 apply_masks(x, grammars)
-            apply_penalties(x, params, output_ids_lists, prompt_ids_lists)
+            for s in states:
+                if s.penalty_counts is None and uses_penalties(s.params):
+                    s.penalty_counts = PenaltyCounts()
+            apply_penalties(x, params, output_ids_lists, prompt_ids_lists, [s.penalty_counts for s in states])
             self._apply_min_new_tokens(x, params, output_ids_lists, eos)
             self._fix_empty_rows(x, raw)
 
@@ -257,8 +262,7 @@ class Sampler:
 
 
 def _edits_logits(p: SamplingParams) -> bool:
-    return bool(p.logit_bias) or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 \
-        or p.presence_penalty != 0.0 or p.min_new_tokens > 0
+    return bool(p.logit_bias) or uses_penalties(p) or p.min_new_tokens > 0
 
 
 def _is_greedy(p: SamplingParams) -> bool:
