@@ -195,3 +195,50 @@ def test_late_abort_misses_a_newer_request_with_the_same_rid():
     sched.handle_message(AbortReq("", abort_all=True))
     assert finished(sched)["y"]["status_code"] == 499 and finished(sched)["z"]["status_code"] == 499
     assert not sched.batches.has_work
+
+
+def _reports(sched):
+    return [m for m in sched.send_to_controller.msgs if type(m).__name__ == "InstanceReport"]
+
+
+def test_load_reports_are_rate_limited_and_the_controller_view_converges():
+    """A burst served step by step: load changes every decode step, but reports go out at most once per
+    --load-report-interval, except the instance turning busy and idle, which are reported at once; the last
+    report is the fresh state and every finished rid reached the controller exactly once."""
+    sched = make_scheduler(load_report_interval=3600.0)  # nothing but urgent reports within the test
+    sched.report_load()
+    assert len(_reports(sched)) == 1 and _reports(sched)[0].running == 0  # the first report goes at once
+    rids = [f"b{i}" for i in range(6)]
+    for rid in rids:
+        submit(sched, rid, max_new=8)
+    sched.report_load()  # idle -> busy: at once
+    assert _reports(sched)[-1].waiting == 6
+    steps = 0
+    while sched.batches.has_work:
+        sched.step()
+        sched.report_load()
+        steps += 1
+    reports = _reports(sched)
+    assert steps > 5 and len(reports) == 3  # first, busy, idle: the decode steps in between held back
+    last = reports[-1]
+    assert (last.running, last.waiting, last.tokens_in_flight, last.prefill_tokens_left) == (0, 0, 0, 0)
+    assert last.kv_used_tokens == sched.kv.used_pages() * sched.page_size
+    assert last.forward_ct == sched.forward_ct == steps
+    assert sorted(r for rep in reports for r in rep.finished_rids) == sorted(rids)
+    sched.report_load()
+    assert len(_reports(sched)) == 3  # nothing changed: nothing sent
+
+
+def test_load_reports_follow_the_load_once_the_interval_passed():
+    sched = make_scheduler(load_report_interval=0.0)  # 0: every change, like before rate limiting
+    for rid in ("x", "y"):
+        submit(sched, rid, max_new=6)
+    steps = 0
+    while sched.batches.has_work:
+        sched.step()
+        sched.report_load()
+        steps += 1
+    reports = _reports(sched)
+    assert len(reports) == steps  # each decode step changed tokens_in_flight
+    in_flight = [r.tokens_in_flight for r in reports]
+    assert in_flight == sorted(in_flight, reverse=True) and in_flight[-1] == 0

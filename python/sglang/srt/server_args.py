@@ -115,6 +115,9 @@ class ServerArgs:
                                           "Default: cpu on CPU when the extension builds, else torch_native.",
                                           choices=["torch_native", "cpu"])
     stream_interval: int = _f(1, "Send streamed output every this many tokens.")
+    load_report_interval: float = _f(0.05, "Seconds between two load reports of an instance leader to the "
+                                     "controller while only its load changes (an instance going idle or busy, "
+                                     "its sessions changing and its first report go at once; 0: every change).")
     watchdog_timeout: float = _f(300.0, "Seconds an instance that has work may go without finishing a forward "
                                  "pass: past it the controller fails the instance (its requests get a 503 "
                                  "with the reason, its workers are killed, /health says so).")

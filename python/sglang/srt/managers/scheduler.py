@@ -11,8 +11,10 @@ The decisions (which requests run, how many tokens, what to retract) are made by
                also takes the rows' hidden states when an embedding request's prompt ends in the batch)
     sample     leader only: logprobs, sampling, grammar, stop checks; an exception fails only the request
                that raised it (the batch's requests when it is the forward pass on a TP1 instance)
-    send       BatchTokenIDOut to the detokenizer, InstanceReport to the controller (on change, and at
-               least every REPORT_HEARTBEAT_S: the controller's watchdog reads forward_ct from it)
+    send       BatchTokenIDOut to the detokenizer, InstanceReport to the controller: on change, at most one
+               per --load-report-interval while only the load moves (decode steps change it every step),
+               at once when the instance goes idle or busy or its sessions change, and at least every
+               REPORT_HEARTBEAT_S (the controller's watchdog reads forward_ct from it)
 
 Followers of a TP group run `follower_loop`: receive each ForwardBatch from the leader and compute.
 """
@@ -127,6 +129,7 @@ class Scheduler:
         self._last_report_key = None
         self._last_report_time = 0.0
         self._reported_sessions: Optional[List[str]] = None  # session ids of the last report that sent them
+        self._reported_busy: Optional[bool] = None  # whether the last report had requests
         self._report_prefixes = migrated is not None  # the first report after a transformation lists the cache
 
         self.recv_from_controller = channels.recv_from_controller
@@ -577,16 +580,28 @@ class Scheduler:
         return sorted(hashes)
 
     def report_load(self) -> None:
-        """Send an InstanceReport when the load changed, a request finished, or a heartbeat is due."""
+        """Send an InstanceReport when the load changed (rate-limited), a request finished, or a heartbeat is due.
+
+        Sent at once: the first report (and the first after a transformation), the instance going idle or
+        busy, a change of the sessions pinned here. Any other change waits until --load-report-interval has
+        passed since the previous report (the controller adds what it routed since then); the loop calls
+        this after every iteration and at least every 200 ms when idle, so a held-back change is sent soon.
+        """
+        now = time.monotonic()
+        since = now - self._last_report_time
         waiting = self.batches.num_waiting + len(self.grammar_pending)
+        busy = bool(self.running) or waiting > 0
+        sessions = self.kv.sessions.session_ids()
+        urgent = (self._last_report_key is None or self._report_prefixes or busy != self._reported_busy
+                  or sessions != self._reported_sessions)
+        if not urgent and since < self.args.load_report_interval:
+            return  # rate limit: the O(requests) load sums below are not even computed
         reclaimable = self.kv.tree.evictable_pages() + self.kv.tree.pinned_pages()
         key = (len(self.running), waiting, self.kv.used_pages(), self.kv.num_pages,
                self.batches.tokens_in_flight(), reclaimable, self.batches.largest_prefill_left(),
                self.batches.prefill_tokens_queued(), self.kv.tree.pinned_pages())
-        sessions = self.kv.sessions.session_ids()
-        now = time.monotonic()
-        if (key == self._last_report_key and not self._finished_since_report and sessions == self._reported_sessions
-                and now - self._last_report_time < REPORT_HEARTBEAT_S):
+        if (not urgent and key == self._last_report_key and not self._finished_since_report
+                and since < REPORT_HEARTBEAT_S):
             return
         report = InstanceReport(
             instance_id=self.instance_id,
@@ -607,6 +622,7 @@ class Scheduler:
         )
         self._report_prefixes = False
         self._reported_sessions = sessions
+        self._reported_busy = busy
         self._last_report_key = key
         self._last_report_time = now
         self._finished_since_report = []
