@@ -201,6 +201,16 @@ def _reports(sched):
     return [m for m in sched.send_to_controller.msgs if type(m).__name__ == "InstanceReport"]
 
 
+def serve_reporting(sched):
+    """Step until idle, reporting load after each step as the event loop does; returns the steps run."""
+    steps = 0
+    while sched.batches.has_work:
+        sched.step()
+        sched.report_load()
+        steps += 1
+    return steps
+
+
 def test_load_reports_are_rate_limited_and_the_controller_view_converges():
     """A burst served step by step: load changes every decode step, but reports go out at most once per
     --load-report-interval, except the instance turning busy and idle, which are reported at once; the last
@@ -213,11 +223,7 @@ def test_load_reports_are_rate_limited_and_the_controller_view_converges():
         submit(sched, rid, max_new=8)
     sched.report_load()  # idle -> busy: at once
     assert _reports(sched)[-1].waiting == 6
-    steps = 0
-    while sched.batches.has_work:
-        sched.step()
-        sched.report_load()
-        steps += 1
+    steps = serve_reporting(sched)
     reports = _reports(sched)
     assert steps > 5 and len(reports) == 3  # first, busy, idle: the decode steps in between held back
     last = reports[-1]
@@ -233,11 +239,7 @@ def test_load_reports_follow_the_load_once_the_interval_passed():
     sched = make_scheduler(load_report_interval=0.0)  # 0: every change, like before rate limiting
     for rid in ("x", "y"):
         submit(sched, rid, max_new=6)
-    steps = 0
-    while sched.batches.has_work:
-        sched.step()
-        sched.report_load()
-        steps += 1
+    steps = serve_reporting(sched)
     reports = _reports(sched)
     assert len(reports) == steps  # each decode step changed tokens_in_flight
     in_flight = [r.tokens_in_flight for r in reports]
