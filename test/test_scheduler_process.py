@@ -244,3 +244,41 @@ def test_load_reports_follow_the_load_once_the_interval_passed():
     assert len(reports) == steps  # each decode step changed tokens_in_flight
     in_flight = [r.tokens_in_flight for r in reports]
     assert in_flight == sorted(in_flight, reverse=True) and in_flight[-1] == 0
+
+
+def test_forward_batch_from_incremental_page_tables_equals_one_built_from_lists():
+    """Every step's ForwardBatch (page tables mirrored incrementally, positions by tensor ops) equals the one
+    ForwardBatch.build makes from the requests' python lists: chunked prefills, decodes, page-table growth,
+    retraction and re-admission (a new list), and a list replaced under the request (re-based pages)."""
+    from sglang.srt.model_executor.forward_batch import ForwardBatch
+
+    sched = make_scheduler(chunked_prefill_size=6)
+    sched.runner.num_pages = 64
+    checked = []
+    build = sched.build_forward_batch
+
+    def checked_build(batch):
+        fb, row_of = build(batch)
+        ref = ForwardBatch.build([r.fill_slice(r.kv_len, r.kv_len + n) for r, n in batch], [r.kv_len for r, _ in batch],
+                                 [list(r.page_table) for r, _ in batch], logits_indices=fb.logits_indices.tolist())
+        for name in ("input_ids", "positions", "extend_lens", "prefix_lens", "page_table", "logits_indices"):
+            assert torch.equal(getattr(fb, name), getattr(ref, name)), name
+        checked.append(len(batch))
+        return fb, row_of
+
+    sched.build_forward_batch = checked_build
+    for i in range(5):
+        sp = SamplingParams(max_new_tokens=12 + i, ignore_eos=True)
+        sched.add_request(TokenizedGenerateReqInput(rid=f"p{i}", input_text="", input_ids=list(range(1, 9 + 3 * i)),
+                                                    sampling_params=sp, return_logprob=i == 2, logprob_start_len=1,
+                                                    top_logprobs_num=0, stream=False, arrival_time=time.time()))
+    for step in range(8):
+        sched.step()
+    from sglang.srt.managers.batch_scheduler import SchedulePlan
+
+    sched.batches._retract(sched.running[-1], SchedulePlan())  # its KV to the cache, a new list when re-admitted
+    req = sched.running[0]
+    req.page_table = list(req.page_table)  # same pages, another list: mirrored afresh
+    run_until_idle(sched)
+    assert len(checked) > 10 and max(checked) == 5
+    assert len(finished(sched)) == 5

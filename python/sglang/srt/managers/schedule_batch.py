@@ -10,6 +10,12 @@ Life of a Req on an instance leader:
 
 Page ownership: page_table[:num_tree_pages] belong to the radix tree (pinned by `cache_node`'s lock);
 page_table[num_tree_pages:] belong to this request until it is released.
+
+The page table is a python list (the KV manager grows it, a transformation re-bases it); the scheduler's
+ForwardBatch reads it as a tensor through `page_table_tensor()`, an int32 mirror that is appended to with
+the pages added since the previous step (a page every page_size tokens), not rebuilt from the list every
+step. The mirror follows one list object: a new list (release, admission, re-basing, a migrated copy) is
+mirrored afresh.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+import torch
 
 
 def finish_stop_token(token_id: int) -> Dict[str, Any]:
@@ -74,6 +82,27 @@ class Req:
     sent_output_len: int = 0
     trim_stop_str: Optional[str] = None
     embedding: Optional[List[float]] = None  # embedding requests: the pooled hidden state, sent when finished
+
+    # ---- page_table_tensor()'s mirror (not part of the request's state: never moved) ------------------------
+    _pt_list: Optional[List[int]] = field(default=None, repr=False, compare=False)  # the list mirrored
+    _pt_buf: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)  # int32 [capacity]
+    _pt_len: int = field(default=0, repr=False, compare=False)  # entries of _pt_list copied into _pt_buf
+
+    def page_table_tensor(self) -> torch.Tensor:
+        """int32 [len(page_table)]: the page table as a tensor, updated with the pages added since last call."""
+        pt = self.page_table
+        n = len(pt)
+        if self._pt_list is not pt or n < self._pt_len:  # another list (or one cut short): mirror afresh
+            self._pt_list, self._pt_len = pt, 0
+            self._pt_buf = torch.empty(max(16, 2 * n), dtype=torch.int32)
+        if n > self._pt_len:
+            if n > self._pt_buf.shape[0]:
+                grown = torch.empty(2 * n, dtype=torch.int32)
+                grown[: self._pt_len] = self._pt_buf[: self._pt_len]
+                self._pt_buf = grown
+            self._pt_buf[self._pt_len:n] = torch.tensor(pt[self._pt_len:n], dtype=torch.int32)
+            self._pt_len = n
+        return self._pt_buf[:n]
 
     @property
     def fill_ids(self) -> List[int]:
@@ -154,6 +183,7 @@ def portable_req(req: Req) -> Req:
     out.page_table = list(req.page_table)
     out.output_ids = list(req.output_ids)
     out.cache_node = None
+    out._pt_list, out._pt_buf, out._pt_len = None, None, 0  # the destination mirrors its re-based table
     if req.grammar is not None:
         out.grammar = {"grammar_state": req.grammar.state_dict()}
     return out

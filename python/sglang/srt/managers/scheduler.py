@@ -45,6 +45,7 @@ from sglang.srt.managers.io_struct import (
     TransformCmd,
 )
 from sglang.srt.managers.req_kv import ReqKVManager
+from sglang.srt.mem_cache.host_tier import HostKVCopy, HostKVTier, follower_store
 from sglang.srt.managers.schedule_batch import (
     InstanceState,
     Req,
@@ -113,8 +114,12 @@ class Scheduler:
         self.instance_id = instance_id
         self.model_config = runner.model_config
         self.page_size = server_args.page_size
+        host_tier = None
+        if server_args.enable_hierarchical_cache:  # the host KV tier (mem_cache/host_tier.py), one per instance
+            host_tier = HostKVTier.for_pool(server_args.hicache_bytes(runner.kv_pool_bytes), self.page_size,
+                                            runner.kv_pool, tp_group.broadcast_object if tp_group.size > 1 else None)
         self.kv = ReqKVManager(runner.num_pages, self.page_size, server_args.disable_radix_cache, runner.reserved_pages,
-                               session_budget=server_args.session_kv_budget)
+                               session_budget=server_args.session_kv_budget, host=host_tier)
         self.batches = BatchScheduler(SchedulerConfig.from_server_args(server_args, self.model_config.context_len),
                                       self.kv)
         self.sampler = Sampler(self.model_config.vocab_size)
@@ -169,6 +174,7 @@ class Scheduler:
                 break
             self.poll_grammars()
             self.step()
+            self.kv.background()  # hinted turns' KV: offloaded early, reloaded before the turn (req_kv.py)
             self.report_load()
         cmd, self._pending_transform = self._pending_transform, None
         return cmd
@@ -207,7 +213,7 @@ class Scheduler:
         elif isinstance(msg, TransformCmd):
             self._pending_transform = msg
         elif isinstance(msg, CloseSessionReqInput):
-            self.kv.sessions.close(msg.session_id)
+            self.kv.close_session(msg.session_id)
         elif isinstance(msg, GetInternalStateReq):
             self.send_to_controller.send_pyobj(
                 GetInternalStateReqOutput(msg.req_id, self.instance_id, self.internal_state()))
@@ -229,6 +235,7 @@ class Scheduler:
             return_embedding=recv.return_embedding,
             session_id=recv.session_id,
         )
+        self.kv.note_request(req.rid, req.session_id, recv.next_turn_in_s)
         if req.rid in self.grammar_pending:
             self.finish_now(req, finish_abort(f"request id {req.rid!r} is already in use by a live request", 400))
             return
@@ -326,7 +333,6 @@ class Scheduler:
     # ======================================================================================================
     def build_forward_batch(self, batch: List[Tuple[Req, int]]) -> Tuple[ForwardBatch, Dict]:
         input_ids: List[int] = []
-        positions: List[int] = []
         extend_lens, prefix_lens, tables = [], [], []
         logit_rows: List[int] = []
         row_of: Dict[Tuple[int, int], int] = {}  # (batch index, token position) -> logits row
@@ -334,10 +340,9 @@ class Scheduler:
         for i, (req, n) in enumerate(batch):
             start = req.kv_len
             input_ids.extend(req.fill_slice(start, start + n))
-            positions.extend(range(start, start + n))
             extend_lens.append(n)
             prefix_lens.append(start)
-            tables.append(req.page_table)
+            tables.append(req.page_table_tensor())  # int32 [pages], appended to incrementally
             wanted = []
             if req.wants_input_logprobs:
                 lo = max(start, req.logprob_start_len - 1, 0)
@@ -350,19 +355,7 @@ class Scheduler:
                     row_of[(i, pos)] = len(logit_rows)
                     logit_rows.append(offset + pos - start)
             offset += n
-        max_pages = max(len(t) for t in tables)
-        page_table = torch.zeros((len(batch), max_pages), dtype=torch.int32)  # [batch, max_pages]
-        for i, t in enumerate(tables):
-            page_table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        fb = ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64),  # [num_tokens]
-            positions=torch.tensor(positions, dtype=torch.int64),  # [num_tokens]
-            extend_lens=torch.tensor(extend_lens, dtype=torch.int64),  # [batch]
-            prefix_lens=torch.tensor(prefix_lens, dtype=torch.int64),  # [batch]
-            page_table=page_table,
-            logits_indices=torch.tensor(logit_rows, dtype=torch.int64),  # [num_logit_rows]
-        )
-        return fb, row_of
+        return ForwardBatch.assemble(input_ids, prefix_lens, extend_lens, tables, logit_rows), row_of
 
     def run_batch(self, plan: SchedulePlan) -> None:
         fb, row_of = self.build_forward_batch(plan.items)
@@ -541,6 +534,7 @@ class Scheduler:
             "free_pages": self.kv.allocator.num_free,
             "cached_pages": self.kv.tree.cached_pages(),
             **self.kv.sessions.stats(),
+            **self.kv.host_stats(),
             "kv_used_tokens": self.kv.used_pages() * self.page_size,
             "kv_capacity_tokens": self.kv.num_pages * self.page_size,
             "forward_ct": self.forward_ct,
@@ -636,6 +630,9 @@ def follower_loop(runner, tp_group) -> Optional[TransformCmd]:
         msg = tp_group.broadcast_object(None)
         if msg is None or isinstance(msg, TransformCmd):
             return msg
+        if isinstance(msg, HostKVCopy):  # the leader's host KV tier copies this rank's slice too
+            follower_store(runner, msg.capacity_pages).apply(msg)
+            continue
         runner.forward(msg)
 
 

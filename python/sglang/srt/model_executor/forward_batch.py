@@ -1,8 +1,11 @@
 """ForwardBatch: one iteration's work for the model (CONTRACTS.md "ForwardBatch").
 
 Built by the Scheduler on the leader (CPU tensors), pickled to the other ranks of the instance, and
-passed to ModelRunner.forward on every rank. `ForwardBatch.build` makes one from plain lists (tests,
-warm-up, simple callers).
+passed to ModelRunner.forward on every rank. `ForwardBatch.assemble` is the scheduler's per-step path: the
+page table from each request's int32 page-table tensor (Req.page_table_tensor(), kept up to date
+incrementally) padded in one call, positions computed with tensor ops from the per-request lengths, so a
+step costs O(batch) small lists, not O(tokens + pages) python work. `ForwardBatch.build` makes one from
+plain lists (tests, warm-up, benchmarks).
 
 Requests are concatenated in order; request b contributes extend_lens[b] new tokens at absolute
 positions prefix_lens[b] .. prefix_lens[b] + extend_lens[b] - 1; its K/V (prefix and new) live in pages
@@ -47,6 +50,31 @@ class ForwardBatch:
         return ForwardBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
     @classmethod
+    def assemble(cls, input_ids: Sequence[int], prefix_lens: Sequence[int], extend_lens: Sequence[int],
+                 page_tables: Sequence[torch.Tensor], logits_indices: Sequence[int]) -> "ForwardBatch":
+        """From the new tokens (concatenated), per-request lengths and int32 page-table tensors."""
+        extend = torch.tensor(list(extend_lens), dtype=torch.int64)  # [batch]
+        prefix = torch.tensor(list(prefix_lens), dtype=torch.int64)  # [batch]
+        num_tokens = len(input_ids)
+        if num_tokens == extend.shape[0]:  # decode (or 1-token extends): a request's position is its prefix
+            positions = prefix.clone()
+        else:  # token j of request b sits at prefix[b] + (j - start[b]), start = exclusive cumsum of extend
+            start = torch.cumsum(extend, 0) - extend
+            positions = torch.arange(num_tokens, dtype=torch.int64) + torch.repeat_interleave(prefix - start, extend)
+        if page_tables:
+            table = torch.nn.utils.rnn.pad_sequence(list(page_tables), batch_first=True)  # int32 [batch, max_pages]
+        else:
+            table = torch.zeros((0, 1), dtype=torch.int32)
+        return cls(
+            input_ids=torch.tensor(list(input_ids), dtype=torch.int64),  # [num_tokens]
+            positions=positions,  # [num_tokens]
+            extend_lens=extend,
+            prefix_lens=prefix,
+            page_table=table,
+            logits_indices=torch.tensor(list(logits_indices), dtype=torch.int64),  # [num_logit_rows]
+        )
+
+    @classmethod
     def build(cls, new_token_ids: Sequence[Sequence[int]], prefix_lens: Sequence[int],
               page_tables: Sequence[Sequence[int]], logits: str = "last",
               logits_indices: Optional[Sequence[int]] = None) -> "ForwardBatch":
@@ -54,11 +82,7 @@ class ForwardBatch:
         explicit logits_indices."""
         extend = [len(t) for t in new_token_ids]
         ids: List[int] = [int(x) for t in new_token_ids for x in t]
-        positions = [p + i for p, n in zip(prefix_lens, extend) for i in range(n)]
-        max_pages = max([len(pt) for pt in page_tables] + [1])
-        table = torch.zeros((len(extend), max_pages), dtype=torch.int32)  # [batch, max_pages]
-        for b, pt in enumerate(page_tables):
-            table[b, : len(pt)] = torch.tensor(list(pt), dtype=torch.int32)
+        tables = [torch.as_tensor(list(pt), dtype=torch.int32) for pt in page_tables]
         if logits_indices is None:
             if logits == "all":
                 logits_indices = list(range(len(ids)))
@@ -67,11 +91,7 @@ class ForwardBatch:
                 logits_indices = [int(e) for e, n in zip(ends, extend) if n > 0]
             else:
                 raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
-        return cls(
-            input_ids=torch.tensor(ids, dtype=torch.int64),
-            positions=torch.tensor(positions, dtype=torch.int64),
-            extend_lens=torch.tensor(extend, dtype=torch.int64),
-            prefix_lens=torch.tensor(list(prefix_lens), dtype=torch.int64),
-            page_table=table,
-            logits_indices=torch.tensor(list(logits_indices), dtype=torch.int64),
-        )
+        fb = cls.assemble(ids, prefix_lens, extend, tables, logits_indices)
+        if fb.page_table.shape[1] == 0:  # at least one column, as before
+            fb.page_table = torch.zeros((fb.batch_size, 1), dtype=torch.int32)
+        return fb
