@@ -681,3 +681,69 @@ def test_with_a_step_model_a_costly_merge_waits_while_smaller_requests_are_held(
     assert GygesPolicy(step_model=PenalizedSteps(), long_defer_s=5.0).on_tick(
         ClusterState(4, 4, insts, 1.0, held=(long_req,), capacity_by_tp=PAPER_LIKE)) == [Transform((0, 1), 2)]
     assert policy.on_tick(state(5.0)) == [Transform((0, 1), 2)]  # waited long_defer_s: merged anyway
+
+
+# -- Gyges: the base reserve (short requests keep base-TP instances, sized from their demand) ------------
+def test_base_demand_is_littles_law_over_the_window_plus_the_backlog():
+    from gyges.policies.base_demand import BaseDemand
+    # 500 of 1000 tokens for 1 s prefill + 10 steps of 0.1 s: half the KV for 2 s, plus the 1 s prefill
+    assert BaseDemand.occupancy(500, 1000, 1.0, 0.1, 10) == pytest.approx(2.0)
+    demand = BaseDemand(window_s=10.0, utilization=0.5)
+    assert demand.instances_needed(0.0) == 0
+    for t in range(10):
+        demand.record(float(t), 2.0)  # one request a second, 2 instance-seconds each: 2 instances busy
+    assert demand.busy_instances(10.0) == pytest.approx(2.0)
+    assert demand.instances_needed(10.0) == 4  # at 50% utilization
+    assert demand.instances_needed(10.0, backlog_instances=1.0) == 6
+    young = BaseDemand(window_s=60.0)
+    young.record(100.0, 2.0)
+    young.record(101.0, 2.0)
+    assert young.busy_instances(102.0) == pytest.approx(4 / 5)  # before a window has passed: over 5 s at least
+    assert young.busy_instances(120.0) == pytest.approx(4 / 20)
+    assert demand.busy_instances(15.5) == pytest.approx(0.8)  # arrivals before 5.5 s left the window
+    assert demand.instances_needed(100.0) == 0
+
+
+def short_arrivals(policy, state, n=40, every_s=0.25):
+    """n base-class arrivals (900 tokens: one fills most of a paper-like TP1) every every_s seconds."""
+    for k in range(n):
+        policy.on_request(RequestInfo(f"s{k}", 800, 100, k * every_s),
+                          ClusterState(state.num_devices, state.max_tp, state.instances, k * every_s,
+                                       capacity_by_tp=state.capacity_by_tp))
+
+
+def test_a_merge_never_takes_the_base_instances_the_short_requests_need():
+    tp2 = paper_load((0, 1), held=10_000, largest=10_000)
+    insts = (tp2, paper_load((2,), held=900), paper_load((3,), held=900))
+    long_req = RequestInfo("long", 4000, 1000, 9.0)  # 5,000 tokens: a TP2
+    state = ClusterState(4, 4, insts, 10.0, held=(long_req,), capacity_by_tp=PAPER_LIKE)
+    # a step model where merging pays: a second TP2 is merged rather than waiting for the busy one
+    unreserved = GygesPolicy(step_model=gpu_like_step_model(), base_reserve_utilization=None)
+    assert unreserved.on_tick(state) == [Transform((2, 3), 2)]  # the last two TP1s merge for it
+    policy = GygesPolicy(step_model=gpu_like_step_model())
+    short_arrivals(policy, state)
+    assert policy.base_reserve(state) == 2  # demand asks for more; two are all a TP2 leaves
+    assert policy.on_tick(state) == []  # it waits for the TP2 instead
+    # with no short traffic in the window the reserve is gone and the merge is made
+    later = ClusterState(4, 4, insts, 200.0, held=(long_req,), capacity_by_tp=PAPER_LIKE)
+    assert policy.base_reserve(later) == 0
+    assert policy.on_tick(later) == [Transform((2, 3), 2)]
+
+
+def test_short_requests_held_without_base_instances_drain_a_merged_one_back_to_base_tp():
+    """Two TP2 instances, no TP1 left, short and TP2 requests held: the TP2 holding less takes no new TP2
+    work and splits into TP1s once its TP2 work ends, although TP2 requests are still held."""
+    policy = GygesPolicy(step_model=PenalizedSteps(), split_delay=0.0)
+    busy = paper_load((0, 1), held=10_500, largest=10_500)
+    ending = lambda held: paper_load((2, 3), held=held, largest=held)
+    short_arrivals(policy, ClusterState(4, 4, (busy, ending(6000)), 0.0, capacity_by_tp=PAPER_LIKE))
+    held = (RequestInfo("t2", 3000, 1000, 9.5), RequestInfo("s", 800, 100, 9.6))
+    state = ClusterState(4, 4, (busy, ending(6000)), 10.0, held=held, capacity_by_tp=PAPER_LIKE)
+    assert policy.on_tick(state) == []  # (2, 3) has room for t2 (4,000 of 11,000 free) but is drained
+    d = policy.on_request(RequestInfo("t2b", 3000, 1000, 10.0), state)
+    assert isinstance(d, Hold)
+    done = ClusterState(4, 4, (busy, ending(0)), 30.0, held=held, capacity_by_tp=PAPER_LIKE)
+    assert Transform((2, 3), 1) in policy.on_tick(done)
+    # the same state without the reserve keeps both TP2s for the TP2 requests
+    plain = GygesPolicy(step_model=PenalizedSteps(), split_delay=0.0, base_reserve_utilization=None)
+    assert plain.on_tick(state) == [Place("t2", 2), Place("s", 2)]

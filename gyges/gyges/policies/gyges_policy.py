@@ -59,6 +59,7 @@ from gyges.policies.base import (ClusterState, Decision, Hold, InstanceLoad, Loa
                                  RequestInfo, TickDecision, Transform, can_ever_fit, fits_now, group_capacity,
                                  least_loaded, too_long_message, uniform_groups)
 from gyges.policies.affinity import pick_by_affinity
+from gyges.policies.base_demand import BaseDemand
 from gyges.policies.size_bound import RequestSizeBound
 from gyges.topology import aligned_groups, is_power_of_two
 
@@ -77,7 +78,8 @@ class GygesPolicy(Policy):
                  base_tp: int = 1, step_model=None, ttft_target_s: Optional[float] = None,
                  min_speedup: float = 1.5, chunk_tokens: int = 8192, max_disturbed_per_device: int = 4,
                  capacity_merge_gain: Optional[float] = 1.5, capacity_merge_wait_s: float = 2.0,
-                 long_defer_s: float = 60.0):
+                 long_defer_s: float = 60.0, base_reserve_utilization: Optional[float] = 0.6,
+                 demand_window_s: float = 60.0):
         if split_delay < 0:
             raise ValueError("split_delay must be >= 0")
         if not is_power_of_two(base_tp):
@@ -101,6 +103,13 @@ class GygesPolicy(Policy):
         if long_defer_s < 0:
             raise ValueError("long_defer_s must be >= 0")
         self.long_defer_s = long_defer_s
+        # base-TP instances kept out of merges for the base class, sized from its demand (needs a step model)
+        self._base_demand = (BaseDemand(demand_window_s, base_reserve_utilization)
+                             if base_reserve_utilization is not None else None)
+        self._reserve_round: Optional[Tuple[ClusterState, int]] = None  # (state, reserve) of this round
+        self._base_short = False  # per tick: fewer base instances than the reserve (splits to base TP then
+        # ignore KV-richness)
+        self._base_drain: Optional[int] = None  # the merged instance drained to base TP for the reserve
         self._committed: Set[str] = set()  # held requests whose merge (or the drain before it) has begun
         self._sizes = RequestSizeBound()
         self._split_ready_since: Dict[Tuple[int, ...], float] = {}
@@ -261,7 +270,9 @@ class GygesPolicy(Policy):
 
     def _choose(self, req: RequestInfo, target: int, ledger: LoadLedger, reserved: Set[int]
                 ) -> Optional[InstanceLoad]:
-        cands = [i for i in ledger.loads() if i.base not in reserved and i.tp >= target and fits_now(req, i)]
+        cands = [i for i in ledger.loads() if i.base not in reserved and i.tp >= target and fits_now(req, i)
+                 and (i.base != self._base_drain or (target <= self.base_tp
+                                                       and self._fits_parts(i, self.base_tp, req)))]
         if target > self._memory_tp.get(req.rid, target):
             # merged for speed: one long prefill at a time (a second one would stretch both, and every
             # decode batched with them); the next gets its own group or waits
@@ -306,7 +317,7 @@ class GygesPolicy(Policy):
             members = [ledger.load(i.base) for i in state.instances if set(i.devices) <= set(g)]
             if len(members) < 2 or sum(m.tp for m in members) != len(g):
                 continue  # already one instance, or cut by a larger one
-            if any(m.transforming for m in members):
+            if any(m.transforming for m in members) or not self.keeps_base_reserve(g, state):
                 continue
             held = sum(m.held_tokens for m in members)
             fits_after = req.need_tokens <= group_capacity(state, g) - held
@@ -372,11 +383,77 @@ class GygesPolicy(Policy):
                 out.update(i.base for i in state.instances if set(i.devices) <= set(devs))
         return out
 
+    # -- the base reserve ----------------------------------------------------------------------------------
+    def _base_capacity(self, state: ClusterState) -> int:
+        known = dict(state.capacity_by_tp)
+        if self.base_tp in known:
+            return known[self.base_tp]
+        base = [i.kv_capacity_tokens for i in state.instances if i.tp == self.base_tp]
+        if base:
+            return min(base)
+        return min(i.kv_capacity_tokens * self.base_tp // i.tp for i in state.instances)
+
+    def _record_base_arrival(self, req: RequestInfo, state: ClusterState) -> None:
+        if self._base_demand is None or self.step_model is None:
+            return
+        cap = self._base_capacity(state)
+        batch = max(1, cap // max(1, req.need_tokens))
+        step = self.step_model.step_time(batch, batch * req.need_tokens // 2, self.base_tp)
+        self._base_demand.record(state.now, BaseDemand.occupancy(
+            req.need_tokens, cap, self.prefill_seconds(req.prompt_tokens, self.base_tp), step, req.max_new_tokens))
+
+    def _base_instances(self, state: ClusterState) -> int:
+        return sum(1 for i in state.instances if i.tp == self.base_tp and not i.transforming)
+
+    def base_reserve(self, state: ClusterState) -> int:
+        """Base-TP instances no merge may take (0 without a step model): what the base class's demand
+        needs (BaseDemand), at most what leaves room for the largest group a held request needs."""
+        if self._base_demand is None or self.step_model is None:
+            return 0
+        if self._reserve_round is None or self._reserve_round[0] is not state:
+            cap = self._base_capacity(state)
+            targets = [(h, self.target_tp(h, state)) for h in state.held]
+            backlog = sum(h.need_tokens for h, t in targets if t <= self.base_tp) / max(1, cap)
+            largest = max((t for _, t in targets if t > self.base_tp), default=0)
+            upper = (state.num_devices - largest) // self.base_tp
+            self._reserve_round = (state, min(upper, self._base_demand.instances_needed(state.now, backlog)))
+        return self._reserve_round[1]
+
+    def _update_base_drain(self, state: ClusterState) -> None:
+        """While base-class requests are held and fewer base instances serve than the reserve, drain one
+        merged instance to base TP (it takes only base work that keeps it splittable into base parts, and
+        splits once its larger work ends): the smallest, holding least; never the only instance that a held
+        larger request can run on."""
+        base_held = any(self.target_tp(h, state) <= self.base_tp for h in state.held)
+        self._base_short = base_held and self._base_instances(state) < self.base_reserve(state)
+        if not self._base_short:
+            self._base_drain = None
+            return
+        current = [i for i in state.instances if i.base == self._base_drain and i.tp > self.base_tp]
+        if current:
+            return
+        need = max((self.target_tp(h, state) for h in state.held), default=0)
+        merged = [i for i in state.instances if i.tp > self.base_tp and not i.transforming]
+        cands = [i for i in merged
+                 if i.tp < need or sum(1 for j in merged if j.tp >= need and j.base != i.base) > 0]
+        self._base_drain = min(cands, key=lambda i: (i.tp, i.held_tokens, i.base)).base if cands else None
+
+    def keeps_base_reserve(self, group: Sequence[int], state: ClusterState) -> bool:
+        """Merging group leaves at least base_reserve base-TP instances outside it (or takes none)."""
+        devs = set(group)
+        inside = [i for i in state.instances if i.tp == self.base_tp and set(i.devices) <= devs]
+        if not inside:
+            return True
+        outside = sum(1 for i in state.instances
+                      if i.tp == self.base_tp and not i.transforming and not set(i.devices) <= devs)
+        return outside >= self.base_reserve(state)
+
     # -- the interface -------------------------------------------------------------------------------------
     def _begin_round(self, state: ClusterState) -> None:
         self._capacity_by_tp = state.capacity_by_tp
         self._plans = {}
         self._memory_tp = {}
+        self._reserve_round = None
 
     def on_request(self, req: RequestInfo, state: ClusterState) -> Decision:
         self._begin_round(state)
@@ -385,6 +462,8 @@ class GygesPolicy(Policy):
             return Reject(req.rid, too_long_message(
                 req, limit, f"the largest instance Gyges can form (TP {len(group)} on devices {list(group)})"))
         target = self.target_tp(req, state)
+        if target <= self.base_tp:
+            self._record_base_arrival(req, state)
         held = [(h, self.target_tp(h, state)) for h in state.held]
         if any(ht == target for _, ht in held):
             return Hold(req.rid, f"queued behind earlier held requests of its class (TP {target})")
@@ -402,6 +481,7 @@ class GygesPolicy(Policy):
         out: List[TickDecision] = []
         ledger = LoadLedger(state)
         limit, _ = self.largest_formable(state)
+        self._update_base_drain(state)
         still_held: List[Tuple[RequestInfo, int]] = []
         blocked: Set[int] = set()
         for h in state.held:
@@ -495,6 +575,7 @@ class GygesPolicy(Policy):
         for g in self.formable_groups(state):
             members = [ledger.load(i.base) for i in state.instances if set(i.devices) <= set(g)]
             if (len(members) != 2 or members[0].tp != members[1].tp or any(m.transforming for m in members)
+                    or not self.keeps_base_reserve(g, state)
                     or self.capacity_gain(state, g) < self.capacity_merge_gain
                     or not self._decode_gain(state, g, members, sum(h.need_tokens for h in waiting) / len(waiting))):
                 continue
@@ -508,7 +589,10 @@ class GygesPolicy(Policy):
         part = self.base_tp
         while part < inst.tp:
             wanted = any(t > part for _, t in held)  # a held request needs more than a part
-            if held and self._capacity_rich(inst, sum(h.need_tokens for h, _ in held) / len(held), part):
+            if part == self.base_tp and inst.base == self._base_drain:
+                wanted = False  # drained for the base reserve: base requests wait for it
+            if (held and not (part == self.base_tp and self._base_short)
+                    and self._capacity_rich(inst, sum(h.need_tokens for h, _ in held) / len(held), part)):
                 wanted = True  # splitting into these parts would cost KV capacity while requests wait for memory
             fast_enough = (inst.prefill_tokens_left is None
                            or self.speed_tp(inst.prefill_tokens_left, part, inst.tp) <= part)
