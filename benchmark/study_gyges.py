@@ -52,6 +52,9 @@ STATIC = {
     "static TP8": "static-tp",
     "hybrid TP2 + 6 x TP1": "static-hybrid:big_tp=2",
     "hybrid TP4 + 4 x TP1": "static-hybrid:big_tp=4",
+    "hybrid TP4 + TP2 + 2 x TP1": "static-shape:sizes=4-2-1-1",
+    "hybrid TP4 + 2 x TP2": "static-shape:sizes=4-2-2",
+    "hybrid 2 x TP2 + 4 x TP1": "static-shape:sizes=2-2-1-1-1-1",
 }
 
 

@@ -413,6 +413,24 @@ def test_hybrid_routes_long_requests_to_the_big_instance():
     assert default.on_request(RequestInfo("big", 1500, 10, 0.0), state) == Place("big", 0)
 
 
+
+def test_static_shape_lays_out_aligned_groups_and_routes_each_request_to_the_smallest_size_that_holds_it():
+    policy = make_policy("static-shape", sizes="1-2-1-4")
+    assert policy.initial_instances(8, 4) == [(0, 1, 2, 3), (4, 5), (6,), (7,)]
+    with pytest.raises(ValueError):
+        policy.initial_instances(4, 4)  # sizes do not sum to the devices
+    with pytest.raises(ValueError):
+        make_policy("static-shape", sizes="3-1")
+    tp2_full = load((4, 5), in_flight=1900, running=1)
+    state = ClusterState(8, 4, (load(range(4)), tp2_full, load((6,), in_flight=10, running=1), load((7,))), 0.0)
+    assert policy.on_request(RequestInfo("short", 100, 10, 0.0), state) == Place("short", 7)  # least loaded TP1
+    assert policy.on_request(RequestInfo("big", 3000, 10, 0.0), state) == Place("big", 0)
+    # a TP2-sized request waits for the TP2 (its own queue) rather than taking the TP4
+    assert isinstance(policy.on_request(RequestInfo("mid", 1500, 10, 0.0), state), Hold)
+    held = ClusterState(8, 4, state.instances, 0.1, held=(RequestInfo("mid", 1500, 10, 0.0),))
+    assert policy.on_request(RequestInfo("short2", 100, 10, 0.1), held) == Place("short2", 7)
+    assert isinstance(policy.on_request(RequestInfo("huge", 5000, 10, 0.0), state), Reject)
+
 def test_split_uses_the_runtime_part_capacity_when_known():
     """A merge turns freed weight memory into KV, which a split gives back: a part holds what the runtime
     reports for TP1 (capacity_by_tp), not half of the merged capacity."""

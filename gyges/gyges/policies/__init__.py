@@ -19,7 +19,7 @@ from gyges.policies.gyges_naive import GygesLeastLoaded, GygesRoundRobin
 from gyges.policies.gyges_policy import GygesPolicy
 from gyges.policies.size_bound import RequestSizeBound
 from gyges.policies.static_dp import StaticDPLeastLoad, StaticDPRoundRobin, StaticPolicy
-from gyges.policies.static_hybrid import StaticHybrid
+from gyges.policies.static_hybrid import StaticHybrid, StaticShape
 from gyges.policies.static_tp import StaticTP
 
 POLICIES = {
@@ -31,6 +31,7 @@ POLICIES = {
     "static-dp-ll": StaticDPLeastLoad,
     "static-tp": StaticTP,
     "static-hybrid": StaticHybrid,
+    "static-shape": StaticShape,
 }
 
 
@@ -44,7 +45,7 @@ def make_policy(name: str, **kwargs) -> Policy:
 
 __all__ = [
     "ClusterState", "Decision", "GygesLeastLoaded", "GygesPolicy", "GygesRoundRobin", "Hold", "InstanceLoad", "LoadLedger", "POLICIES", "Place", "Policy",
-    "Reject", "RequestInfo", "RequestSizeBound", "StaticDPLeastLoad", "StaticDPRoundRobin", "StaticHybrid",
+    "Reject", "RequestInfo", "RequestSizeBound", "StaticDPLeastLoad", "StaticDPRoundRobin", "StaticHybrid", "StaticShape",
     "StaticPolicy", "StaticTP", "TickDecision", "Transform", "can_ever_fit", "fits_now", "group_capacity",
     "least_loaded", "make_policy", "too_long_message", "uniform_groups", "validate_transform",
 ]
