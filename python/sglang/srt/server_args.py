@@ -98,6 +98,15 @@ class ServerArgs:
                                   "cache is left to evict.")
     session_idle_timeout: float = _f(600.0, "Seconds a session may go without a turn before it is closed and its "
                                      "KV released (0: sessions stay open until /close_session).")
+    enable_hierarchical_cache: bool = _f(False, "Host-memory KV tier (SGLang's HiCache): KV the radix cache evicts "
+                                         "is copied to host memory first and a later prefix hit reloads it; "
+                                         "turns with a hint (session_params.next_turn_in_s, X-Next-Turn-In) get "
+                                         "their KV offloaded early and reloaded before they arrive.")
+    hicache_size: Optional[str] = _f(None, "Host KV tier size per device with --enable-hierarchical-cache: a size "
+                                     "(64MiB, 2GiB) or a plain number of GB (SGLang's meaning); overrides "
+                                     "--hicache-ratio.")
+    hicache_ratio: float = _f(2.0, "Host KV tier size as a multiple of the device KV pool, when --hicache-size "
+                              "is not given (SGLang's flag).")
 
     # ---- scheduling ----------------------------------------------------------------------------------
     max_running_requests: Optional[int] = _f(None, "Most requests decoding at once per instance "
@@ -202,6 +211,16 @@ class ServerArgs:
     def device_memory_bytes(self) -> int:
         return parse_size(self.device_memory) if self.device_memory else 2**30
 
+    def hicache_bytes(self, device_pool_bytes: int) -> int:
+        """Bytes of the host KV tier per device (0: no tier)."""
+        size = None
+        if self.hicache_size is not None:  # parsed even when the tier is off: check() reports a bad size
+            text = str(self.hicache_size).strip()
+            size = int(float(text) * 2**30) if re.fullmatch(r"[0-9]*\.?[0-9]+", text) else parse_size(text)
+        if not self.enable_hierarchical_cache:
+            return 0
+        return size if size is not None else int(self.hicache_ratio * device_pool_bytes)
+
     def check(self) -> None:
         """Raise ValueError naming the bad flag and what is allowed."""
         if not self.model_path:
@@ -224,6 +243,10 @@ class ServerArgs:
         for name in ("watchdog_timeout", "grammar_compile_timeout", "gyges_transform_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}")
+        if self.hicache_size is not None:
+            self.hicache_bytes(0)  # raises on a bad size
+        if self.hicache_ratio < 0:
+            raise ValueError(f"--hicache-ratio must be >= 0, got {self.hicache_ratio}")
         if not 0.0 <= self.session_kv_budget <= 1.0:
             raise ValueError(f"--session-kv-budget must be in [0, 1], got {self.session_kv_budget}")
         if self.session_idle_timeout < 0:

@@ -509,3 +509,8 @@ class ServingState:
     # Worker ranks the TokenizerManager must kill (SIGKILL) to free their memory: hung workers that
     # cannot exit by themselves.
     kill_ranks: List[int] = field(default_factory=list)
+    # Client's hint: the conversation's next turn is expected this many seconds after this request ends
+    # (session_params.next_turn_in_s, or the X-Next-Turn-In header); its KV is kept ready (managers/req_kv.py).
+    next_turn_in_s: Optional[float] = None
+    # Hint (SYMPHONY): the next turn is expected this many seconds after this one ends (None: no hint).
+    next_turn_in_s: Optional[float] = None

@@ -8,16 +8,38 @@ cache (pages holding cached prefixes, evictable when unreferenced):
     release(req)         insert the request's computed, page-aligned KV into the cache, unlock, free the rest
     sessions             open sessions' pinned paths (mem_cache/session_pins.py): kept between turns, given
                          up least recently used first when running requests need their pages
+    host                 optional host-memory tier (mem_cache/host_tier.py, --enable-hierarchical-cache):
+                         every node the radix cache evicts is copied there first; admit() reloads the pages
+                         on host that continue the device match (before matching), so they count as cached
+    hints                session_params.next_turn_in_s / X-Next-Turn-In: note_request() keeps the hint, and
+                         when the request finishes its computed path is remembered (HintedPath) until then;
+                         background() (the scheduler's loop, between iterations) copies a far-off hinted path
+                         to host while it is still on device (its later eviction copies nothing), and
+                         HINT_LEAD_S before the expected turn reloads what was evicted and re-pins the
+                         session, so the turn finds its KV on device; pins are given up farthest-turn-first
 """
 
 from __future__ import annotations
 
-from typing import List
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 from sglang.srt.managers.schedule_batch import Req
+from sglang.srt.mem_cache.host_tier import HostKVTier
 from sglang.srt.mem_cache.page_allocator import PageAllocator
-from sglang.srt.mem_cache.radix_cache import RadixCache
-from sglang.srt.mem_cache.session_pins import SessionPins
+from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
+from sglang.srt.mem_cache.session_pins import HINT_LEAD_S, SessionPins
+
+
+@dataclass
+class HintedPath:
+    """A finished turn whose client said when the next turn comes: its computed tokens are kept ready."""
+
+    tokens: List[int]  # the turn's computed tokens (prompt + output but the last token)
+    next_turn_at: float  # time.monotonic() the next turn is expected
+    session_id: Optional[str]  # re-pinned before the turn (None: a request without a session)
+    offloaded: bool = False  # copied to the host tier already
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:
@@ -26,15 +48,24 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 class ReqKVManager:
     def __init__(self, num_pages: int, page_size: int, disable_radix_cache: bool, reserved_pages: int = 0,
-                 session_budget: float = 0.5):
+                 session_budget: float = 0.5, host: Optional[HostKVTier] = None):
         """num_pages: page ids [0, num_pages); the first `reserved_pages` hold weights and are never handed out.
-        session_budget: share of the usable pages open sessions may keep pinned between turns."""
+        session_budget: share of the usable pages open sessions may keep pinned between turns.
+        host: the host KV tier (None: evicted KV is dropped)."""
         self.page_size = page_size
         self.allocator = PageAllocator(num_pages)
         self.allocator.take(range(reserved_pages))
         self.reserved_pages = reserved_pages
         self.tree = RadixCache(page_size, self.allocator, disable=disable_radix_cache)
         self.sessions = SessionPins(self.tree, int(session_budget * (num_pages - reserved_pages)))
+        self.host = host if not disable_radix_cache else None
+        if self.host is not None:
+            self.tree.on_evict = self._offload_evicted
+        self.hinted: Dict[str, HintedPath] = {}  # session id (or "rid:" + rid) -> its hinted path
+        self._pending_hints: Dict[str, float] = {}  # rid of a running request -> next_turn_in_s
+        self.sessions.next_turn_at = lambda sid: h.next_turn_at if (h := self.hinted.get(sid)) else None
+        self.host_reloaded_tokens = 0  # tokens reloaded from host at admission (on the request's path)
+        self.hint_prefetched_tokens = 0  # tokens reloaded from host ahead of a hinted turn (off it)
 
     # ---- capacity ---------------------------------------------------------------------------------
     @property
@@ -57,6 +88,8 @@ class ReqKVManager:
         if req.wants_input_logprobs:
             # Logits of position i-1 give the logprob of token i: keep them computed.
             limit = min(limit, max(0, req.logprob_start_len - 1))
+        if self.host is not None:
+            self.host_reloaded_tokens += self.reload(fill[: max(0, limit)])
         match = self.tree.match_prefix(fill[: max(0, limit)])
         req.page_table = list(match.pages)
         req.num_tree_pages = len(match.pages)
@@ -104,15 +137,99 @@ class ReqKVManager:
         self.allocator.free(req.page_table[owned_from:])
         if req.cache_node is not None:
             self.tree.dec_lock_ref(req.cache_node)
+        if self._pending_hints and req.finished and req.rid in self._pending_hints:
+            key = req.session_id or f"rid:{req.rid}"
+            self.hinted[key] = HintedPath(list(req.fill_ids[:aligned_pages * ps]),
+                                          time.monotonic() + self._pending_hints.pop(req.rid), req.session_id)
         req.reset_kv()
 
     def finish_session_turn(self, session_id: str, computed_tokens: List[int]) -> None:
         """A session's turn finished and was released: pin its computed tokens until the next turn."""
         self.sessions.pin(session_id, computed_tokens)
 
+    def close_session(self, session_id: str) -> int:
+        """The session ended: forget its hint, unpin it and free its own pages (returns them)."""
+        self.hinted.pop(session_id, None)
+        return self.sessions.close(session_id)
+
     def flush(self) -> None:
         self.sessions.clear()
         self.tree.reset()
+        self.hinted.clear()
+        if self.host is not None:
+            self.host.clear()
+
+    # ---- host tier -------------------------------------------------------------------------------------
+    def _offload_evicted(self, node: TreeNode) -> None:
+        tokens, pages = self.tree.path_of(node)
+        self.host.offload(tokens, len(pages) - len(node.pages), node.pages)
+
+    def reload(self, token_ids: Sequence[int]) -> int:
+        """Bring back from host the pages that continue the device match of token_ids (as many as free and
+        evictable pages allow) and insert them into the radix cache. Returns the tokens reloaded."""
+        ps = self.page_size
+        max_pages = len(token_ids) // ps
+        match = self.tree.match_prefix(token_ids[:max_pages * ps])
+        start = match.num_tokens // ps
+        if self.host is None or start >= max_pages or not self.host.match(token_ids, start, max_pages):
+            return 0
+        self.tree.inc_lock_ref(match.last_node)  # evicting for room must not take the matched prefix
+        try:
+            want = len(self.host.match(token_ids, start, max_pages))
+            pages = self.allocator.alloc(want)
+            if pages is None:
+                self.tree.evict(want - self.allocator.num_free)  # offloads what it evicts
+                pages = self.allocator.alloc(min(want, self.allocator.num_free))
+            run = self.host.match(token_ids, start, max_pages)[:len(pages)]  # eviction may have dropped some
+            self.allocator.free(pages[len(run):])
+            pages = pages[:len(run)]
+            if not run:
+                return 0
+            self.host.load(run, pages)
+            end = (start + len(run)) * ps
+            already = self.tree.insert(token_ids[:end], match.pages + pages) // ps
+            self.allocator.free(pages[:max(0, already - start)])  # cached meanwhile: ours are duplicates
+            return (start + len(run) - max(start, already)) * ps
+        finally:
+            self.tree.dec_lock_ref(match.last_node)
+
+    # ---- hints -----------------------------------------------------------------------------------------
+    def note_request(self, rid: str, session_id: Optional[str], next_turn_in_s: Optional[float]) -> None:
+        """A request arrived: its session's earlier hint is used up; its own hint waits for it to finish."""
+        if session_id is not None:
+            self.hinted.pop(session_id, None)
+        if next_turn_in_s is not None:
+            self._pending_hints[rid] = float(next_turn_in_s)
+
+    def forget_request(self, rid: str) -> None:
+        self._pending_hints.pop(rid, None)
+
+    def background(self, now: Optional[float] = None) -> bool:
+        """Between iterations: prepare hinted paths (see the module docstring). Returns whether it did work."""
+        if not self.hinted:
+            return False
+        now = time.monotonic() if now is None else now
+        worked = False
+        for key, h in list(self.hinted.items()):
+            if h.next_turn_at - HINT_LEAD_S <= now:  # the turn is near: its KV back on device, pinned
+                del self.hinted[key]
+                if self.host is not None:
+                    self.hint_prefetched_tokens += self.reload(h.tokens)
+                if h.session_id is not None and h.session_id not in self.sessions:
+                    self.sessions.pin(h.session_id, h.tokens)
+                worked = True
+            elif not h.offloaded and self.host is not None:  # far off: a copy on host while it is on device
+                match = self.tree.match_prefix(h.tokens, touch=False)
+                self.host.offload(h.tokens, 0, match.pages)
+                h.offloaded = worked = True
+        return worked
+
+    def host_stats(self) -> Dict[str, int]:
+        out = {"hinted_paths": len(self.hinted), "host_reloaded_tokens": self.host_reloaded_tokens,
+               "hint_prefetched_tokens": self.hint_prefetched_tokens}
+        if self.host is not None:
+            out.update(self.host.stats())
+        return out
 
     # ---- Gyges: ownership after a transformation ----------------------------------------------------
     def adopt(self, tree_paths, running: List[Req], ) -> None:

@@ -2,10 +2,10 @@
 new turn built from an earlier one (the rules of SGLang's session_controller.Session.create_req).
 
     POST /open_session {capacity_of_str_len, session_id?}  -> SessionStore.open -> the id
-    /generate {..., session_params: {id, rid, offset, replace, drop_previous_output}}
+    /generate {..., session_params: {id, rid, offset, replace, drop_previous_output, next_turn_in_s}}
         -> SessionStore.prepare(tokenized turn): input_ids = the earlier request's prompt + output (cut at
            offset, output dropped on drop_previous_output) + the new input (its BOS dropped); the turn
-           becomes a child of that request in the session's tree; session_id / session_prefix_tokens go
+           becomes a child of that request in the session's tree; session_id / session_prefix_tokens / the hint go
            with the request to the controller (placement by affinity) and the scheduler (KV pinned after it)
         -> SessionStore.finished(rid, output_ids) when its last output arrives
     POST /close_session {session_id} -> SessionStore.close -> CloseSessionReqInput to every instance
@@ -18,6 +18,7 @@ sockets), unit-tested in test/test_sessions.py.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ def parse_session_params(value: Any) -> SessionParams:
     if not isinstance(value, dict):
         raise ValueError("'session_params' must be an object with 'id' (and optionally rid, offset, replace, "
                          "drop_previous_output)")
-    unknown = sorted(set(value) - {"id", "rid", "offset", "replace", "drop_previous_output"})
+    unknown = sorted(set(value) - {"id", "rid", "offset", "replace", "drop_previous_output", "next_turn_in_s"})
     if unknown:
         raise ValueError(f"'session_params' has unknown fields {unknown}")
     sid = value.get("id")
@@ -87,7 +88,29 @@ def parse_session_params(value: Any) -> SessionParams:
         v = value.get(name)
         if v is not None and not isinstance(v, bool):
             raise ValueError(f"'session_params.{name}' must be a boolean or null, got {v!r}")
-    return SessionParams(sid, rid, offset, value.get("replace"), value.get("drop_previous_output"))
+    return SessionParams(sid, rid, offset, value.get("replace"), value.get("drop_previous_output"),
+                         parse_next_turn_hint(value.get("next_turn_in_s"), "session_params.next_turn_in_s"))
+
+
+# Longest hint accepted (a day): a later turn is no reason to keep KV ready.
+MAX_NEXT_TURN_HINT_S = 86400.0
+
+
+def parse_next_turn_hint(value: Any, where: str) -> Optional[float]:
+    """A next-turn hint in seconds (a non-negative finite number, at most MAX_NEXT_TURN_HINT_S, or None);
+    ValueError naming `where` otherwise (HTTP 400). Header values arrive as strings."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{where} must be a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where} must be a number of seconds or null, got {value!r}")
+    if not math.isfinite(value) or not 0 <= value <= MAX_NEXT_TURN_HINT_S:
+        raise ValueError(f"{where} must be between 0 and {MAX_NEXT_TURN_HINT_S:g} seconds, got {value!r}")
+    return float(value)
 
 
 class SessionStore:
@@ -192,6 +215,7 @@ class SessionStore:
         req.input_ids = full
         req.session_id = params.id
         req.session_prefix_tokens = prefix_len
+        req.next_turn_in_s = params.next_turn_in_s
         turn = SessionTurn(req.rid, list(full), req.sampling_params.max_new_tokens,
                            parent=parent.rid if parent is not None else None)
         session.turns[req.rid] = turn

@@ -26,6 +26,8 @@ Ownership rules (who frees what):
   request: a pinned node is never evicted, but unlike a lock the pin is given up on demand (the caller's
   policy, mem_cache/session_pins.py). Pages fall in three classes: locked (a running request uses them),
   pinned (only sessions hold them), evictable (nobody does).
+- `on_evict(node)` (optional hook) sees every node `evict` frees, before its pages go back to the allocator:
+  the host KV tier keeps their bytes (a later match reloads them, managers/req_kv.py).
 - `rebase(mapping)` rewrites page ids in place (a Gyges merge/split renumbers pages); it does not touch
   any allocator: the caller sets up the allocator of the new id space (pass it as `allocator=`) so that
   `all_pages()` are marked used there.
@@ -88,6 +90,9 @@ class RadixCache:
         self.allocator = allocator
         self.disable = disable
         self._clock = itertools.count(1)
+        # Called with each node `evict` is about to free, while it is still in the tree (its pages' bytes are
+        # intact): the host KV tier copies them out (mem_cache/host_tier.py). free_path and reset do not call it.
+        self.on_evict: Optional[Callable[[TreeNode], None]] = None
         self._new_root()
 
     def _new_root(self) -> None:
@@ -168,15 +173,17 @@ class RadixCache:
         upper.children[self._child_key(node.key, 0)] = node
         return upper
 
-    def match_prefix(self, token_ids: Sequence[int]) -> MatchResult:
-        """Longest cached page-aligned prefix of token_ids. Touches the matched path (LRU) and splits the
-        last node at a page boundary when the match ends inside it."""
+    def match_prefix(self, token_ids: Sequence[int], touch: bool = True) -> MatchResult:
+        """Longest cached page-aligned prefix of token_ids. Touches the matched path (LRU; not with
+        touch=False, a look that leaves the eviction order alone) and splits the last node at a page
+        boundary when the match ends inside it."""
         if self.disable:
             return MatchResult([], 0, self.root)
         key = self._aligned(token_ids)
         now = next(self._clock)
         node = self.root
-        node.last_access = now
+        if touch:
+            node.last_access = now
         pages: List[int] = []
         pos = 0
         while pos < len(key):
@@ -186,7 +193,8 @@ class RadixCache:
             n = self._matched_pages(child.key, key, pos)
             if n * self.page_size < len(child.key):
                 child = self._split(child, n)
-            child.last_access = now
+            if touch:
+                child.last_access = now
             pages.extend(child.pages)
             pos += len(child.key)
             node = child
@@ -315,6 +323,8 @@ class RadixCache:
         freed = 0
         while freed < num_pages and heap:
             _, _, node = heapq.heappop(heap)
+            if self.on_evict is not None:
+                self.on_evict(node)
             self.allocator.free(node.pages)
             freed += len(node.pages)
             self._evictable_pages -= len(node.pages)

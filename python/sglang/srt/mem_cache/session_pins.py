@@ -18,15 +18,22 @@ Eviction rule (what does not fit is recomputed):
      least recently used session (by the end of its last turn) is unpinned first, the new pin included;
   2. serving first: when running requests need pages and no ordinary cache is left, ReqKVManager.alloc
      unpins the least recently used session (`release_lru`) and evicts, one session at a time.
-An unpinned session's path is ordinary cache (LRU-evicted); a later turn recomputes what was evicted.
+An unpinned session's path is ordinary cache (LRU-evicted); a later turn recomputes what was evicted (or
+reloads it from the host KV tier, mem_cache/host_tier.py, when --enable-hierarchical-cache is on).
+
+Hints (session_params.next_turn_in_s): `next_turn_at(session_id)` (given by ReqKVManager) says when a session's
+next turn is expected. Both rules then unpin first the hinted session whose next turn is farthest away (and
+more than HINT_LEAD_S from now), and only then the least recently used one (SYMPHONY's order: the KV needed
+last goes first).
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 
@@ -37,6 +44,9 @@ class SessionPin:
     tokens: int  # tokens the pinned path covers
     last_used: int  # logical time of the turn that pinned it (LRU order)
 
+
+# A hinted session whose next turn is due within this many seconds is not unpinned before unhinted ones.
+HINT_LEAD_S = 1.0
 
 # (session id, token ids, page ids, last_used): one pinned path as plain data (what a transformation moves)
 ExportedPin = Tuple[str, List[int], List[int], int]
@@ -50,6 +60,8 @@ class SessionPins:
         self._clock = itertools.count(1)
         self.unpinned_for_memory = 0  # sessions unpinned because running requests needed the pages
         self.unpinned_for_budget = 0  # sessions unpinned because the budget was exceeded
+        # session id -> time.monotonic() its next turn is expected (None: no hint); set by ReqKVManager
+        self.next_turn_at: Callable[[str], Optional[float]] = lambda session_id: None
 
     # ---- queries ---------------------------------------------------------------------------------------
     def __contains__(self, session_id: str) -> bool:
@@ -89,10 +101,16 @@ class SessionPins:
         """Unpin the least recently used session so running requests can have its pages (rule 2)."""
         if not self.pins:
             return False
-        session_id = next(iter(self.pins))
-        self._drop(session_id)
+        self._drop(self.victim())
         self.unpinned_for_memory += 1
         return True
+
+    def victim(self) -> str:
+        """The session to unpin first: the hinted one whose next turn is farthest (beyond HINT_LEAD_S), else the
+        least recently used."""
+        horizon = time.monotonic() + HINT_LEAD_S
+        far = [(at, sid) for sid in self.pins if (at := self.next_turn_at(sid)) is not None and at > horizon]
+        return max(far)[1] if far else next(iter(self.pins))
 
     def clear(self) -> None:
         """Forget every pin (the tree is being flushed)."""
@@ -107,7 +125,7 @@ class SessionPins:
 
     def _enforce_budget(self) -> None:
         while self.pins and self.tree.pinned_pages() > self.budget_pages:
-            self._drop(next(iter(self.pins)))
+            self._drop(self.victim())
             self.unpinned_for_budget += 1
 
     # ---- Gyges: moving pins with the tree ------------------------------------------------------------------

@@ -1,0 +1,257 @@
+"""Host-memory KV tier (SGLang's --enable-hierarchical-cache / --hicache-size): radix pages kept in host memory.
+
+One job: hold KV pages that left the device pool, addressed by their prefix path (the token ids from the start
+of the prompt up to the end of the page), byte-exact, within a byte budget, least recently used out first.
+
+    device pool  --offload(path, page ids)-->  HostKVTier  (a trie of pages: one node per page_size tokens of
+                                               the path; a node with a slot holds that page's bytes)
+                 <--load(run, page ids)------   match(token_ids, start_page) -> the consecutive host pages that
+                                                continue a device match
+Who calls it (managers/req_kv.py): the radix cache's eviction offloads each evicted node's pages (write-back on
+evict; a page already on host is not copied again), admission reloads what continues a device match, and the
+hint logic offloads / prefetches hinted paths between turns.
+
+Bytes: each rank of an instance keeps its own slice of every page (its KV heads), so the budget is per device,
+like the device pool. The index (trie, LRU, slots) lives on the instance leader; the copies are HostKVCopy
+orders that the leader applies to its HostPageStore and, on TP > 1, broadcasts first so that every follower
+applies the same order to its own store (scheduler.follower_loop). A Gyges transformation starts a new
+scheduler with an empty tier (pages of the old TP degree do not fit the new layout; what was only on host is
+recomputed).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from sglang.srt.mem_cache.kv_pool import HeadCentricKVPool
+
+
+@dataclass
+class HostKVCopy:
+    """One copy between the device pool and the host slots, done by every rank on its own slice of the pages."""
+
+    to_host: bool  # True: device pages -> host slots; False: host slots -> device pages
+    pages: List[int]  # device page ids
+    slots: List[int]  # host slots, one per page
+    capacity_pages: int  # slots of the store (followers create theirs on the first order)
+
+
+def pool_page_bytes(pool: HeadCentricKVPool) -> torch.Tensor:
+    """The pool as [num_pages, bytes_per_page] uint8 (a view: writes go to the pool)."""
+    return pool.kv_buffer.reshape(pool.num_pages, -1).view(torch.uint8)
+
+
+class HostPageStore:
+    """The bytes: capacity_pages host slots of one page of this rank's pool each."""
+
+    def __init__(self, pool: HeadCentricKVPool, capacity_pages: int):
+        self.pool = pool
+        self.capacity_pages = capacity_pages
+        pin = pool.kv_buffer.is_cuda and torch.cuda.is_available()
+        # [capacity_pages, bytes_per_page] uint8 in host memory (pinned on CUDA for fast copies)
+        self.slots = torch.empty((capacity_pages, pool.bytes_per_page), dtype=torch.uint8, pin_memory=pin)
+
+    def apply(self, op: HostKVCopy) -> None:
+        if not op.pages:
+            return
+        dev = pool_page_bytes(self.pool)
+        pages = torch.tensor(op.pages, dtype=torch.int64, device=dev.device)
+        slots = torch.tensor(op.slots, dtype=torch.int64)
+        if op.to_host:
+            self.slots[slots] = dev.index_select(0, pages).to("cpu")
+        else:
+            dev[pages] = self.slots.index_select(0, slots).to(dev.device, non_blocking=False)
+
+
+class _HostPage:
+    """A trie node: one page of a prefix path. slot >= 0: its bytes are on host."""
+
+    __slots__ = ("key", "parent", "children", "slot")
+
+    def __init__(self, key: Tuple[int, ...], parent: Optional["_HostPage"]):
+        self.key = key
+        self.parent = parent
+        self.children: Dict[Tuple[int, ...], "_HostPage"] = {}
+        self.slot = -1
+
+
+class HostKVTier:
+    def __init__(self, budget_bytes: int, page_size: int, store: HostPageStore,
+                 broadcast: Optional[Callable[[HostKVCopy], None]] = None):
+        """budget_bytes: host bytes per device; store: this rank's bytes; broadcast: sends each copy order to the
+        instance's other ranks first (TP > 1), None on TP1."""
+        self.page_size = page_size
+        self.page_bytes = store.pool.bytes_per_page
+        self.capacity_pages = store.capacity_pages
+        self.budget_bytes = budget_bytes
+        self.store = store
+        self.broadcast = broadcast
+        self.root = _HostPage((), None)
+        self._free_slots = list(range(self.capacity_pages - 1, -1, -1))
+        self._lru: "OrderedDict[int, _HostPage]" = OrderedDict()  # slot -> node, least recently used first
+        self._clock = itertools.count()
+        self.offloaded_bytes = 0  # bytes copied device -> host
+        self.loaded_bytes = 0  # bytes copied host -> device
+        self.dropped_pages = 0  # pages dropped from host to stay within the budget
+
+    @classmethod
+    def for_pool(cls, budget_bytes: int, page_size: int, pool: HeadCentricKVPool,
+                 broadcast: Optional[Callable[[HostKVCopy], None]] = None) -> Optional["HostKVTier"]:
+        """A tier over this pool (None when the budget holds no page)."""
+        capacity = int(budget_bytes) // pool.bytes_per_page
+        if capacity < 1:
+            return None
+        return cls(int(budget_bytes), page_size, HostPageStore(pool, capacity), broadcast)
+
+    # ---- queries ---------------------------------------------------------------------------------------
+    @property
+    def pages_held(self) -> int:
+        return len(self._lru)
+
+    def _pages_of(self, token_ids: Sequence[int], num_pages: int):
+        ps = self.page_size
+        for i in range(num_pages):
+            yield tuple(token_ids[i * ps:(i + 1) * ps])
+
+    def match(self, token_ids: Sequence[int], start_page: int, max_pages: int) -> List[_HostPage]:
+        """The host pages at page indices start_page, start_page+1, ... of token_ids' path (consecutive, at most
+        max_pages pages in all counted from 0); empty when page start_page is not on host."""
+        node = self.root
+        run: List[_HostPage] = []
+        for i, key in enumerate(self._pages_of(token_ids, max_pages)):
+            node = node.children.get(key)
+            if node is None:
+                break
+            if i >= start_page:
+                if node.slot < 0:
+                    break
+                run.append(node)
+        return run
+
+    def held_pages(self, token_ids: Sequence[int], num_pages: int) -> int:
+        """How many of the first num_pages pages of token_ids' path are on host (leading pages on device or
+        host not distinguished: the count of nodes with bytes along the path)."""
+        node, n = self.root, 0
+        for key in self._pages_of(token_ids, num_pages):
+            node = node.children.get(key)
+            if node is None:
+                break
+            n += node.slot >= 0
+        return n
+
+    # ---- copies ----------------------------------------------------------------------------------------
+    def _copy(self, op: HostKVCopy) -> None:
+        if self.broadcast is not None:
+            self.broadcast(op)
+        self.store.apply(op)
+
+    def offload(self, path_tokens: Sequence[int], first_page: int, pages: Sequence[int]) -> int:
+        """Keep device `pages` (pages first_page.. of path_tokens' path) on host. Pages already held are
+        touched, not copied. Returns the bytes copied (fewer pages when the budget cannot make room)."""
+        ps = self.page_size
+        n_total = first_page + len(pages)
+        if len(path_tokens) < n_total * ps or not pages:
+            return 0
+        node = self.root
+        targets: List[Tuple[_HostPage, int]] = []
+        for i, key in enumerate(self._pages_of(path_tokens, n_total)):
+            child = node.children.get(key)
+            if child is None:
+                child = _HostPage(key, node)
+                node.children[key] = child
+            node = child
+            if i >= first_page:
+                targets.append((node, pages[i - first_page]))
+        copy_pages, copy_slots = [], []
+        for node, page in targets:
+            if node.slot >= 0:
+                self._lru.move_to_end(node.slot)
+                continue
+            slot = self._take_slot(protect=node)
+            if slot is None:
+                break
+            node.slot = slot
+            self._lru[slot] = node
+            copy_pages.append(page)
+            copy_slots.append(slot)
+        self._prune(node)
+        if copy_pages:
+            self._copy(HostKVCopy(True, copy_pages, copy_slots, self.capacity_pages))
+            self.offloaded_bytes += len(copy_pages) * self.page_bytes
+        return len(copy_pages) * self.page_bytes
+
+    def load(self, run: Sequence[_HostPage], pages: Sequence[int]) -> None:
+        """Copy the host pages of `run` (from match) into device `pages`; they stay on host too (inclusive)."""
+        if not run:
+            return
+        slots = [n.slot for n in run]
+        for s in slots:
+            self._lru.move_to_end(s)
+        self._copy(HostKVCopy(False, list(pages), slots, self.capacity_pages))
+        self.loaded_bytes += len(slots) * self.page_bytes
+
+    def clear(self) -> None:
+        self.root = _HostPage((), None)
+        self._free_slots = list(range(self.capacity_pages - 1, -1, -1))
+        self._lru.clear()
+
+    # ---- budget ----------------------------------------------------------------------------------------
+    def _take_slot(self, protect: _HostPage) -> Optional[int]:
+        """A free slot, dropping least recently used pages (and what hangs below them) if needed; never a page
+        on the path to `protect` (the path being written)."""
+        while not self._free_slots:
+            victim = next((n for n in self._lru.values() if not self._is_ancestor(n, protect)), None)
+            if victim is None:
+                return None
+            self._drop_subtree(victim)
+        return self._free_slots.pop()
+
+    @staticmethod
+    def _is_ancestor(node: _HostPage, of: _HostPage) -> bool:
+        while of is not None:
+            if of is node:
+                return True
+            of = of.parent
+        return False
+
+    def _drop_subtree(self, node: _HostPage) -> None:
+        """Forget node's bytes and everything below it (unreachable without it)."""
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            stack.extend(n.children.values())
+            if n.slot >= 0:
+                del self._lru[n.slot]
+                self._free_slots.append(n.slot)
+                n.slot = -1
+                self.dropped_pages += 1
+        node.children = {}
+        self._prune(node)
+
+    def _prune(self, node: _HostPage) -> None:
+        """Remove empty nodes (no bytes, no children) from node up."""
+        while node is not self.root and node.parent is not None and node.slot < 0 and not node.children:
+            parent = node.parent
+            del parent.children[node.key]
+            node.parent = None
+            node = parent
+
+    def stats(self) -> Dict[str, int]:
+        return {"host_pages_held": self.pages_held, "host_capacity_pages": self.capacity_pages,
+                "host_offloaded_bytes": self.offloaded_bytes, "host_loaded_bytes": self.loaded_bytes,
+                "host_dropped_pages": self.dropped_pages}
+
+
+def follower_store(runner, capacity_pages: int) -> HostPageStore:
+    """A follower rank's HostPageStore for its runner's current pool (created on the leader's first order, and
+    afresh after a transformation gave the runner another pool)."""
+    store = getattr(runner, "_host_kv_store", None)
+    if store is None or store.pool is not runner.kv_pool or store.capacity_pages != capacity_pages:
+        store = HostPageStore(runner.kv_pool, capacity_pages)
+        runner._host_kv_store = store
+    return store
