@@ -120,9 +120,13 @@ class ServerArgs:
                                           "lower admits more and retracts more.")
     attention_backend: Optional[str] = _f(None, "Attention implementation: 'torch_native' (torch ops: gather + SDPA, "
                                           "any device; the reference), 'cpu' (sgl_kernel's C++/OpenMP paged "
-                                          "attention over the KV pages in place; CPU, float32 / bfloat16). "
-                                          "Default: cpu on CPU when the extension builds, else torch_native.",
-                                          choices=["torch_native", "cpu"])
+                                          "attention over the KV pages in place; CPU, float32 / bfloat16), "
+                                          "'triton' (sgl_kernel's Triton paged attention over the KV pages in "
+                                          "place, decode and prefill kernels apart; CUDA, float32 / bfloat16 / "
+                                          "float16; on CPU only with TRITON_INTERPRET=1, for tests). Default: cpu "
+                                          "on CPU when the extension builds, triton on CUDA when triton is "
+                                          "installed, else torch_native.",
+                                          choices=["torch_native", "cpu", "triton"])
     stream_interval: int = _f(1, "Send streamed output every this many tokens.")
     load_report_interval: float = _f(0.05, "Seconds between two load reports of an instance leader to the "
                                      "controller while only its load changes (an instance going idle or busy, "
