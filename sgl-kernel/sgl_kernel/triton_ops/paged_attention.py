@@ -261,6 +261,13 @@ def _check_q(q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor) -> None:
         raise ValueError(f"out must be [T, Hq, D] like q {tuple(q.shape)} with a contiguous last dim")
 
 
+def _checked_q(q, k_cache, v_cache, out):
+    """-> (q with a contiguous last dim, (Hq, D, Hkv, page_size)) after checking every operand's shape."""
+    _check_cache(k_cache, v_cache)
+    _check_q(q, k_cache, out)
+    return _rows(q), (q.shape[1], q.shape[2], k_cache.shape[1], k_cache.shape[2])
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x [T, H, D] with a contiguous last dim (strided rows allowed, as split from a fused QKV projection)."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -299,14 +306,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_kv_splits: Optional[int] = None, block_n: int = 32) -> None:
     """Rows q_start[b] of out [T, Hq, D] for each b in decode_reqs [Bd] (requests with one new token, whose K/V is
     already in the pool); max_seq_len: the longest of their prefix + 1 (host int, sizes the split count)."""
-    _check_cache(k_cache, v_cache)
-    _check_q(q, k_cache, out)
-    q = _rows(q)
+    q, (heads, head_dim, kv_heads, page_size) = _checked_q(q, k_cache, v_cache, out)
     num_decodes = decode_reqs.shape[0]
     if num_decodes == 0:
         return
-    _, heads, head_dim = q.shape
-    kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     block_h = max(MIN_BLOCK, min(64, triton.next_power_of_2(group)))
     head_blocks = -(-group // block_h)
@@ -353,14 +356,10 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_m: Optional[int] = None, block_n: Optional[int] = None) -> None:
     """Causal attention of the new tokens of the requests listed by (block_req, block_start) (from extend_blocks
     with the same block_m) over their prefix + new tokens, whose K/V is already in the pool -> their rows of out."""
-    _check_cache(k_cache, v_cache)
-    _check_q(q, k_cache, out)
-    q = _rows(q)
+    q, (heads, head_dim, kv_heads, page_size) = _checked_q(q, k_cache, v_cache, out)
     num_blocks = block_req.shape[0]
     if num_blocks == 0:
         return
-    _, heads, head_dim = q.shape
-    kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
     block_m = block_m or extend_block_m(head_dim)
     block_n = block_n or (64 if head_dim <= 64 else 32)
     _extend_kernel[(num_blocks, heads)](
