@@ -8,8 +8,13 @@ Data flow:
         (CPU, every rank on this host) also a shared-memory segment per group (shm_communicator.py) that
         the forward pass's all-reduce (sum) / all-gather use instead of gloo; every aligned group has its
         own, so a merged or split instance uses its new group's segment
+        then warms each group this rank belongs to (one tiny all-reduce, same order on every rank): NCCL
+        builds a communicator lazily at its first collective, which would otherwise be the first merge
+        (batched send/recv on a group use that group's communicator)
     get_tp_group(ranks) -> TPGroup                                looks a group up; never creates one, so a
         Gyges merge/split never builds a communicator
+    world_min(value, device)                                      MIN over the world group: every device of
+        the host agrees on one memory budget at start-up, hence one arena and the same Gyges plans
 
 A TPGroup of size 1 needs no torch.distributed at all: its collectives are no-ops, so world_size == 1
 runs without init_distributed.
@@ -33,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 # tuple of global ranks -> (device group, cpu group, ShmCommunicator or None); filled by create_aligned_groups.
 _GROUPS: Dict[Tuple[int, ...], Tuple[Any, Any, Any]] = {}
+# groups whose communicators this rank has used once (create_aligned_groups warms every group it is in)
+_WARMED: List[Tuple[int, ...]] = []
+_WORLD_WARMED = False  # the world group's communicator used once
 
 TP_COLLECTIVES = ("auto", "shm", "gloo")
 
@@ -118,10 +126,58 @@ def create_aligned_groups(world_size: int, collective: str = "auto") -> None:
 
             shm = ShmCommunicator.create(ranks, cpu_group)
         _GROUPS[tuple(ranks)] = (device_group, cpu_group, shm)
+    warm_groups()
+
+
+def collective_device() -> torch.device:
+    """Where the world backend's tensors live: this process's current CUDA device under NCCL, else CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def warm_groups() -> None:
+    """One all-reduce of one element on the device group and one barrier on the CPU group of every group
+    this rank is in, in creation order (every rank walks the same order, so no two ranks wait on each other
+    in opposite orders): NCCL creates a group's communicator at its first collective; after this no
+    transformation does."""
+    device = collective_device()
+    me = dist.get_rank()
+    global _WORLD_WARMED
+    if not _WORLD_WARMED:  # first the world group itself (world_min runs on it at start-up)
+        dist.all_reduce(torch.ones(1, dtype=torch.int64, device=device))
+        _WORLD_WARMED = True
+    for ranks, (device_group, cpu_group, _shm) in _GROUPS.items():
+        if me not in ranks or ranks in _WARMED:
+            continue
+        probe = torch.ones(1, dtype=torch.int64, device=device)
+        dist.all_reduce(probe, group=device_group)
+        if int(probe.item()) != len(ranks):
+            raise RuntimeError(f"warm-up all-reduce on group {list(ranks)} gave {int(probe.item())}, "
+                               f"expected {len(ranks)}")
+        dist.barrier(group=cpu_group)
+        _WARMED.append(ranks)
+
+
+def warmed_groups() -> List[Tuple[int, ...]]:
+    """The groups this rank has warmed, in warm-up order."""
+    return list(_WARMED)
+
+
+def world_min(value: int) -> int:
+    """MIN of an integer over the world group (every rank calls it); the value itself without a world."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def destroy_distributed() -> None:
+    global _WORLD_WARMED
     _GROUPS.clear()
+    _WARMED.clear()
+    _WORLD_WARMED = False
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,7 +1,9 @@
 """Entry point of a worker process: one per device, alive for the whole life of the server.
 
-    init torch.distributed (world = every device) -> every aligned group's communicators, once
-    -> ModelRunner (weights in the padded shard-major layout, head-centric KV pool)
+    init torch.distributed (world = every device) -> every aligned group's communicators, once, warmed
+    -> memory budget: MIN over the world of each device's (one arena size, one plan on every device)
+    -> ModelRunner (model on meta, one arena: weights loaded into it in the padded shard-major layout,
+       head-centric KV pool over the rest)
     -> leader of its instance: Scheduler.event_loop();  other ranks: follower_loop()
 
 The worker reports WorkerReady (or WorkerFailed with the error) to the launcher through a pipe.
@@ -31,7 +33,7 @@ def run_worker_process(server_args: ServerArgs, port_args: PortArgs, rank: int, 
         from sglang.srt.configs.model_config import ModelConfig
         from sglang.srt.distributed import parallel_state as ps
         from sglang.srt.managers.scheduler import WorkerChannels
-        from sglang.srt.model_executor.model_runner import ModelRunner
+        from sglang.srt.model_executor.model_runner import ModelRunner, local_memory_budget
 
         world = server_args.num_devices
         if server_args.device == "cpu":
@@ -51,7 +53,10 @@ def run_worker_process(server_args: ServerArgs, port_args: PortArgs, rank: int, 
         tp_group = ps.get_tp_group(ranks)
 
         model_config = ModelConfig.from_server_args(server_args)
-        runner = ModelRunner(server_args, model_config, tp_group, device)
+        # Every device of the host sizes the same arena (one plan for every transformation): the smallest
+        # budget, measured after the communicators were warmed and before anything of the model exists.
+        budget = ps.world_min(local_memory_budget(server_args, device))
+        runner = ModelRunner(server_args, model_config, tp_group, device, memory_budget=budget)
         ready = WorkerReady(
             rank=rank,
             max_total_num_tokens=runner.max_total_num_tokens,

@@ -1,12 +1,19 @@
 """ModelRunner: one rank's model, weights and KV pool; runs a ForwardBatch to logits.
 
-Data flow at start-up:
-    ModelConfig + TPGroup --registry--> model (zeroed local shards on `device`)
-    budget = (CPU: server_args.device_memory_bytes(); CUDA: free memory) * mem_fraction_static
-    pool bytes = budget - weight bytes (params + buffers of this rank)  -> ValueError if < 1 page
-    num_pages = pool bytes // bytes_per_page  (capped by max_total_tokens // page_size; min over the TP group,
-        so page ids mean the same on every rank)
-    load_weights (safetensors -> local shards) -> HeadCentricKVPool(num_pages, ...)
+Data flow at start-up (nothing is allocated twice: the weights exist only inside the arena):
+    budget = local_memory_budget(): (CPU: server_args.device_memory_bytes(); CUDA: free memory, measured
+        before anything of the model is allocated) * mem_fraction_static; the worker passes the MIN over the
+        world group (parallel_state.world_min), so every device of the host sizes the same arena and
+        computes the same Gyges plans; without it (tests, benchmarks) the MIN over the TP group
+    ModelConfig + TPGroup --registry--> model on the meta device (shapes only, no memory)
+        -> buffers (rotary cos/sin caches) computed on `device` (materialize_buffers)
+    plan_arena(budget, packed weight bytes, buffer bytes, page bytes) -> ArenaPlan
+        arena = weight pages + KV pages, a multiple of the TP1 page, arena + buffers <= budget
+        (KV pages capped by max_total_tokens // page_size)  -> ValueError if not even 1 KV page fits
+    WeightStore(arena_bytes) allocated once on `device`; the meta parameters become views of it (bind),
+        the weight region zeroed (padding rows), load_weights (safetensors -> the views, one tensor's rows
+        at a time) -> HeadCentricKVPool over the same arena
+    peak bytes at start-up = budget + one checkpoint tensor's rows (test/test_startup_memory.py)
 Per iteration:
     forward(batch): backend.prepare(batch) once -> model(...) writes K/V, returns hidden
         -> logits rows -> float32 [num_logit_rows, vocab_size], identical on every rank
@@ -16,12 +23,15 @@ Per iteration:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.distributed.parallel_state import TPGroup
 from sglang.srt.layers.attention.selection import create_attention_backend
+from sglang.srt.layers.rotary_embedding import RotaryEmbedding
 from sglang.srt.mem_cache.kv_pool import HeadCentricKVPool
 from sglang.srt.model_executor.forward_batch import ForwardBatch
 from sglang.srt.model_executor.model_loader import load_weights
@@ -42,9 +52,88 @@ def module_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class ArenaPlan:
+    """One device's arena at start-up: a pure function of the budget and the model's shapes, so devices
+    given the same budget get the same arena, page count and (later) the same transformation plans."""
+
+    budget_bytes: int  # what the arena plus the model's buffers may take
+    arena_bytes: int  # [weights | KV pages], a multiple of tp1_page_bytes
+    page_bytes: int  # one KV page at the start-up TP degree
+    tp1_page_bytes: int  # page_bytes * tp_size: a page at TP1 (every TP degree's pages tile the arena)
+    weight_pages: int  # pages overlapping the packed weights (reserved)
+    kv_pages: int  # pages free for KV = arena_bytes // page_bytes - weight_pages (>= 1)
+
+
+def plan_arena(budget_bytes: int, weights_end: int, buffer_bytes: int, page_bytes: int, tp_size: int,
+               page_size: int, max_total_tokens: Optional[int] = None,
+               mem_fraction_static: Optional[float] = None) -> ArenaPlan:
+    """Size the arena: packed weights rounded up to whole pages, then as many KV pages as the budget holds
+    after the buffers (capped by max_total_tokens // page_size), the whole rounded to TP1 pages without
+    passing the budget. Raises ValueError when not one KV page fits or the cap is below one page."""
+    weight_pages = -(-weights_end // page_bytes)
+    kv_pages = max(budget_bytes - buffer_bytes - weight_pages * page_bytes, 0) // page_bytes
+    if kv_pages < 1:
+        frac = f"mem_fraction_static={mem_fraction_static}" if mem_fraction_static is not None else "the fraction"
+        raise ValueError(
+            f"no room for the KV cache: weights take {weights_end + buffer_bytes} bytes of the {budget_bytes} "
+            f"byte budget (device memory x {frac}), and one KV page needs {page_bytes} bytes; raise "
+            f"--device-memory or --mem-fraction-static, or use a larger --tp-size")
+    if max_total_tokens:
+        if max_total_tokens < page_size:
+            raise ValueError(f"--max-total-tokens {max_total_tokens} is smaller than one page ({page_size} tokens)")
+        kv_pages = min(kv_pages, int(max_total_tokens) // page_size)
+    tp1 = page_bytes * tp_size
+    arena = -(-(weight_pages + kv_pages) * page_bytes // tp1) * tp1
+    if arena + buffer_bytes > budget_bytes:  # rounding up to TP1 pages passed the budget: round down instead
+        arena -= tp1
+    kv_pages = arena // page_bytes - weight_pages
+    if kv_pages < 1:
+        raise ValueError(f"no room for the KV cache: the {budget_bytes} byte budget holds the weights "
+                         f"({weight_pages} pages of {page_bytes} bytes) but no whole TP1 page ({tp1} bytes) "
+                         f"after them; raise --device-memory or --mem-fraction-static")
+    return ArenaPlan(budget_bytes, arena, page_bytes, tp1, weight_pages, kv_pages)
+
+
+def local_memory_budget(server_args, device: torch.device) -> int:
+    """This device's budget for weights + KV: (CUDA: free memory now; CPU: --device-memory) x
+    mem_fraction_static. On CUDA call it before the model allocates anything (the communicators come first,
+    parallel_state.create_aligned_groups warms them, so their buffers are already taken)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = server_args.device_memory_bytes()
+    return int(free * server_args.mem_fraction_static)
+
+
+def materialize_buffers(model: torch.nn.Module, model_config: ModelConfig, device: torch.device) -> None:
+    """Compute on `device` the buffers of a model built on the meta device (the rotary cos/sin caches,
+    [context_len, head_dim/2] float32 each, shared by every layer). Raises on a buffer it cannot build."""
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding) and module.cos_cache.is_meta:
+            built = RotaryEmbedding(module.head_dim, module.cos_cache.shape[0], model_config.rope, device)
+            module._buffers.update(built._buffers)
+    left = [name for name, buf in model.named_buffers() if buf.is_meta]
+    if left:
+        raise RuntimeError(f"buffers {left} of {type(model).__name__} have no builder in materialize_buffers")
+
+
+def buffer_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's buffers (outside the arena), each storage once."""
+    seen, total = set(), 0
+    for b in model.buffers():
+        if b.data_ptr() not in seen:
+            seen.add(b.data_ptr())
+            total += b.numel() * b.element_size()
+    return total
+
+
 class ModelRunner:
     def __init__(self, server_args, model_config: ModelConfig, tp_group: TPGroup, device="cpu",
-                 show_progress: bool = True):
+                 show_progress: bool = True, memory_budget: Optional[int] = None):
+        """memory_budget: bytes for weights + KV agreed by every device (the worker passes the world MIN of
+        local_memory_budget); None: this device's own budget, MIN over the TP group."""
         self.server_args = server_args
         self.model_config = model_config
         self.tp_group = tp_group
@@ -53,16 +142,24 @@ class ModelRunner:
         if self.device.type == "cpu" and server_args.cpu_threads_per_worker:
             torch.set_num_threads(int(server_args.cpu_threads_per_worker))
 
-        budget = self._memory_budget()
-        self.model = get_model_class(model_config.architecture)(model_config, tp_group, self.device)
+        if memory_budget is None:
+            memory_budget = local_memory_budget(server_args, self.device)
+            if tp_group.size > 1:  # page ids are instance-wide: every rank sizes the same arena
+                memory_budget = self._min_over_group(memory_budget)
+        self.model = get_model_class(model_config.architecture)(model_config, tp_group, torch.device("meta"))
         self.model.eval()
-        self.weight_bytes = module_bytes(self.model)
-        usable_pages = self._num_pages(budget)  # KV pages the budget allows after the weights
-        load_weights(self.model, server_args.model_path, show_progress=show_progress and tp_group.rank == 0)
+        materialize_buffers(self.model, model_config, self.device)
+        offsets, weights_end = packed_layout(self.model)
+        self.arena_plan = plan_arena(memory_budget, weights_end, buffer_bytes(self.model), self._page_bytes(),
+                                     tp_group.size, self.page_size, server_args.max_total_tokens,
+                                     server_args.mem_fraction_static)
 
-        # One arena holds the weights (packed at the front) and the KV pages (DESIGN §4-5).
-        self.weight_store = WeightStore(self._arena_bytes(usable_pages), self.device)
-        self.weight_store.adopt(self.model)
+        # One arena holds the weights (packed at the front) and the KV pages (DESIGN §4-5), allocated once;
+        # the weights are loaded straight into their views.
+        self.weight_store = WeightStore(self.arena_plan.arena_bytes, self.device)
+        self.weight_store.bind(self.model, offsets, weights_end)
+        self.weight_store.arena[:weights_end].zero_()  # padding rows and alignment gaps are zeros
+        load_weights(self.model, server_args.model_path, show_progress=show_progress and tp_group.rank == 0)
         self.kv_pool = HeadCentricKVPool.over_bytes(self.weight_store.arena, self.page_size,
                                                     model_config.kv_heads_per_rank(tp_group.size),
                                                     model_config.num_layers, model_config.head_dim,
@@ -74,20 +171,14 @@ class ModelRunner:
             logger.info("heads padded for TP up to %d: %d -> %d query heads (zeros), %d -> %d KV heads (copies); "
                         "KV cache %.2fx", heads.granularity, heads.num_heads, heads.padded_heads, heads.num_kv_heads,
                         heads.padded_kv_heads, heads.padded_kv_heads / heads.num_kv_heads)
-        logger.info("rank %d/%d: weights %d bytes, KV pool %d pages x %d tokens (%d bytes)", tp_group.rank,
-                    tp_group.size, self.weight_bytes, self.num_pages - self.reserved_pages, self.page_size,
-                    self.kv_pool_bytes)
+        logger.info("rank %d/%d: budget %d bytes, arena %d bytes (weights %d bytes, KV pool %d pages x %d tokens, "
+                    "%d bytes)", tp_group.rank, tp_group.size, memory_budget, self.weight_store.arena_bytes,
+                    self.weight_bytes, self.num_pages - self.reserved_pages, self.page_size, self.kv_pool_bytes)
 
-    def _arena_bytes(self, usable_pages: int) -> int:
-        """Packed weights rounded up to whole pages, plus `usable_pages` pages, in whole TP1 pages (so that
-        every TP degree's pages tile the arena exactly)."""
+    def _page_bytes(self) -> int:
         cfg = self.model_config
-        page = HeadCentricKVPool.page_bytes(self.page_size, cfg.kv_heads_per_rank(self.tp_group.size),
+        return HeadCentricKVPool.page_bytes(self.page_size, cfg.kv_heads_per_rank(self.tp_group.size),
                                             cfg.num_layers, cfg.head_dim, cfg.dtype)
-        tp1_page = page * self.tp_group.size
-        _, weights_end = packed_layout(self.model)
-        want = (-(-weights_end // page) + usable_pages) * page
-        return -(-want // tp1_page) * tp1_page
 
     def _update_capacity(self) -> None:
         self.num_pages = self.kv_pool.num_pages  # page ids span the whole arena
@@ -95,34 +186,6 @@ class ModelRunner:
         self.max_total_num_tokens = (self.num_pages - self.reserved_pages) * self.page_size
         self.kv_pool_bytes = (self.num_pages - self.reserved_pages) * self.kv_pool.bytes_per_page
         self.weight_bytes = module_bytes(self.model)
-
-    # ---- memory ------------------------------------------------------------------------------------
-    def _memory_budget(self) -> int:
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-        else:
-            free = self.server_args.device_memory_bytes()
-        return int(free * self.server_args.mem_fraction_static)
-
-    def _num_pages(self, budget: int) -> int:
-        cfg = self.model_config
-        per_page = HeadCentricKVPool.page_bytes(self.page_size, cfg.kv_heads_per_rank(self.tp_group.size),
-                                                cfg.num_layers, cfg.head_dim, cfg.dtype)
-        pool_bytes = budget - self.weight_bytes
-        num_pages = max(pool_bytes, 0) // per_page
-        if num_pages < 1:
-            raise ValueError(
-                f"no room for the KV cache: weights take {self.weight_bytes} bytes of the {budget} byte budget "
-                f"(device memory x mem_fraction_static={self.server_args.mem_fraction_static}), and one KV page "
-                f"needs {per_page} bytes; raise --device-memory or --mem-fraction-static, or use a larger --tp-size")
-        cap = self.server_args.max_total_tokens
-        if cap:
-            if cap < self.page_size:
-                raise ValueError(f"--max-total-tokens {cap} is smaller than one page ({self.page_size} tokens)")
-            num_pages = min(num_pages, int(cap) // self.page_size)
-        if self.tp_group.size > 1:  # page ids are instance-wide: every rank keeps the smallest count
-            num_pages = self._min_over_group(num_pages)
-        return num_pages
 
     def _min_over_group(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
