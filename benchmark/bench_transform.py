@@ -13,9 +13,10 @@ Two parts:
              gloo over tcp://127.0.0.1, 1 torch thread each) run the project's own executor on real buffers:
     KV       a flat KV buffer per device holding --kv-tokens tokens (per TP1 instance) of used pages, with ALL
              the model's layers (head-centric pages [heads][layers][K|V][page_size][head_dim]);
-      gyges        gyges.plans.kv_merge_plan / kv_split_plan (MAX_STAGING_BYTES rounds, as the runtime) +
+      gyges        gyges.plans.kv_merge_plan / kv_split_plan (KV_ROUND_BYTES rounds, as the runtime) +
                    regroup.execute_kv_plan: each device keeps its heads in place and swaps the other half of
-                   every page with its peer.
+                   every page with its peer (runs sent straight from the pool, received into staging that is
+                   copied into place while the next round is on the wire).
       token-major  the same KV in SGLang's layout (per layer [K|V][tokens][heads][head_dim]): per layer, gather
                    the peer's heads of every token (strided copy into a send buffer), send/recv with the same
                    gloo P2P, scatter into the new layer buffer (a merge halves the heads per token slot, so every
@@ -157,26 +158,34 @@ def _dtype(name: str) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------------------
 # bandwidths
 # ---------------------------------------------------------------------------------------------------------
-def measure_bandwidths(rank: int, nbytes: int = 256 * MIB, repeats: int = 3) -> Dict[str, float]:
+def measure_bandwidths(rank: int, nbytes: int = 256 * MIB, repeats: int = 3,
+                       message_bytes=(256 * MIB, 4 * MIB, 1 * MIB)) -> Dict[str, float]:
+    """copy: one tensor copy_; p2p_bidir: both processes send nbytes to each other at once (isend/irecv), as
+    messages of each of message_bytes, best over sizes and repeats (bytes per second one way);
+    p2p_unidir: one blocking send of nbytes."""
     import torch.distributed as dist
 
     peer = 1 - rank
     a = torch.full((nbytes,), rank, dtype=torch.uint8)
     b = torch.empty_like(a)
     b.copy_(a)
-    copy_best = p2p_best = uni_best = float("inf")
+    copy_best = uni_best = float("inf")
+    p2p_best = {m: float("inf") for m in message_bytes}
     for _ in range(repeats):
         dist.barrier()
         t = time.perf_counter()
         b.copy_(a)
         copy_best = min(copy_best, time.perf_counter() - t)
     for _ in range(repeats):
-        dist.barrier()
-        t = time.perf_counter()
-        works = [dist.isend(a, peer, tag=1), dist.irecv(b, peer, tag=1)]
-        for w in works:
-            w.wait()
-        p2p_best = min(p2p_best, time.perf_counter() - t)
+        for m in message_bytes:  # interleaved: a shared machine's drift hits every size alike
+            dist.barrier()
+            t = time.perf_counter()
+            works = []
+            for o in range(0, nbytes, m):
+                works += [dist.isend(a[o:o + m], peer, tag=1), dist.irecv(b[o:o + m], peer, tag=1)]
+            for w in works:
+                w.wait()
+            p2p_best[m] = min(p2p_best[m], time.perf_counter() - t)
     assert int(b[0]) == peer
     for _ in range(repeats):
         dist.barrier()
@@ -186,7 +195,9 @@ def measure_bandwidths(rank: int, nbytes: int = 256 * MIB, repeats: int = 3) -> 
         else:
             dist.recv(b, 0, tag=2)
         uni_best = min(uni_best, time.perf_counter() - t)
-    mine = {"copy": nbytes / copy_best, "p2p_bidir": nbytes / p2p_best, "p2p_unidir": nbytes / uni_best}
+    mine = {"copy": nbytes / copy_best, "p2p_bidir": nbytes / min(p2p_best.values()),
+            "p2p_unidir": nbytes / uni_best}
+    mine.update({f"p2p_bidir_{m // MIB}MiB_messages": nbytes / t for m, t in p2p_best.items()})
     allr = _gather(mine)
     return {k: min(r[k] for r in allr) for k in mine}
 
@@ -355,7 +366,7 @@ def bench_kv(shape: Dict, args, rank: int, tokens: int, group) -> Dict:
 
     from gyges.plans import KVLayout, kv_merge_plan, kv_split_plan
     from gyges.topology import Instance
-    from sglang.srt.managers.gyges_transform import MAX_STAGING_BYTES
+    from sglang.srt.managers.gyges_transform import KV_ROUND_BYTES
     from sglang.srt.model_executor import regroup
 
     H, L, D, ps = shape["kv_heads"], shape["layers"], shape["head_dim"], args.page_size
@@ -368,11 +379,11 @@ def bench_kv(shape: Dict, args, rank: int, tokens: int, group) -> Dict:
 
     # ---- gyges: head-centric pages, the project's plans and executor ----
     t = time.perf_counter()
-    mplan = kv_merge_plan(layout, buffer_bytes, parts, [range(n_pages), range(n_pages)], MAX_STAGING_BYTES)
+    mplan = kv_merge_plan(layout, buffer_bytes, parts, [range(n_pages), range(n_pages)], KV_ROUND_BYTES)
     merge_plan_ms = (time.perf_counter() - t) * 1e3
     t = time.perf_counter()
     splan = kv_split_plan(layout, buffer_bytes, merged, parts, used_pages=range(2 * n_pages),
-                          max_staging_bytes=MAX_STAGING_BYTES)
+                          max_staging_bytes=KV_ROUND_BYTES)
     split_plan_ms = (time.perf_counter() - t) * 1e3
     n32 = buffer_bytes // 4
     flat = torch.empty(buffer_bytes, dtype=torch.uint8)
@@ -388,7 +399,7 @@ def bench_kv(shape: Dict, args, rank: int, tokens: int, group) -> Dict:
             stats = regroup.RegroupStats()
             dist.barrier()
             with PeakMeter() as pm:
-                regroup.execute_kv_plan(plan, rank, flat, group, stats)
+                regroup.execute_kv_plan(plan, rank, flat, group, stats, KV_ROUND_BYTES)
             runs[kind].append(_gather({"ms": stats.kv_seconds * 1e3, "link_bytes": stats.kv_bytes_sent,
                                        "peak_extra": pm.extra, "staging_reported": stats.kv_staging_peak_bytes}))
             if rep == 0 and kind == "merge":  # device r keeps sub-block r of its page p, gets the peer's
@@ -862,6 +873,28 @@ def markdown_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def kv_rate_table(result: Dict, jobs: List[Dict]) -> str:
+    """KV only, per model and op: bytes the busiest device sends per second, the executor against the
+    token-major gather on the same bytes and against the P2P bandwidth measured in the same run."""
+    bw = result["bandwidth"]
+    p2p = bw["p2p_bidir"]
+    head = "| model | op | method | KV bytes sent / device | ms | GB/s one way | x P2P | peak extra bytes |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for job in jobs:
+        kv = result["shapes"][job["name"]]["kv"]
+        for op in ("merge", "split"):
+            sent = kv["gyges"][op]["link_bytes_max_device"]
+            for method, key in (("gyges executor", "gyges"), ("token-major gather", "token_major")):
+                x = kv[key][op]
+                rate = x["link_bytes_max_device"] / (x["ms"] / 1e3) if x["ms"] > 0 else float("inf")
+                lines.append(f"| {job['name']} | {op} | {method} | {x['link_bytes_max_device']:,} | {x['ms']:,.1f} | "
+                             f"{rate / 1e9:.2f} | {rate / p2p:.2f} | {x['peak_extra']:,} |")
+            lines.append(f"| {job['name']} | {op} | P2P measured (bound) | {sent:,} | {sent / p2p * 1e3:,.1f} | "
+                         f"{p2p / 1e9:.2f} | 1.00 | 0 |")
+    sizes = ", ".join(f"{k.split('_')[2]} {v / 1e9:.2f}" for k, v in bw.items() if k.startswith("p2p_bidir_"))
+    return "\n".join(lines) + f"\n\nP2P both ways at once, GB/s one way, by message size: {sizes}"
+
+
 def per_layer_table(result: Dict, jobs: List[Dict]) -> str:
     head = "| model | op | method | weight bytes moved / layer | ms / layer | peak extra / layer | reported by runtime |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -969,13 +1002,15 @@ def main(argv=None) -> None:
     rows = summarize(result, args, engine, jobs)
     table = markdown_table(rows)
     layer_table = per_layer_table(result, jobs) if jobs else ""
+    kv_table = kv_rate_table(result, jobs) if jobs else ""
     bw = result["bandwidth"]
     info = machine_info()
     header = (f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} (CPU only, no GPU); "
               f"2 processes x 1 thread, gloo over loopback: P2P {bw.get('p2p_bidir', 0) / 1e9:.2f} GB/s each way, "
               f"copy {bw.get('copy', 0) / 1e9:.2f} GB/s")
     cmd = "python benchmark/bench_transform.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = f"{header}\n\ncommand: `{cmd.strip()}`\n\n{table}\n\nper decoder layer (weights):\n\n{layer_table}\n"
+    md = (f"{header}\n\ncommand: `{cmd.strip()}`\n\n{table}\n\nKV moves (executor vs token-major vs the link):\n\n"
+          f"{kv_table}\n\nper decoder layer (weights):\n\n{layer_table}\n")
     print("\n" + md)
     with open(os.path.join(args.result_dir, "bench_transform.md"), "w") as f:
         f.write(md)

@@ -47,8 +47,11 @@ from sglang.srt.model_executor.weight_store import packed_layout
 
 logger = logging.getLogger(__name__)
 
-# KV bytes moved per round at most (per device): bounds the staging memory of a transformation.
+# Extra memory a transformation's KV moves may take on one device (staging), at most.
 MAX_STAGING_BYTES = 64 << 20
+# Staged KV bytes per round (per device): the executor keeps regroup.ROUNDS_IN_FLIGHT rounds in flight, and a
+# round's short runs also need a packed send buffer about as large as its staged receives.
+KV_ROUND_BYTES = MAX_STAGING_BYTES // (2 * regroup.ROUNDS_IN_FLIGHT)
 
 
 @dataclass
@@ -85,7 +88,7 @@ def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: 
     if cmd.kind == "merge":
         merged = dst[0]
         used = [sorted(states[p.base].used_pages()) for p in src]
-        kv_plan = kv_merge_plan(layout, buffer_bytes, src, used, MAX_STAGING_BYTES)
+        kv_plan = kv_merge_plan(layout, buffer_bytes, src, used, KV_ROUND_BYTES)
         out = InstanceState(devices=list(merged.devices), running=[], waiting=[], tree_paths=[])
         for part in src:
             st = states[part.base]
@@ -108,7 +111,7 @@ def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: 
         assignment = split_page_assignment(layout, buffer_bytes, merged, dst,
                                            [(targets[i], groups[i].pages) for i in kept],
                                            first_page=[reserved_after] * len(dst))
-        kv_plan = kv_split_plan(layout, buffer_bytes, merged, dst, assignment=assignment, max_staging_bytes=MAX_STAGING_BYTES)
+        kv_plan = kv_split_plan(layout, buffer_bytes, merged, dst, assignment=assignment, max_staging_bytes=KV_ROUND_BYTES)
         outs = {p.base: InstanceState(devices=list(p.devices), running=[], waiting=[], tree_paths=[],
                                       new_token_ratio=st.new_token_ratio) for p in dst}
 
@@ -259,7 +262,7 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     planning_s = time.perf_counter() - t_plan0
 
     stats = regroup.RegroupStats()
-    regroup.execute_kv_plan(plan.kv_plan, me, flat, group.device_group, stats)
+    regroup.execute_kv_plan(plan.kv_plan, me, flat, group.device_group, stats, KV_ROUND_BYTES)
     old_model = runner.model
     specs = regroup.param_specs(old_model, new_model, cfg.tp_size)
     weight_plan = weight_regroup_plan(specs, cfg.weight_granularity, src, dst)
