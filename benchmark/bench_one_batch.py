@@ -34,6 +34,9 @@ bench_one_batch.json (raw numbers), bench_one_batch.md (the table) and bench_one
 
     python benchmark/bench_one_batch.py                       # defaults: TP1+TP2, B=1,4,16,64, in 128, out 32
     python benchmark/bench_one_batch.py --batch-sizes 1 8 --tp-sizes 1 --output-len 16 --skip-hf
+    python benchmark/bench_one_batch.py --device cuda --tp-sizes 1 --attention-backends triton torch_native \
+        --dtype bfloat16                                      # one GPU (scripts/gpu_check.sh); copy bandwidth
+                                                              # and timings on the GPU (synchronized)
 """
 
 from __future__ import annotations
@@ -78,7 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--tp-sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--tp-collectives", nargs="+", default=["shm"], choices=["shm", "gloo"],
                    help="TP>1 collectives to run (each a row per batch size): shared memory (sgl_kernel) and/or gloo")
-    p.add_argument("--attention-backends", nargs="+", default=["cpu"], choices=["cpu", "torch_native"],
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where TP1 and transformers run (cuda: the current GPU; TP > 1 is CPU-only here)")
+    p.add_argument("--attention-backends", nargs="+", default=["cpu"], choices=["cpu", "torch_native", "triton"],
                    help="--attention-backend of the runners (each a row per batch size)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -91,7 +96,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.output_len < 2:
         p.error("--output-len must be >= 2")
+    if args.device == "cuda" and (any(t > 1 for t in args.tp_sizes) or not torch.cuda.is_available()):
+        p.error("--device cuda needs a CUDA device and --tp-sizes 1 (the TP2 rows are gloo processes on CPU)")
     return args
+
+
+def sync_device(device: str) -> None:
+    """Wait for the device's queued work (timings on CUDA end when the GPU is done, not when launched)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def build_model(args) -> str:
@@ -138,16 +151,18 @@ def model_facts(path: str) -> Dict:
     }
 
 
-def measure_copy_bandwidth(threads: int, nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+def measure_copy_bandwidth(threads: int, nbytes: int = 512 * 2**20, repeats: int = 5, device: str = "cpu") -> float:
     """Bytes/s moved by dst.copy_(src) of a large float32 tensor (read + write counted), best of `repeats`."""
     torch.set_num_threads(threads)
-    src = torch.randn(nbytes // 4)
+    src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = float("inf")
     for _ in range(repeats):
+        sync_device(device)
         t = time.perf_counter()
         dst.copy_(src)
+        sync_device(device)
         best = min(best, time.perf_counter() - t)
     del src, dst
     return 2 * nbytes / best
@@ -177,7 +192,8 @@ def make_runner(args, path: str, tp_group, tp_size: int, threads: int, attention
     sa = ServerArgs(model_path=path, tp_size=tp_size, page_size=args.page_size, dtype=args.dtype,
                     device_memory="16GiB", max_total_tokens=need_pages * args.page_size,
                     cpu_threads_per_worker=threads, attention_backend=attention_backend)
-    runner = ModelRunner(sa, ModelConfig.from_server_args(sa), tp_group, "cpu", show_progress=False)
+    runner = ModelRunner(sa, ModelConfig.from_server_args(sa), tp_group, args.device if tp_size == 1 else "cpu",
+                         show_progress=False)
     if runner.num_pages - runner.reserved_pages < need_pages:
         raise RuntimeError(f"KV pool has {runner.num_pages - runner.reserved_pages} free pages, the benchmark "
                            f"needs {need_pages}")
@@ -224,6 +240,7 @@ def runner_one(args, runner, tp_group, bs: int) -> Dict:
         t = time.perf_counter()
         logits = runner.forward(prefill_batch)
         next_tok = logits.argmax(-1)
+        sync_device(logits.device.type)
         dt = time.perf_counter() - t
         steps = []
         for i in range(args.output_len):
@@ -237,6 +254,7 @@ def runner_one(args, runner, tp_group, bs: int) -> Dict:
             t = time.perf_counter()
             logits = runner.forward(batch)
             next_tok = logits.argmax(-1)
+            sync_device(logits.device.type)
             steps.append(time.perf_counter() - t)
         if rep:
             prefill_s.append(dt)
@@ -247,7 +265,7 @@ def runner_one(args, runner, tp_group, bs: int) -> Dict:
 def load_hf(args, path: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
 
 
 def hf_one(args, model, bs: int) -> Dict:
@@ -262,13 +280,14 @@ def hf_one(args, model, bs: int) -> Dict:
             self.t = []
 
         def __call__(self, input_ids, scores, **kwargs):
+            sync_device(input_ids.device.type)
             self.t.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     torch.set_num_threads(args.threads)
     cfg = model.config
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
-    ids = input_ids(bs, args.input_len, cfg.vocab_size)
+    ids = input_ids(bs, args.input_len, cfg.vocab_size).to(args.device)
     mask = torch.ones_like(ids)
     prefill_s, step_runs, gen_s, gen_minus_prefill = [], [], [], []
     for rep in range(args.repeats + 1):
@@ -276,6 +295,7 @@ def hf_one(args, model, bs: int) -> Dict:
             t = time.perf_counter()
             logits = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).logits
             logits[:, -1].argmax(-1)
+            sync_device(args.device)
             dt = time.perf_counter() - t
             stamps = Stamps()
             t = time.perf_counter()
@@ -420,12 +440,15 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def machine_info(threads: int) -> Dict:
+def machine_info(threads: int, device: str = "cpu") -> Dict:
     cpu = cpu_model_name()
     import transformers
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
 def main(argv=None) -> None:
@@ -433,13 +456,13 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     path = build_model(args)
     facts = model_facts(path)
-    machine = machine_info(args.threads)
+    machine = machine_info(args.threads, args.device)
     print(f"model {path}: {facts['architecture']} hidden {facts['hidden_size']}, {facts['num_layers']} layers, "
           f"{facts['num_heads']} heads / {facts['num_kv_heads']} kv, intermediate {facts['intermediate_size']}, "
           f"vocab {facts['vocab_size']}, {facts['num_params'] / 1e6:.1f}M params, {args.dtype}", flush=True)
     print(f"machine: {machine}", flush=True)
 
-    bandwidth = measure_copy_bandwidth(args.threads)
+    bandwidth = measure_copy_bandwidth(args.threads, device=args.device)
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)", flush=True)
 
     rows: List[Dict] = []
@@ -473,7 +496,7 @@ def main(argv=None) -> None:
     if not args.no_plot:
         title = (f"{facts['architecture']} h{facts['hidden_size']} L{facts['num_layers']} "
                  f"({facts['num_params'] / 1e6:.1f}M params, {args.dtype}), in {args.input_len} / out "
-                 f"{args.output_len}; {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}")
+                 f"{args.output_len}; {machine.get('gpu') or machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}")
         plot(rows, os.path.join(args.result_dir, "bench_one_batch.png"), title)
     print(f"\nwrote {args.result_dir}/bench_one_batch.{{json,md" + ("" if args.no_plot else ",png") +
           f"}} in {time.perf_counter() - t_start:.0f} s")
