@@ -252,15 +252,37 @@ def _delta(rid, ids, finish=None):
                           completion_tokens=0, cached_tokens=0)
 
 
-def test_detokenizer_sends_new_ids_and_cumulative_text():
+def test_detokenizer_sends_new_ids_and_new_text():
     from sglang.srt.managers.detokenizer_manager import IncrementalDetokenizer
 
     d = IncrementalDetokenizer(FlakyTokenizer())
     outs = [d.update_batch([_delta("a", ids)])[0] for ids in ([0, 1], [2], [3, 4])]
     assert [o.output_ids for o in outs] == [[0, 1], [2], [3, 4]]
-    assert [o.text for o in outs] == ["ab", "abc", "abcde"]
+    assert [(o.text_delta, o.text_offset) for o in outs] == [("ab", -1), ("c", -1), ("de", -1)]
     last = d.update_batch([_delta("a", [5], {"type": "length", "length": 6})])[0]
-    assert last.output_ids == [5] and last.text == "abcdef" and "a" not in d.states
+    assert last.output_ids == [5] and last.text_delta == "f" and "a" not in d.states
+
+
+def test_streamed_text_deltas_reassemble_to_the_non_streamed_text():
+    """Deltas (new text only) rebuild the cumulative text at every step, and the final delta's text_offset
+    cuts a stop string that was already streamed, so the stream ends where the non-streamed answer does."""
+    from sglang.srt.managers.detokenizer_manager import IncrementalDetokenizer
+    from sglang.srt.managers.io_struct import apply_text_delta
+
+    for trim, want in ((None, "abcdef"), ("cd", "ab"), ("f", "abcde"), ("zz", "abcdef")):
+        d = IncrementalDetokenizer(FlakyTokenizer())
+        text, seen = "", []
+        chunks = [[0], [1, 2], [3], [4], [5]]
+        for k, ids in enumerate(chunks):
+            last = k == len(chunks) - 1
+            delta = _delta("s", ids, {"type": "stop", "matched": trim} if last else None)
+            delta.trim_stop_str = trim if last else None
+            text = apply_text_delta(text, d.update_batch([delta])[0])
+            seen.append(text)
+        assert seen[:-1] == ["a", "abc", "abcd", "abcde"] and text == want, trim
+        whole = _delta("w", [0, 1, 2, 3, 4, 5], {"type": "stop", "matched": trim})
+        whole.trim_stop_str = trim
+        assert apply_text_delta("", IncrementalDetokenizer(FlakyTokenizer()).update_batch([whole])[0]) == want
 
 
 def test_detokenizer_survives_a_request_whose_decode_fails():
@@ -270,7 +292,7 @@ def test_detokenizer_survives_a_request_whose_decode_fails():
     d = IncrementalDetokenizer(FlakyTokenizer())
     outs = d.update_batch([_delta("bad", [13]), _delta("good", [0])])
     bad, good = outs
-    assert good.text == "a" and good.delta.finish_reason is None
+    assert good.text_delta == "a" and good.delta.finish_reason is None
     fr = bad.delta.finish_reason
     assert fr["type"] == "abort" and fr["status_code"] == 500 and "OverflowError" in fr["message"]
     assert bad.failed_in_detokenizer and not good.failed_in_detokenizer  # the TM aborts it in the scheduler
@@ -278,11 +300,11 @@ def test_detokenizer_survives_a_request_whose_decode_fails():
         _raise_for_rejection({"meta_info": {"finish_reason": fr}})
     # later deltas of the failed request are dropped; its final one is forwarded once, empty
     outs = d.update_batch([_delta("bad", [1]), _delta("good", [1])])
-    assert [o.rid for o in outs] == ["good"] and outs[0].text == "ab"
+    assert [o.rid for o in outs] == ["good"] and outs[0].text_delta == "b"
     outs = d.update_batch([_delta("bad", [2], {"type": "abort", "status_code": 499}), _delta("good", [2])])
     assert [o.rid for o in outs] == ["bad", "good"] and outs[0].output_ids == [] and "bad" not in d.failed
     assert not outs[0].failed_in_detokenizer  # the scheduler's own final word: nothing left to abort
-    assert outs[1].text == "abc"
+    assert outs[1].text_delta == "c"
 
 
 def test_load_report_says_the_largest_request_now_and_by_merging(stub_server):

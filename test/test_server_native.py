@@ -193,6 +193,20 @@ def test_stop_string_trimmed(server):
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
 
 
+def test_stream_with_a_stop_string_equals_non_stream(server):
+    """The stream carries text deltas end to end; the client still sees cumulative text ending exactly where
+    the non-streamed answer ends, with a stop string that the stream had started to show cut away."""
+    full = gen(server, max_new_tokens=24)["text"]
+    stop = full[5:8]
+    params = {**GREEDY, "max_new_tokens": 24, "stop": [stop]}
+    ref = gen(server, sampling_params={"stop": [stop]}, max_new_tokens=24)
+    r = server.post("/generate", json={"text": PROMPT, "sampling_params": params, "stream": True}, stream=True)
+    chunks = [json.loads(e) for e in sse_events(r)[:-1]]
+    assert chunks[-1]["text"] == ref["text"] == full[:full.find(stop)]
+    assert chunks[-1]["output_ids"] == ref["output_ids"]
+    assert chunks[-1]["meta_info"]["finish_reason"] == ref["meta_info"]["finish_reason"]
+
+
 def test_stop_token_id(server):
     ref = gen(server, max_new_tokens=16)
     stop_id = ref["output_ids"][4]

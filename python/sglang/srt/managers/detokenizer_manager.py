@@ -1,4 +1,4 @@
-"""Detokenizer process: token ids from every instance leader -> cumulative text for the TokenizerManager.
+"""Detokenizer process: token ids from every instance leader -> text deltas for the TokenizerManager.
 
     Scheduler --BatchTokenIDOut (new ids per request)--> DetokenizerManager --BatchStrOut--> TokenizerManager
 
@@ -6,8 +6,11 @@ Decoding is incremental: only the tokens after a stable prefix are decoded again
 ending in an incomplete UTF-8 sequence ("\\ufffd") is held back until the next token completes it. On
 finish, a matched stop string and everything after it is cut (unless no_stop_trim).
 
-Each ReqStrOut carries the request's cumulative text but only its NEW output ids (the TokenizerManager
-accumulates them), so a stream of L tokens costs O(L) ids on the wire, not O(L^2).
+Each ReqStrOut carries only what is new: the output ids and the text added since the request's previous
+ReqStrOut (the TokenizerManager reassembles the cumulative text and ids SGLang's API returns), so a stream
+of L tokens costs O(L) ids and characters on the wire, not O(L^2). The final text (the whole output decoded
+once, a stop string cut) can differ from the streamed text at its end: the final delta then says from which
+character on it replaces it (ReqStrOut.text_offset).
 
 A request whose decoding raises fails alone: it gets a finish_reason {"type": "abort", "status_code": 500,
 "message": ...} (the TokenizerManager answers it with a 500 and aborts it in the scheduler), its later
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Set
 
@@ -35,7 +39,7 @@ class DecodeState:
     """Incremental decoding state of one request."""
 
     ids: List[int] = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # decoded so far; all of it has been sent
     prefix_offset: int = 0  # ids[prefix_offset:read_offset] were decoded into the end of `text`
     read_offset: int = 0
 
@@ -58,14 +62,21 @@ class IncrementalDetokenizer:
     def update(self, delta: ReqOutputDelta) -> ReqStrOut:
         st = self.states.setdefault(delta.rid, DecodeState())
         st.ids.extend(delta.new_output_ids)
+        sent = len(st.text)
+        offset = -1
         if self.tokenizer is None:
-            text = ""
+            new_text = ""
         elif delta.finish_reason is not None:
             text = self._decode(st.ids, delta)
             if delta.trim_stop_str:
                 cut = text.find(delta.trim_stop_str)
                 if cut >= 0:
                     text = text[:cut]
+            if text.startswith(st.text):
+                new_text = text[sent:]
+            else:  # the final text differs from the streamed one at its end: replace from where they differ
+                offset = len(os.path.commonprefix([st.text, text]))
+                new_text = text[offset:]
         else:
             if len(st.ids) > st.read_offset:
                 prefix = self._decode(st.ids[st.prefix_offset:st.read_offset], delta)
@@ -74,8 +85,9 @@ class IncrementalDetokenizer:
                     st.text += full[len(prefix):]
                     st.prefix_offset = st.read_offset
                     st.read_offset = len(st.ids)
-            text = st.text
-        out = ReqStrOut(rid=delta.rid, text=text, output_ids=list(delta.new_output_ids), delta=delta)
+            new_text = st.text[sent:]
+        out = ReqStrOut(rid=delta.rid, text_delta=new_text, output_ids=list(delta.new_output_ids), delta=delta,
+                        text_offset=offset)
         if delta.finish_reason is not None:
             del self.states[delta.rid]
         return out
@@ -87,7 +99,7 @@ class IncrementalDetokenizer:
             if delta.rid in self.failed:
                 if delta.finish_reason is not None:  # the scheduler's last word on it: let the TM forget it
                     self.failed.discard(delta.rid)
-                    outs.append(ReqStrOut(rid=delta.rid, text="", output_ids=[], delta=delta))
+                    outs.append(ReqStrOut(rid=delta.rid, text_delta="", output_ids=[], delta=delta))
                 continue
             try:
                 outs.append(self.update(delta))
@@ -99,7 +111,7 @@ class IncrementalDetokenizer:
                 failed = dataclasses.replace(delta, new_output_ids=[], finish_reason={
                     "type": "abort", "status_code": 500,
                     "message": f"decoding the output failed: {type(e).__name__}: {e}"})
-                outs.append(ReqStrOut(rid=delta.rid, text="", output_ids=[], delta=failed,
+                outs.append(ReqStrOut(rid=delta.rid, text_delta="", output_ids=[], delta=failed,
                                       failed_in_detokenizer=delta.finish_reason is None))
         return outs
 

@@ -329,8 +329,9 @@ class BatchTokenIDOut:
 class ReqStrOut:
     # Request id.
     rid: str
-    # Full output text so far (cumulative).
-    text: str
+    # Output text new since this request's previous ReqStrOut; it replaces the cumulative text from
+    # text_offset on (the TokenizerManager reassembles it: apply_text_delta), so a stream costs linear bytes.
+    text_delta: str
     # Output token ids new since this request's previous ReqStrOut (the TokenizerManager accumulates them,
     # so a long stream costs linear, not quadratic, bytes).
     output_ids: List[int]
@@ -339,6 +340,16 @@ class ReqStrOut:
     # The detokenizer failed this request (delta.finish_reason says why) while its scheduler may still be
     # running it: the TokenizerManager answers the client and aborts it there.
     failed_in_detokenizer: bool = False
+    # Where text_delta starts in the cumulative text: -1 = at its end (the usual case); smaller than the text
+    # sent so far when the final text cuts what was streamed (a matched stop string, no_stop_trim false).
+    text_offset: int = -1
+
+
+def apply_text_delta(text: str, out: ReqStrOut) -> str:
+    """The cumulative text after `out`, given the cumulative text before it."""
+    if 0 <= out.text_offset < len(text):
+        return text[:out.text_offset] + out.text_delta
+    return text + out.text_delta
 
 
 @dataclass

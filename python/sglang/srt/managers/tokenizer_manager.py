@@ -5,8 +5,8 @@
          characters / ids, stop lists, top_logprobs_num) -- all before any tokenization (ValueError -> 400)
       -> tokenize + SamplingParams, in a thread when the prompts are large (the event loop keeps serving)
       -> one TokenizedGenerateReqInput per prompt and per parallel sample (n) --ZMQ--> Controller
-      <- BatchStrOut from the Detokenizer: cumulative text, NEW output ids (accumulated here), finish
-         reason, logprob deltas
+      <- BatchStrOut from the Detokenizer: NEW text and output ids (reassembled here: apply_text_delta),
+         finish reason, logprob deltas
       -> response dicts in SGLang's /generate format (one at the end, or a stream of them), with the
          cumulative text / output_ids / logprobs SGLang returns
 
@@ -58,6 +58,7 @@ from sglang.srt.managers.io_struct import (
     ServingState,
     WorkerDied,
     TokenizedGenerateReqInput,
+    apply_text_delta,
 )
 from sglang.srt.managers.session_controller import SessionStore, parse_session_params
 from sglang.srt.server_args import ServerArgs, parse_size
@@ -146,6 +147,7 @@ class ReqState:
     last_completion_tokens: int = 0
     error: Optional[BaseException] = None
     output_ids: List[int] = field(default_factory=list)  # cumulative (the detokenizer sends new ids only)
+    text: str = ""  # cumulative (the detokenizer sends text deltas)
     # Cumulative logprobs (SGLang returns the whole lists in every response).
     input_token_logprobs: List[Any] = field(default_factory=list)
     input_top_logprobs: List[Any] = field(default_factory=list)
@@ -561,6 +563,7 @@ class TokenizerManager:
         d = out.delta
         now = time.time()
         st.output_ids.extend(out.output_ids)
+        st.text = apply_text_delta(st.text, out)
         if d.completion_tokens > st.last_completion_tokens:
             m = self.metrics
             if st.first_token_time is None:
@@ -609,7 +612,7 @@ class TokenizerManager:
                 meta["output_top_logprobs"] = []
         if d.embedding is not None:  # an EmbeddingReqInput's answer, as SGLang's /encode gives it
             return {"embedding": d.embedding, "meta_info": meta}
-        return {"text": out.text, "output_ids": list(st.output_ids), "meta_info": meta}
+        return {"text": st.text, "output_ids": list(st.output_ids), "meta_info": meta}
 
     def _format_tokens(self, pairs, st: ReqState) -> List[List[Any]]:
         if st.return_text_in_logprobs and self.tokenizer is not None:
