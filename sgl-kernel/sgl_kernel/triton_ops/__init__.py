@@ -5,10 +5,12 @@ where triton is not installed.
     paged_attention   store_kv, decode_attention, extend_attention over the head-centric pool (layouts there)
     block_copy        copy_runs / gather_runs / scatter_runs: byte runs of a flat pool (Gyges transformations)
     reference         the torch implementations they are tested against (no triton)
+attention_kernels() / copy_kernels() import and return the first two.
 
     triton_available()  triton is importable
-    interpreting()      the kernels would run in Triton's interpreter (TRITON_INTERPRET=1 when they are imported;
-                        triton reads it when a @triton.jit function is defined)
+    interpreting()      the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when their module was imported:
+                        triton reads it when a @triton.jit function is defined, so a process may set it, import the
+                        kernels and restore it)
     usable_on(device)   the kernels can run on tensors of that device: CUDA with triton, or any device while
                         interpreting
 """
@@ -19,6 +21,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -33,6 +36,10 @@ def triton_available() -> bool:
 
 
 def interpreting() -> bool:
+    """The kernels run in Triton's interpreter: as they were defined if already imported, else as they would be."""
+    loaded = sys.modules.get("sgl_kernel.triton_ops.paged_attention")
+    if loaded is not None:
+        return loaded.INTERPRETED
     if not triton_available():
         return False
     try:
@@ -54,14 +61,14 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(f"sgl_kernel.triton_ops.{name}")
 
 
-def paged_attention() -> ModuleType:
-    """The Triton paged-attention module (imports triton)."""
+def attention_kernels() -> ModuleType:
+    """The Triton paged-attention module, sgl_kernel.triton_ops.paged_attention (imports triton)."""
     return _module("paged_attention")
 
 
-def block_copy() -> ModuleType:
-    """The Triton page-block copy module (imports triton)."""
+def copy_kernels() -> ModuleType:
+    """The Triton page-block copy module, sgl_kernel.triton_ops.block_copy (imports triton)."""
     return _module("block_copy")
 
 
-__all__ = ["block_copy", "interpreting", "paged_attention", "triton_available", "usable_on"]
+__all__ = ["attention_kernels", "copy_kernels", "interpreting", "triton_available", "usable_on"]

@@ -37,6 +37,9 @@ def _copy_runs_kernel(src, dst, src_starts, dst_starts, lengths, BLOCK: tl.const
     tl.store(dst + d + offs, tl.load(src + s + offs, mask=mask), mask=mask)
 
 
+# True when the kernel was defined under TRITON_INTERPRET=1 (triton decides at definition time)
+INTERPRETED = type(_copy_runs_kernel).__name__ == "InterpretedFunction"
+
 _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
 
 

@@ -230,6 +230,10 @@ def _extend_kernel(q_ptr, k_cache, v_cache, out_ptr,
              mask=mask_m[:, None] & mask_d[None, :])
 
 
+# True when this module's kernels were defined under TRITON_INTERPRET=1 (triton decides at definition time)
+INTERPRETED = type(_store_kv_kernel).__name__ == "InterpretedFunction"
+
+
 # ---- launchers ---------------------------------------------------------------------------------------------------
 def _block_d(head_dim: int) -> int:
     return max(MIN_BLOCK, triton.next_power_of_2(head_dim))
@@ -240,9 +244,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _upcast_dot(dtype: torch.dtype) -> bool:
-    from sgl_kernel.triton_ops import interpreting
-
-    return dtype == torch.bfloat16 and interpreting()
+    return dtype == torch.bfloat16 and INTERPRETED
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

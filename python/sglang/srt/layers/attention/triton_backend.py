@@ -51,9 +51,9 @@ class _Metadata:
 
 class TritonAttnBackend(AttentionBackend):
     def __init__(self):
-        from sgl_kernel.triton_ops import paged_attention
+        from sgl_kernel.triton_ops import attention_kernels
 
-        self._kernels = paged_attention()
+        self._kernels = attention_kernels()
         self.meta: _Metadata | None = None
 
     def prepare(self, forward_batch: ForwardBatch, kv_pool: HeadCentricKVPool, device) -> None:
