@@ -180,7 +180,7 @@ def test_block_copy_matches_slice_copies(unit):
     src_offsets, dst_offsets, sizes = [0, 8 * unit, 100 * unit], [2048, 2048 + 40 * unit, 3000], [5 * unit, 0, unit]
     sizes[1] = 37 * unit  # a run longer than one program's block below
     got, ref = flat.clone(), flat.clone()
-    bc.copy_runs(got, src_offsets, got, dst_offsets, sizes, block=16)
+    bc.copy_runs(got, src_offsets, got, dst_offsets, sizes, block=16, max_chunk_programs=2)  # programs loop
     reference.copy_runs_ref(ref, src_offsets, ref, dst_offsets, sizes)
     assert torch.equal(got, ref)
 

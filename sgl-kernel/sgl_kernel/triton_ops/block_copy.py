@@ -9,9 +9,10 @@ and lists of runs (start offsets and lengths in bytes, int64 on the host):
     scatter_runs(dst, offsets, sizes, buf)                 the inverse: buf's consecutive pieces into the runs
 The kernel moves the widest word (8, 4, 2 or 1 bytes) that divides every offset and size (the buffers are viewed
 as that dtype), so page-aligned runs move as int64; offsets are int64 throughout (pools larger than 2**31 bytes).
-One launch for any number of runs: grid (num_runs, cdiv(longest run, BLOCK)); each program copies BLOCK words
-of one run (masked at the run's end). Runs whose source and destination ranges overlap are not supported
-(the caller stages them, as regroup does); runs of one call must not write the same bytes.
+One launch for any number of runs: grid (num_runs, min(cdiv(longest run, BLOCK), 65535)); program (r, c) copies
+chunks c, c + grid[1], ... of BLOCK words of run r (masked at the run's end). Runs whose source and destination
+ranges overlap are not supported (the caller stages them, as regroup does); runs of one call must not write the
+same bytes.
 """
 
 from __future__ import annotations
@@ -22,19 +23,21 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024  # words per program
+BLOCK = 1024  # words per program and iteration
+MAX_CHUNK_PROGRAMS = 65535  # CUDA's limit on grid dimensions 1 and 2 (runs go on dimension 0: 2**31 - 1)
 
 
 @triton.jit
 def _copy_runs_kernel(src, dst, src_starts, dst_starts, lengths, BLOCK: tl.constexpr):
     run = tl.program_id(0)
-    chunk = tl.program_id(1).to(tl.int64)
     length = tl.load(lengths + run)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] int64 word offsets inside the run
-    mask = offs < length
     s = tl.load(src_starts + run)
     d = tl.load(dst_starts + run)
-    tl.store(dst + d + offs, tl.load(src + s + offs, mask=mask), mask=mask)
+    # chunks of BLOCK words, strided over the programs of axis 1 (at most MAX_CHUNK_PROGRAMS: CUDA's grid limit)
+    for first in range(tl.program_id(1).to(tl.int64) * BLOCK, length, tl.num_programs(1).to(tl.int64) * BLOCK):
+        offs = first + tl.arange(0, BLOCK)  # [BLOCK] int64 word offsets inside the run
+        mask = offs < length
+        tl.store(dst + d + offs, tl.load(src + s + offs, mask=mask), mask=mask)
 
 
 # True when the kernel was defined under TRITON_INTERPRET=1 (triton decides at definition time)
@@ -58,7 +61,7 @@ def _as_words(flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def copy_runs(src: torch.Tensor, src_offsets: Sequence[int], dst: torch.Tensor, dst_offsets: Sequence[int],
-              sizes: Sequence[int], block: int = BLOCK) -> None:
+              sizes: Sequence[int], block: int = BLOCK, max_chunk_programs: int = MAX_CHUNK_PROGRAMS) -> None:
     """dst[dst_offsets[i]:dst_offsets[i] + sizes[i]] = src[src_offsets[i]:src_offsets[i] + sizes[i]] (bytes)."""
     if not (len(src_offsets) == len(dst_offsets) == len(sizes)):
         raise ValueError("src_offsets, dst_offsets and sizes must have one entry per run")
@@ -76,7 +79,7 @@ def copy_runs(src: torch.Tensor, src_offsets: Sequence[int], dst: torch.Tensor, 
         return torch.tensor([int(x) // nbytes for x in vals], dtype=torch.int64).to(src.device)
 
     lengths = [n // nbytes for n in sizes]
-    grid = (len(sizes), triton.cdiv(max(lengths), block))
+    grid = (len(sizes), min(triton.cdiv(max(lengths), block), max_chunk_programs))
     _copy_runs_kernel[grid](src_w, dst_w, words(src_offsets), words(dst_offsets), words(sizes), BLOCK=block,
                             num_warps=4)
 

@@ -52,20 +52,21 @@ MIN_KEYS_PER_SPLIT = 256
 
 
 @triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """a @ b with a float32 result. UPCAST_DOT: operands in float32 first, for Triton's interpreter, whose tl.dot
-    multiplies bfloat16 operands as their raw uint16 bits (triton 3.9); exact for bfloat16 values, so the result is
-    the GPU's bfloat16 MMA with float32 accumulation up to summation order."""
+def _dot(a, b, UPCAST_DOT: tl.constexpr):
+    """a @ b with a float32 result; IEEE products for float32 operands (no TF32; 16-bit operands go to the tensor
+    cores whatever the precision setting). UPCAST_DOT: operands in float32 first, for Triton's interpreter, whose
+    tl.dot multiplies bfloat16 operands as their raw uint16 bits (triton 3.9); exact for bfloat16 values, so the
+    result is the GPU's bfloat16 MMA with float32 accumulation up to summation order."""
     if UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
 def _attend_keys(q, acc, m_i, l_i, q_pos, lo, hi, table_row, k_cache, v_cache, kv_head, d, mask_d, sm_scale_log2,
                  stride_kp, stride_kh, stride_ks, stride_vp, stride_vh, stride_vs,
                  CAUSAL: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                 UPCAST_DOT: tl.constexpr):
     """Online softmax of the rows of q [R, BLOCK_D] over the keys at positions lo .. hi-1 of one request (table_row:
     its page-table row), read from the pages of KV head kv_head; CAUSAL: key j only for rows with q_pos [R] >= j.
     -> the updated (acc [R, BLOCK_D], running max m_i [R], running sum l_i [R]) in float32, base 2."""
@@ -77,7 +78,7 @@ def _attend_keys(q, acc, m_i, l_i, q_pos, lo, hi, table_row, k_cache, v_cache, k
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_cache + page[:, None] * stride_kp + kv_head * stride_kh + slot[:, None] * stride_ks + d[None, :],
                     mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        qk = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * sm_scale_log2  # [R, BLOCK_N]
+        qk = _dot(q, tl.trans(k), UPCAST_DOT) * sm_scale_log2  # [R, BLOCK_N]
         if CAUSAL:
             visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
         else:
@@ -89,7 +90,7 @@ def _attend_keys(q, acc, m_i, l_i, q_pos, lo, hi, table_row, k_cache, v_cache, k
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache + page[:, None] * stride_vp + kv_head * stride_vh + slot[:, None] * stride_vs + d[None, :],
                     mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -124,7 +125,7 @@ def _decode_stage1_kernel(q_ptr, k_cache, v_cache, mid_o, mid_lse,
                           GROUP: tl.constexpr, HEAD_BLOCKS: tl.constexpr, PAGE_SIZE: tl.constexpr,
                           HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
                           BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                          UPCAST_DOT: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     split = tl.program_id(2)
@@ -150,7 +151,7 @@ def _decode_stage1_kernel(q_ptr, k_cache, v_cache, mid_o, mid_lse,
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, row, lo, hi, page_table + b * stride_tb, k_cache, v_cache, kv_head,
                                  d, mask_d, sm_scale_log2, stride_kp, stride_kh, stride_ks, stride_vp, stride_vh,
-                                 stride_vs, False, PAGE_SIZE, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
+                                 stride_vs, False, PAGE_SIZE, BLOCK_N, UPCAST_DOT)
 
     nonempty = hi > lo
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -192,7 +193,7 @@ def _extend_kernel(q_ptr, k_cache, v_cache, out_ptr,
                    stride_tb,
                    GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                   UPCAST_DOT: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     kv_head = h // GROUP
@@ -220,10 +221,10 @@ def _extend_kernel(q_ptr, k_cache, v_cache, out_ptr,
     # keys of the cached prefix are visible to every query of the block; the new tokens' keys causally
     acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, q_pos, 0, prefix, table_row, k_cache, v_cache, kv_head, d, mask_d,
                                  sm_scale_log2, stride_kp, stride_kh, stride_ks, stride_vp, stride_vh, stride_vs,
-                                 False, PAGE_SIZE, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
+                                 False, PAGE_SIZE, BLOCK_N, UPCAST_DOT)
     acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, q_pos, prefix, hi, table_row, k_cache, v_cache, kv_head, d, mask_d,
                                  sm_scale_log2, stride_kp, stride_kh, stride_ks, stride_vp, stride_vh, stride_vs,
-                                 True, PAGE_SIZE, BLOCK_N, DOT_PRECISION, UPCAST_DOT)
+                                 True, PAGE_SIZE, BLOCK_N, UPCAST_DOT)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty),
@@ -237,10 +238,6 @@ INTERPRETED = type(_store_kv_kernel).__name__ == "InterpretedFunction"
 # ---- launchers ---------------------------------------------------------------------------------------------------
 def _block_d(head_dim: int) -> int:
     return max(MIN_BLOCK, triton.next_power_of_2(head_dim))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 only affects float32 operands
 
 
 def _upcast_dot(dtype: torch.dtype) -> bool:
@@ -259,6 +256,8 @@ def _check_q(q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor) -> None:
     if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[1]:
         raise ValueError(f"q [T, Hq, D] must have head_dim {k_cache.shape[3]} and a multiple of the pool's "
                          f"{k_cache.shape[1]} KV heads, got {tuple(q.shape)}")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q is {q.dtype}, the pool {k_cache.dtype}: cast q to the pool's dtype")
     if out.shape != q.shape or out.stride(-1) != 1:
         raise ValueError(f"out must be [T, Hq, D] like q {tuple(q.shape)} with a contiguous last dim")
 
@@ -328,7 +327,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_BLOCKS=head_blocks, PAGE_SIZE=page_size, HEAD_DIM=head_dim, NUM_SPLITS=splits,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=_dot_precision(k_cache.dtype), UPCAST_DOT=_upcast_dot(k_cache.dtype),
+        UPCAST_DOT=_upcast_dot(k_cache.dtype),
         num_warps=4, num_stages=2)
     _decode_stage2_kernel[(num_decodes, heads)](
         mid_o, mid_lse, out, q_start, decode_reqs,
@@ -371,7 +370,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(2), page_table.stride(0),
         GROUP=heads // kv_heads, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
-        DOT_PRECISION=_dot_precision(k_cache.dtype), UPCAST_DOT=_upcast_dot(k_cache.dtype),
+        UPCAST_DOT=_upcast_dot(k_cache.dtype),
         num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
