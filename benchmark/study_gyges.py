@@ -244,6 +244,32 @@ def compare_rows(runs: Sequence[dict], setup: Setup) -> List[dict]:
     return rows
 
 
+def slo_ceiling(trace: Sequence[TraceRequest], setup: Setup) -> float:
+    """The fraction of requests that can meet the SLO at all: prefilled alone on an idle instance of the TP
+    (among those whose KV holds the request) where the step model prefills it fastest, within the TTFT SLO,
+    and decoding alone within the TPOT SLO. No placement or shape does better; a goal above it is unreachable."""
+    cfg = setup.config()
+    step = cfg.step_model
+
+    def prefill_s(prompt: int, tp: int) -> float:
+        total, done = 0.0, 0
+        while done < prompt:
+            chunk = min(cfg.chunked_prefill_size, prompt - done)
+            done += chunk
+            total += step.step_time(chunk, done, tp, requests=1)
+        return total
+
+    ok = 0
+    for r in trace:
+        need = r.prompt_tokens + r.output_tokens
+        tps = [tp for tp, cap in sorted(cfg.capacity_by_tp.items()) if cap >= need]
+        if not tps:
+            continue
+        t_best, tp_best = min((prefill_s(r.prompt_tokens, tp), tp) for tp in tps)
+        ok += t_best <= setup.slo_ttft_s and step.step_time(1, need, tp_best) <= setup.slo_tpot_s
+    return ok / len(trace) if trace else float("nan")
+
+
 def save(name: str, payload: dict) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, name + ".json")
@@ -313,7 +339,7 @@ def cmd_traces(a, setup: Setup) -> int:
         title = (f"{setup.devices} x {setup.gpu.upper()}, {setup.model}, Azure {mix} + Mooncake, "
                  f"{a.duration:.0f} s, {len(trace)} requests; SLO TTFT <= {setup.slo_ttft_s:g} s, "
                  f"TPOT <= {setup.slo_tpot_s * 1000:g} ms{setup.variant()}")
-        print(title)
+        print(title + f"; SLO ceiling {100 * slo_ceiling(trace, setup):.1f}%")
         print(table(rows, MAIN_COLS))
         print()
         tag = f"study_{setup.tag()}_{mix}"
@@ -335,7 +361,11 @@ def cmd_load(a, setup: Setup) -> int:
         for row in rows:
             curves[row["label"]].append(row["goodput_req_s"])
         tables.append((load, rows))
-        print(f"offered load {load:g}x ({len(trace)} requests over {trace[-1].arrival_s:.0f} s){setup.variant()}")
+        ceiling = slo_ceiling(trace, setup)
+        curves.setdefault("SLO ceiling (each request alone, fastest TP)", []).append(
+            ceiling * len(trace) / max(1e-9, trace[-1].arrival_s - trace[0].arrival_s))
+        print(f"offered load {load:g}x ({len(trace)} requests over {trace[-1].arrival_s:.0f} s){setup.variant()}; "
+              f"SLO ceiling {100 * ceiling:.1f}% (requests that meet the SLO alone on an idle instance)")
         print(table(rows, MAIN_COLS), flush=True)
         print()
     title = (f"{setup.devices} x {setup.gpu.upper()}, {setup.model}, Azure {a.mix} + Mooncake, "
