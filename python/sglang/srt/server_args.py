@@ -183,6 +183,11 @@ class ServerArgs:
                                         "fails the transformation's instances (their requests get a 503, their "
                                         "workers are killed) and keeps serving on the others. The collectives "
                                         "of a transformation time out after the same limit.")
+    gyges_precopy_chunk_bytes: int = _f(0, "Pre-copy for merges of TP1 instances: while they keep serving, the KV "
+                                        "pages that no longer change (cached prefixes, full pages of running "
+                                        "requests) are copied into free pages of the merged layout, this many "
+                                        "bytes per device between two iterations; the pause then moves only the "
+                                        "pages written since. 0: no pre-copy (stop, move everything, resume).")
     gyges_cost_model: Optional[str] = _f(None, "JSON file of the step-time and transformation cost models "
                                          "measured on this machine (written by benchmark/measure_costs.py); "
                                          "default: built-in constants, and no merges for speed.")
