@@ -75,7 +75,8 @@ class ServerArgs:
     device_memory: Optional[str] = _f(None, "Per-device memory budget on CPU (e.g. 512MiB): weights + KV pool "
                                       "must fit in it, as on a GPU. Default: 1GiB per CPU device.")
     mem_fraction_static: float = _f(0.88, "Fraction of the device memory (budget on CPU, free memory on "
-                                    "CUDA) for weights + KV pool.")
+                                    "CUDA) for weights + KV pool; every device of the host takes the "
+                                    "smallest such budget, so all size the same arena.")
     max_total_tokens: Optional[int] = _f(None, "Cap on KV pool tokens per instance (for testing retraction).")
     cpu_threads_per_worker: Optional[int] = _f(None, "Torch threads per CPU worker; default: the host's "
                                                "cores divided among the workers (at least 1).")
