@@ -282,3 +282,14 @@ def test_forward_batch_from_incremental_page_tables_equals_one_built_from_lists(
     run_until_idle(sched)
     assert len(checked) > 10 and max(checked) == 5
     assert len(finished(sched)) == 5
+
+
+def test_forward_batch_assemble_positions():
+    """Positions by tensor ops: decode rows at their prefix, extends counted from it, empty extends skipped."""
+    from sglang.srt.model_executor.forward_batch import ForwardBatch
+
+    fb = ForwardBatch.build([[], [5, 6]], [3, 7], [[1], [2, 3]], logits_indices=[1])
+    assert fb.positions.tolist() == [7, 8] and fb.page_table.tolist() == [[1, 0], [2, 3]]
+    fb = ForwardBatch.build([[4], [5, 6, 8], [7]], [3, 7, 0], [[1], [2, 3], [9]])
+    assert fb.positions.tolist() == [3, 7, 8, 9, 0] and fb.logits_indices.tolist() == [0, 3, 4]
+    assert ForwardBatch.build([[4], [7]], [3, 5], [[1], [2]]).positions.tolist() == [3, 5]

@@ -56,7 +56,8 @@ class ForwardBatch:
         extend = torch.tensor(list(extend_lens), dtype=torch.int64)  # [batch]
         prefix = torch.tensor(list(prefix_lens), dtype=torch.int64)  # [batch]
         num_tokens = len(input_ids)
-        if num_tokens == extend.shape[0]:  # decode (or 1-token extends): a request's position is its prefix
+        if num_tokens == extend.shape[0] and (not extend_lens or min(extend_lens) == 1):  # all 1: decode
+            # (or 1-token extends): a request's position is its prefix
             positions = prefix.clone()
         else:  # token j of request b sits at prefix[b] + (j - start[b]), start = exclusive cumsum of extend
             start = torch.cumsum(extend, 0) - extend
