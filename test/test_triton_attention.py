@@ -10,9 +10,11 @@ The same kernel source is what CUDA compiles.
                 prefills, chunks over a cached prefix, a request with no new tokens) over shuffled pages: the new
                 tokens' K/V land in the same slots bit for bit, outputs agree (float32 1e-5; 16-bit within rounding);
                 head_dim 16-256 (and 80), GQA 1-8 and 12, page size 1-16, float32 / bfloat16 / float16
-    kernels     decode_attention / extend_attention with small tiles (several key tiles, query blocks and key splits,
-                empty splits) against reference.paged_attention_ref
-    block copy  copy_runs / gather_runs / scatter_runs against slice copies, for every word width
+    kernels     sgl_kernel.triton_ops.check's cases (the GPU self-check): decode_attention / extend_attention with
+                the launchers' tiles and small ones (several key tiles, query blocks and key splits, empty splits)
+                against reference.paged_attention_ref
+    block copy  copy_runs / gather_runs / scatter_runs against slice copies, for every word width, and pages of
+                a pool slice
     engine      ModelRunner with --attention-backend triton: logits of a tiny random Llama equal transformers' (prefill,
                 cached prefix + rest, token-by-token decode, a mixed batch)
     choice      --attention-backend triton resolution, and sgl_kernel without triton
@@ -39,7 +41,7 @@ _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
     import sgl_kernel.triton_ops as triton_ops
-    from sgl_kernel.triton_ops import reference
+    from sgl_kernel.triton_ops import check
 
     pa, bc = triton_ops.attention_kernels(), triton_ops.copy_kernels()
     if not pa.INTERPRETED:  # imported earlier in this process without the interpreter
@@ -115,46 +117,18 @@ def test_backend_matches_torch_reference(case):
         torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
 
 
-def _kernel_inputs(reqs, page_size, heads, kv_heads, head_dim, dtype, seed=0):
-    """Pool views with the new tokens already stored, q, metadata tensors (int64; page table int32)."""
-    num_pages = _num_pages(reqs, page_size)
-    fb = _batch(reqs, page_size, num_pages, seed)
-    pool = _pool(num_pages, page_size, kv_heads, head_dim, dtype, seed)
-    k_cache, v_cache = pool.kv_buffer[:, :, LAYER, 0], pool.kv_buffer[:, :, LAYER, 1]  # [P, Hkv, ps, D] views
-    q = torch.randn(fb.num_tokens, heads, head_dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    q_start = torch.cumsum(fb.extend_lens, 0) - fb.extend_lens
-    return fb, k_cache, v_cache, q, q_start
+@pytest.mark.parametrize("case", check.CASES, ids=lambda c: c.name)
+def test_kernels_match_reference(case):
+    """sgl_kernel.triton_ops.check's cases (what it runs on a GPU): the kernels straight, with the launchers' tiles
+    and with small ones (several key tiles, query blocks, key splits, empty splits), against the torch reference."""
+    result = check.run_case(case, "cpu")
+    assert result["store_equal"]
+    assert result["within_tol"], result
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_splits_and_tiles_match_reference(dtype):
-    """Several key tiles per split, more splits than some requests have keys (empty splits), GQA 20 (two head
-    blocks of 16), a request that is not decoded (extend 0)."""
-    reqs = [(0, 1), (3, 1), (69, 1), (40, 0), (130, 1)]
-    heads, kv_heads, head_dim, page_size = 20, 1, 32, 4
-    fb, k_cache, v_cache, q, q_start = _kernel_inputs(reqs, page_size, heads, kv_heads, head_dim, dtype)
-    decode_reqs = torch.tensor([0, 1, 2, 4])
-    out = torch.full_like(q, float("nan"))
-    pa.decode_attention(q, k_cache, v_cache, out, fb.page_table, fb.prefix_lens, fb.extend_lens, q_start, decode_reqs,
-                        131, head_dim ** -0.5, num_kv_splits=7, block_n=16)
-    ref = reference.paged_attention_ref(q, k_cache, v_cache, fb.page_table, fb.prefix_lens, fb.extend_lens)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
-
-
-def test_extend_small_tiles_match_reference():
-    """Query blocks of 16 rows, key tiles of 16 (prefix tiles then causal tiles), chunks not aligned to either."""
-    reqs = [(0, 37), (21, 19), (50, 1), (5, 16)]
-    heads, kv_heads, head_dim, page_size = 6, 2, 64, 8
-    fb, k_cache, v_cache, q, q_start = _kernel_inputs(reqs, page_size, heads, kv_heads, head_dim, torch.float32)
-    every = torch.arange(len(reqs))
-    block_req, block_start = pa.extend_blocks(fb.extend_lens, every, 16)  # the decode runs here too
-    assert block_req.tolist() == [0, 0, 0, 1, 1, 2, 3] and block_start.tolist() == [0, 16, 32, 0, 16, 0, 0]
-    out = torch.full_like(q, float("nan"))
-    pa.extend_attention(q, k_cache, v_cache, out, fb.page_table, fb.prefix_lens, fb.extend_lens, q_start, block_req,
-                        block_start, head_dim ** -0.5, block_m=16, block_n=16)
-    ref = reference.paged_attention_ref(q, k_cache, v_cache, fb.page_table, fb.prefix_lens, fb.extend_lens)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+def test_extend_blocks_cover_each_request_alone():
+    block_req, block_start = pa.extend_blocks(torch.tensor([37, 19, 1, 16, 0]), torch.tensor([0, 1, 3]), 16)
+    assert block_req.tolist() == [0, 0, 0, 1, 1, 3] and block_start.tolist() == [0, 16, 32, 0, 16, 0]
 
 
 def test_decode_row_does_not_depend_on_the_batch():
@@ -173,24 +147,9 @@ def test_decode_row_does_not_depend_on_the_batch():
 
 @pytest.mark.parametrize("unit", [8, 4, 2, 1])
 def test_block_copy_matches_slice_copies(unit):
-    """Runs of a flat byte buffer (a pool's pages viewed as bytes) whose offsets and sizes are multiples of `unit`
-    bytes: between places of one buffer, into a contiguous buffer and back."""
-    g = torch.Generator().manual_seed(unit)
-    flat = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=g)
-    src_offsets, dst_offsets, sizes = [0, 8 * unit, 100 * unit], [2048, 2048 + 40 * unit, 3000], [5 * unit, 0, unit]
-    sizes[1] = 37 * unit  # a run longer than one program's block below
-    got, ref = flat.clone(), flat.clone()
-    bc.copy_runs(got, src_offsets, got, dst_offsets, sizes, block=16, max_chunk_programs=2)  # programs loop
-    reference.copy_runs_ref(ref, src_offsets, ref, dst_offsets, sizes)
-    assert torch.equal(got, ref)
-
-    packed = bc.gather_runs(flat, src_offsets, sizes, block=16)
-    assert torch.equal(packed, torch.cat([flat[o:o + n] for o, n in zip(src_offsets, sizes)]))
-    back = torch.zeros_like(flat)
-    bc.scatter_runs(back, dst_offsets, sizes, packed, block=16)
-    for s, d, n in zip(src_offsets, dst_offsets, sizes):
-        assert torch.equal(back[d:d + n], flat[s:s + n])
-    assert int(back.count_nonzero()) <= sum(sizes)  # nothing written outside the runs
+    """Byte runs (offsets and sizes multiples of `unit`) between places of one buffer, into a contiguous buffer
+    and back; programs looping over chunks."""
+    assert check.run_copy("cpu", unit)
 
 
 def test_block_copy_moves_pages_of_a_pool_slice():
