@@ -25,6 +25,7 @@ Kernels and launchers (data flow of one attention layer):
                 loaded once for all heads of the group; partial output and log2-sum-exp into
                 mid_o float32 [Bd, Hq, num_splits, D], mid_lse float32 [Bd, Hq, num_splits]
         stage 2 grid (Bd, Hq): the splits' partials combined by their sums of exponentials -> out rows
+        (the split count is a runtime argument, <= MAX_KV_SPLITS: batches of other lengths reuse the compiled kernels)
     extend_attention(q, k_cache, v_cache, out, page_table, prefix_lens, extend_lens, q_start, block_req [NB],
                      block_start [NB], ..)
         requests with more than one new token (prefill, chunk over a cached prefix): one program = BLOCK_M new
@@ -117,13 +118,13 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache, v_cache, write_pages, write_slots,
 @triton.jit
 def _decode_stage1_kernel(q_ptr, k_cache, v_cache, mid_o, mid_lse,
                           page_table, prefix_lens, extend_lens, q_start, decode_reqs,
-                          sm_scale_log2,
+                          sm_scale_log2, num_splits,
                           stride_qt, stride_qh,
                           stride_kp, stride_kh, stride_ks, stride_vp, stride_vh, stride_vs,
                           stride_tb,
                           stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                           GROUP: tl.constexpr, HEAD_BLOCKS: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                          HEAD_DIM: tl.constexpr,
                           BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           UPCAST_DOT: tl.constexpr):
     pid_b = tl.program_id(0)
@@ -137,7 +138,7 @@ def _decode_stage1_kernel(q_ptr, k_cache, v_cache, mid_o, mid_lse,
     b = tl.load(decode_reqs + pid_b).to(tl.int64)
     seq_len = tl.load(prefix_lens + b) + tl.load(extend_lens + b)
     row = tl.load(q_start + b).to(tl.int64)
-    keys_per_split = tl.cdiv(seq_len, NUM_SPLITS)
+    keys_per_split = tl.cdiv(seq_len, num_splits)
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, seq_len)
 
@@ -163,14 +164,14 @@ def _decode_stage1_kernel(q_ptr, k_cache, v_cache, mid_o, mid_lse,
 
 
 @triton.jit
-def _decode_stage2_kernel(mid_o, mid_lse, out_ptr, q_start, decode_reqs,
+def _decode_stage2_kernel(mid_o, mid_lse, out_ptr, q_start, decode_reqs, num_splits,
                           stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ot, stride_oh,
-                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_D: tl.constexpr):
     pid_b = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
-    mask_s = s < NUM_SPLITS
+    mask_s = s < num_splits
     d = tl.arange(0, BLOCK_D)
     mask_d = d < HEAD_DIM
     lse = tl.load(mid_lse + pid_b * stride_lb + h * stride_lh + s, mask=mask_s, other=float("-inf"))  # [BLOCK_S]
@@ -315,25 +316,27 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_h = max(MIN_BLOCK, min(64, triton.next_power_of_2(group)))
     head_blocks = -(-group // block_h)
     splits = num_kv_splits or num_kv_splits_for(num_decodes, kv_heads, head_blocks, max_seq_len)
+    if not 1 <= splits <= MAX_KV_SPLITS:
+        raise ValueError(f"num_kv_splits must be within 1..{MAX_KV_SPLITS}, got {splits}")
     block_d = _block_d(head_dim)
     # partial outputs of each split: float32 [Bd, Hq, splits, D] and log2-sum-exp [Bd, Hq, splits]
     mid_o = torch.empty((num_decodes, heads, splits, head_dim), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((num_decodes, heads, splits), dtype=torch.float32, device=q.device)
     _decode_stage1_kernel[(num_decodes, kv_heads * head_blocks, splits)](
         q, k_cache, v_cache, mid_o, mid_lse, page_table, prefix_lens, extend_lens, q_start, decode_reqs,
-        sm_scale * LOG2E, q.stride(0), q.stride(1),
+        sm_scale * LOG2E, splits, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), page_table.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        GROUP=group, HEAD_BLOCKS=head_blocks, PAGE_SIZE=page_size, HEAD_DIM=head_dim, NUM_SPLITS=splits,
+        GROUP=group, HEAD_BLOCKS=head_blocks, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
         UPCAST_DOT=_upcast_dot(k_cache.dtype),
         num_warps=4, num_stages=2)
     _decode_stage2_kernel[(num_decodes, heads)](
-        mid_o, mid_lse, out, q_start, decode_reqs,
+        mid_o, mid_lse, out, q_start, decode_reqs, splits,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, NUM_SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(MAX_KV_SPLITS), BLOCK_D=block_d,
         num_warps=4)
 
 
