@@ -5,6 +5,8 @@
     paged_attention_ext() -> module with paged_attention(q, k, v, kv_buffer, layer, page_table, prefix_lens,
                    extend_lens, scale) -> out: stores the new tokens' K/V into the head-centric pool and runs causal
                    attention over it in place (decode and chunked prefill mixed, GQA; csrc/paged_attention.cpp)
+    triton_ops     Triton kernels for CUDA (paged decode / extend attention over the same pool, the page-block copy
+                   of transformations); imported on first use, so this package needs no triton (triton_ops/__init__)
 
 Each op keeps a torch / torch.distributed implementation in sglang as its reference and fallback.
 """
