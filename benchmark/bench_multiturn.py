@@ -19,8 +19,11 @@ Data flow:
         |    mode "sessions":    /open_session per conversation; a turn appends to the earlier turn it shares
         |                        most blocks with: session_params {id, rid, offset = shared tokens}, input_ids =
         |                        its other blocks; closed after the last turn
-        |    mode "hints":       "sessions" + session_params.next_turn_in_s (the trace's scaled gap to the next
-        |                        turn), on a server with a host KV tier (--hicache-size): see mem_cache/host_tier.py
+        |    suffix "+hicache":  the server has a host KV tier (--enable-hierarchical-cache --hicache-size):
+        |                        evicted KV is copied to host memory and reloaded on a hit (mem_cache/host_tier.py)
+        |    suffix "+hints":    (implies +hicache) each turn but the last says when the next one comes:
+        |                        session_params.next_turn_in_s = the trace's scaled gap; "hints" is short for
+        |                        "sessions+hints"
         v  per turn: prompt / cached tokens (meta_info), TTFT (first streamed token), output ids; per mode:
            KV bytes to / from host memory and between instances (the schedulers' internal state)
 
@@ -160,7 +163,8 @@ class TurnResult:
 def run_conversation(eng, turns: List[Turn], mode: str, t0: float, a, out: List[TurnResult],
                      lock: threading.Lock) -> None:
     sp = {"temperature": 0, "ignore_eos": True}
-    sid = eng.open_session(0) if mode != "no-sessions" and len(turns) > 1 else None
+    sessions, hints = mode_features(mode)[:2]
+    sid = eng.open_session(0) if sessions and len(turns) > 1 else None
     rids: List[Optional[str]] = []
     ready = t0
     for t in turns:
@@ -177,7 +181,7 @@ def run_conversation(eng, turns: List[Turn], mode: str, t0: float, a, out: List[
                 kwargs["input_ids"] = t.input_ids[t.shared_tokens:]
             else:
                 kwargs["input_ids"] = t.input_ids
-            if mode == "hints" and t.next_gap_s is not None:
+            if hints and t.next_gap_s is not None:
                 params["next_turn_in_s"] = round(t.next_gap_s, 3)
             kwargs["session_params"] = params
         sent = time.perf_counter()
@@ -208,6 +212,16 @@ def run_conversation(eng, turns: List[Turn], mode: str, t0: float, a, out: List[
         eng.close_session(sid)
 
 
+def mode_features(mode: str) -> tuple:
+    """(sessions, hints, host tier) of a mode name such as "sessions+hicache" (see the module docstring)."""
+    base, *extras = ("sessions+hints" if mode == "hints" else mode).split("+")
+    if base not in ("no-sessions", "sessions") or set(extras) - {"hicache", "hints"}:
+        raise SystemExit(f"unknown mode {mode!r}: no-sessions or sessions, optionally +hicache / +hints")
+    if base == "no-sessions" and "hints" in extras:
+        raise SystemExit("hints are sent as session_params.next_turn_in_s: use sessions+hints")
+    return base == "sessions", "hints" in extras, bool(extras)
+
+
 def kv_movement(eng) -> Dict[str, int]:
     """Sum over instances of the KV-movement counters the schedulers report (absent ones count 0)."""
     totals = {"host_offloaded_bytes": 0, "host_loaded_bytes": 0, "kv_moved_bytes": 0}
@@ -231,8 +245,8 @@ def run_mode(mode: str, convs: List[List[Turn]], a, model: str) -> dict:
 
     kwargs = dict(model_path=model, device="cpu", dtype="float32", log_level="warning", dp_size=a.dp_size,
                   page_size=a.page_size, max_total_tokens=a.max_total_tokens, session_kv_budget=a.session_kv_budget)
-    if mode == "hints" or a.hicache_all:
-        kwargs["hicache_size"] = a.hicache_size
+    if mode_features(mode)[2]:
+        kwargs.update(enable_hierarchical_cache=True, hicache_size=a.hicache_size)
     eng = sglang.Engine(**kwargs)
     results: List[TurnResult] = []
     lock = threading.Lock()
@@ -277,13 +291,13 @@ def fmt_ms(x: Optional[float]) -> str:
 
 
 def table(runs: List[dict]) -> str:
-    head = (f"{'mode':<12} {'reqs':>5} {'lost':>4} {'follow-ups':>10} {'reusable tok':>12} {'recomputed':>10} "
+    head = (f"{'mode':<17} {'reqs':>5} {'lost':>4} {'follow-ups':>10} {'reusable tok':>12} {'recomputed':>10} "
             f"{'share':>6} {'hit rate':>8} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'req/s':>6} {'out tok/s':>9} "
             f"{'to host MB':>10} {'from host MB':>12} {'moved MB':>8}")
     lines = [head]
     for r in runs:
         lines.append(
-            f"{r['mode']:<12} {r['requests']:>5} {r['failed']:>4} {r['follow_ups']:>10} {r['reusable']:>12} "
+            f"{r['mode']:<17} {r['requests']:>5} {r['failed']:>4} {r['follow_ups']:>10} {r['reusable']:>12} "
             f"{r['recomputed']:>10} {r['recomputed'] / max(1, r['reusable']):>6.1%} {r['hit_rate']:>8.1%} "
             f"{fmt_ms(r['ttft_p50']):>11} {fmt_ms(r['ttft_p99']):>11} {r['req_per_s']:>6.2f} "
             f"{r['out_tok_per_s']:>9.1f} {r['host_offloaded_bytes'] / 2**20:>10.2f} "
@@ -335,14 +349,14 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", default=str(DEFAULT_TRACE))
     p.add_argument("--model-path", default=None, help="HF checkpoint (default: a random demo Llama)")
-    p.add_argument("--modes", default="no-sessions,sessions,hints",
-                   help="comma-separated: no-sessions, sessions, hints (hints needs --hicache-size support)")
+    p.add_argument("--modes", default="no-sessions,sessions,sessions+hicache,hints",
+                   help="comma-separated: no-sessions or sessions, each optionally +hicache or +hints; "
+                        "hints = sessions+hints")
     p.add_argument("--dp-size", type=int, default=2)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--max-total-tokens", type=int, default=4096, help="KV tokens per instance")
     p.add_argument("--session-kv-budget", type=float, default=0.5)
-    p.add_argument("--hicache-size", default="64MiB", help="host KV tier per instance in mode hints")
-    p.add_argument("--hicache-all", action="store_true", help="give every mode the host tier, not only hints")
+    p.add_argument("--hicache-size", default="64MiB", help="host KV tier per device in +hicache / +hints modes")
     p.add_argument("--conversations", type=int, default=40, help="multi-turn conversations replayed")
     p.add_argument("--one-off-every", type=int, default=3, help="every n-th single-turn prompt of the span")
     p.add_argument("--block-tokens", type=int, default=16, help="tokens per 512-token trace block")
@@ -361,8 +375,7 @@ def main() -> int:
     convs = build_workload(a)
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     for m in modes:
-        if m not in ("no-sessions", "sessions", "hints"):
-            raise SystemExit(f"unknown mode {m!r}")
+        mode_features(m)
     model = a.model_path or demo_model()
     n_turns = sum(len(c) for c in convs)
     multi = sum(1 for c in convs if len(c) > 1)
