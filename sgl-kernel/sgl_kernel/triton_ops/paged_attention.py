@@ -56,8 +56,10 @@ MIN_KEYS_PER_SPLIT = 256
 def _dot(a, b, UPCAST_DOT: tl.constexpr):
     """a @ b with a float32 result; IEEE products for float32 operands (no TF32; 16-bit operands go to the tensor
     cores whatever the precision setting). UPCAST_DOT: operands in float32 first, for Triton's interpreter, whose
-    tl.dot multiplies bfloat16 operands as their raw uint16 bits (triton 3.9); exact for bfloat16 values, so the
-    result is the GPU's bfloat16 MMA with float32 accumulation up to summation order."""
+    tl.dot multiplies bfloat16 operands as their raw uint16 bits (triton 3.9; triton-lang/triton#11584: bfloat16
+    arithmetic is not supported by the interpreter, only casts); exact for bfloat16 values, so the result is the
+    GPU's bfloat16 MMA with float32 accumulation up to summation order. The kernels do no other bfloat16 arithmetic
+    (loads, casts and stores only)."""
     if UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision="ieee")
