@@ -227,6 +227,39 @@ def test_engine_hinted_turn_is_prefetched(engine):
     assert st["free_pages"] == st["num_pages"]
 
 
+class _HeaderRequest:
+    """What the TokenizerManager reads of a FastAPI request: its headers."""
+
+    def __init__(self, **headers):
+        self.headers = {k.replace("_", "-"): v for k, v in headers.items()}
+
+
+async def _generate_with_request(tm, obj, request):
+    async for out in tm.generate_request(obj, request):
+        return out
+
+
+def test_header_hint_without_session(engine):
+    """X-Next-Turn-In (the OpenAI API's way, any endpoint): a request without a session keeps its prefix ready;
+    a bad value is a ValueError (HTTP 400) and nothing is queued."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    sp = {"temperature": 0, "max_new_tokens": 3, "ignore_eos": True}
+    assert engine.flush_cache()
+    prompt = [(i * 23) % 450 + 3 for i in range(40)]
+    obj = GenerateReqInput(input_ids=prompt, sampling_params=sp)
+    out = engine._run(_generate_with_request(engine.tokenizer_manager, obj, _HeaderRequest(X_Next_Turn_In="30")))
+    assert out["meta_info"]["completion_tokens"] == 3
+    assert _state(engine)["hinted_paths"] == 1
+    for bad in ("-2", "later", "nan"):
+        obj = GenerateReqInput(input_ids=prompt, sampling_params=sp)
+        with pytest.raises(ValueError, match="X-Next-Turn-In"):
+            engine._run(_generate_with_request(engine.tokenizer_manager, obj, _HeaderRequest(X_Next_Turn_In=bad)))
+    assert engine.flush_cache()
+    st = _state(engine)
+    assert st["hinted_paths"] == 0 and st["free_pages"] == st["num_pages"]
+
+
 def test_engine_flag_checked():
     from sglang.srt.server_args import ServerArgs
 

@@ -92,6 +92,11 @@ def parse_session_params(value: Any) -> SessionParams:
                          parse_next_turn_hint(value.get("next_turn_in_s"), "session_params.next_turn_in_s"))
 
 
+# HTTP header with the same hint for clients that cannot send session_params (the OpenAI API, stateless chat
+# clients resending the whole conversation): seconds until the next turn; for a request without a session the
+# hint keeps the request's own computed prefix ready. session_params.next_turn_in_s wins when both are given.
+NEXT_TURN_HEADER = "X-Next-Turn-In"
+
 # Longest hint accepted (a day): a later turn is no reason to keep KV ready.
 MAX_NEXT_TURN_HINT_S = 86400.0
 

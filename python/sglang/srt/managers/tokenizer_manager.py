@@ -12,7 +12,9 @@
 
 Sessions (SGLang's session API, session_controller.py): open_session / close_session, and a /generate with
 session_params becomes the session's next turn (the whole conversation as input_ids) right after
-tokenization; idle sessions are closed by the watchdog loop after --session-idle-timeout.
+tokenization; idle sessions are closed by the watchdog loop after --session-idle-timeout. A next-turn hint
+(session_params.next_turn_in_s, or the X-Next-Turn-In header on any endpoint, the OpenAI API included) goes
+with the tokenized request to the scheduler (managers/req_kv.py keeps that turn's KV ready).
 
 Request ids are unique among live requests: a client rid already in flight, or one whose request was
 aborted and has not been confirmed finished by its scheduler yet ("draining"), is refused with a 400.
@@ -60,7 +62,12 @@ from sglang.srt.managers.io_struct import (
     TokenizedGenerateReqInput,
     apply_text_delta,
 )
-from sglang.srt.managers.session_controller import SessionStore, parse_session_params
+from sglang.srt.managers.session_controller import (
+    NEXT_TURN_HEADER,
+    SessionStore,
+    parse_next_turn_hint,
+    parse_session_params,
+)
 from sglang.srt.server_args import ServerArgs, parse_size
 from sglang.srt.utils import PortArgs, get_zmq_socket, remove_ipc_files
 
@@ -249,6 +256,9 @@ class TokenizerManager:
             chars = self._check_limits(obj)
             self._check_rids(obj.rid)  # before tokenizing: cheap
             session_params = self._check_session_turns(obj)
+            headers = getattr(request, "headers", None)
+            header_hint = parse_next_turn_hint(headers.get(NEXT_TURN_HEADER), f"the {NEXT_TURN_HEADER} header") \
+                if headers is not None else None
             tokenized = await self.offload(chars, self._tokenize_all, obj)
             if chars > INLINE_TOKENIZE_CHARS:  # it waited for a thread: the world may have changed meanwhile
                 if not self.is_healthy():
@@ -257,6 +267,9 @@ class TokenizerManager:
                 self._check_rids(obj.rid)  # others may have taken one while this one was tokenized
             if session_params is not None:
                 self._make_session_turns(obj, session_params, tokenized)
+            for t in tokenized:  # the header's hint where session_params gave none
+                if t.next_turn_in_s is None:
+                    t.next_turn_in_s = header_hint
             messages = [pickle.dumps(t, pickle.HIGHEST_PROTOCOL) for t in tokenized]
         except RecursionError:
             raise ValueError("the request is nested too deeply (a JSON value inside it); flatten it") from None
