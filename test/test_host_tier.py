@@ -269,3 +269,24 @@ def test_engine_flag_checked():
     assert ServerArgs(model_path=".", enable_hierarchical_cache=True, hicache_size="2").hicache_bytes(0) == 2 * 2**30
     assert ServerArgs(model_path=".", enable_hierarchical_cache=True).hicache_bytes(100) == 200
     assert ServerArgs(model_path=".", hicache_size="1GiB").hicache_bytes(100) == 0
+
+
+def test_tp2_reload_identical(tmp_path):
+    """TP2: both ranks copy their own heads' slice to host and back (the leader's copy orders are broadcast)."""
+    import sglang
+    from sglang.srt.demo_model import DemoModelSpec, make_demo_model
+
+    make_demo_model(str(tmp_path), DemoModelSpec(arch="llama", seed=5, num_key_value_heads=2))
+    eng = sglang.Engine(model_path=str(tmp_path), device="cpu", dtype="float32", log_level="warning", tp_size=2,
+                        page_size=PS, max_total_tokens=256, enable_hierarchical_cache=True, hicache_size="2MiB")
+    try:
+        sp = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
+        prompt = [(i * 37) % 450 + 3 for i in range(90)]
+        first = eng.generate(input_ids=prompt, sampling_params=sp)
+        _flood(eng, 4)
+        again = eng.generate(input_ids=prompt, sampling_params=sp)
+        st = _state(eng)
+        assert st["host_reloaded_tokens"] >= 80 and again["meta_info"]["cached_tokens"] >= 80
+        assert again["output_ids"] == first["output_ids"]
+    finally:
+        eng.shutdown()
