@@ -57,7 +57,7 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend  # noqa
 from sglang.srt.mem_cache.kv_pool import HeadCentricKVPool  # noqa: E402
 from sglang.srt.model_executor.forward_batch import ForwardBatch  # noqa: E402
 
-from test_cpu_attention import LAYER, NUM_LAYERS, _batch, _pool, _run  # noqa: E402 - the same batches and pools
+from test_cpu_attention import NUM_LAYERS, _batch, _pool, _run  # noqa: E402 - the same batches and pools
 
 
 @pytest.fixture(autouse=True, scope="module")

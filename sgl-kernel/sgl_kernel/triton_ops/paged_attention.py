@@ -38,7 +38,6 @@ IEEE dot products (no TF32), 16-bit pools multiply in their dtype with float32 a
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -377,7 +376,3 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
         UPCAST_DOT=_upcast_dot(k_cache.dtype),
         num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
