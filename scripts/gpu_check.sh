@@ -7,14 +7,16 @@
 #   0. preflight (seconds): a CUDA device that torch sees, the modules the runtime imports; the repository's three
 #      packages (python/, gyges/, sgl-kernel/) come from PYTHONPATH when they are not installed, so nothing is
 #      downloaded (a GPU machine without network works)
-#   1. CUDA tests (<= 240 s): test/test_cuda_path.py: ModelRunner on cuda (triton and torch_native attention)
+#   1. Triton kernels compiled for the GPU (<= 70 s): python -m sgl_kernel.triton_ops.check (decode / extend
+#      attention and the page-block copy against the torch references; fills Triton's cache for step 2)
+#   2. CUDA tests (<= 210 s): test/test_cuda_path.py: ModelRunner on cuda (triton and torch_native attention)
 #      against transformers, the start-up peak within the budget (one arena, weights loaded into it), moves in a
 #      GPU arena, sglang.Engine --device cuda greedy == transformers; TP2 over NCCL when 2 GPUs are present.
 #      A skip for any other reason than "needs 2 GPUs" fails the check.
-#   2. bench_one_batch --device cuda (<= 200 s): a 0.38B-parameter demo Llama (hidden 2048, 8 layers, GQA 16/8
+#   3. bench_one_batch --device cuda (<= 170 s): a 0.38B-parameter demo Llama (hidden 2048, 8 layers, GQA 16/8
 #      heads) in bfloat16, triton and torch_native attention against transformers on the same GPU, batch 1/16/64,
 #      in 256 / out 32; decode against the HBM roofline (bytes per step / measured device copy bandwidth)
-# Exit codes: 2 no GPU or modules missing, 3 tests failed or skipped, 4 benchmark failed.
+# Exit codes: 2 no GPU or modules missing, 3 kernel check or tests failed (or tests skipped), 4 benchmark failed.
 # Status: written without a GPU at hand (no CUDA in the session that wrote it); its first run on a GPU is its test.
 set -uo pipefail
 
@@ -61,25 +63,31 @@ done
 python -c "import sglang, gyges, sgl_kernel; print('sglang from', sglang.__file__)" \
     || fail 2 "the repository's packages do not import"
 
-# ---- 1. CUDA tests --------------------------------------------------------------------------------------------
+# ---- 1. Triton kernels on the GPU ----------------------------------------------------------------------------
+say "Triton kernel self-check"
+timeout 70 python -m sgl_kernel.triton_ops.check --device cuda 2>&1 | tee "$RESULTS/kernels.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] || fail 3 "Triton kernel self-check (exit $rc; 124 = over 70 s); log: $RESULTS/kernels.log"
+
+# ---- 2. CUDA tests --------------------------------------------------------------------------------------------
 say "CUDA tests"
 cd "$ROOT"
-timeout 240 python -m pytest -q -rs -p no:cacheprovider test/test_cuda_path.py 2>&1 | tee "$RESULTS/tests.log"
+timeout 210 python -m pytest -q -rs -p no:cacheprovider test/test_cuda_path.py 2>&1 | tee "$RESULTS/tests.log"
 rc=${PIPESTATUS[0]}
-[ "$rc" -eq 0 ] || fail 3 "CUDA tests (exit $rc; 124 = over 240 s); log: $RESULTS/tests.log"
+[ "$rc" -eq 0 ] || fail 3 "CUDA tests (exit $rc; 124 = over 210 s); log: $RESULTS/tests.log"
 if grep -E '^SKIPPED' "$RESULTS/tests.log" | grep -v 'needs 2 GPUs'; then
     fail 3 "CUDA tests were skipped on a GPU machine (lines above)"
 fi
 
-# ---- 2. bench_one_batch on CUDA -------------------------------------------------------------------------------
+# ---- 3. bench_one_batch on CUDA -------------------------------------------------------------------------------
 say "bench_one_batch --device cuda"
 cd /tmp
-timeout 200 python "$ROOT/benchmark/bench_one_batch.py" --device cuda --tp-sizes 1 \
+timeout 170 python "$ROOT/benchmark/bench_one_batch.py" --device cuda --tp-sizes 1 \
     --attention-backends triton torch_native --dtype bfloat16 --batch-sizes 1 16 64 --input-len 256 \
     --output-len 32 --repeats 3 --hidden-size 2048 --num-layers 8 --num-heads 16 --num-kv-heads 8 \
     --intermediate-size 5632 --model-dir /tmp/sglang-gpu-check-llama --result-dir "$RESULTS" --no-plot \
     2>&1 | tee "$RESULTS/bench.log"
 rc=${PIPESTATUS[0]}
-[ "$rc" -eq 0 ] || fail 4 "bench_one_batch (exit $rc; 124 = over 200 s); log: $RESULTS/bench.log"
+[ "$rc" -eq 0 ] || fail 4 "bench_one_batch (exit $rc; 124 = over 170 s); log: $RESULTS/bench.log"
 
-say "passed: CUDA tests and bench_one_batch; table in $RESULTS/bench_one_batch.md"
+say "passed: Triton kernels, CUDA tests and bench_one_batch; table in $RESULTS/bench_one_batch.md"
