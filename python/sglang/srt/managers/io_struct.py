@@ -205,6 +205,9 @@ class TokenizedGenerateReqInput:
     session_id: Optional[str] = None
     # Leading tokens of input_ids that the session's earlier turn computed (its KV is pinned where it ran).
     session_prefix_tokens: int = 0
+    # Client's hint: the conversation's next turn is expected this many seconds after this request ends
+    # (session_params.next_turn_in_s, or the X-Next-Turn-In header); its KV is kept ready (managers/req_kv.py).
+    next_turn_in_s: Optional[float] = None
 
 
 @dataclass
@@ -222,6 +225,8 @@ class SessionParams:
     replace: Optional[bool] = None
     # Append to that request's prompt only, without its output.
     drop_previous_output: Optional[bool] = None
+    # Hint (SYMPHONY): the next turn is expected this many seconds after this one ends (None: no hint).
+    next_turn_in_s: Optional[float] = None
 
 
 @dataclass
@@ -230,6 +235,44 @@ class OpenSessionReqInput:
     capacity_of_str_len: int
     # The id to give the session (a 400 when a session with this id is open); generated when missing.
     session_id: Optional[str] = None
+
+
+@dataclass
+class MoveSessionReq:
+    """Admin (POST /sessions/move, Engine.move_session): move a session's pinned KV to another instance.
+    TokenizerManager -> Controller -> SessionKVTransfer to the session's instance."""
+
+    req_id: str
+    session_id: str
+    # Leader device id of the instance to move it to.
+    dst_instance: int
+
+
+@dataclass
+class SessionKVTransfer:
+    """Controller -> source leader (kv None: export the session); source leader -> Controller -> destination
+    leader (kv set: import it). Page bytes travel by value (pickled through the controller), so both instances
+    keep serving; source and destination must have the same page layout (same TP degree)."""
+
+    req_id: str
+    session_id: str
+    dst_instance: int
+    # The session's pinned path (page-aligned token ids), filled by the source.
+    tokens: Optional[List[int]] = None
+    # uint8 [len(tokens) // page_size, bytes_per_page]: the path's pages as the source pool holds them.
+    kv: Optional[Any] = None
+    # Refusal by the source (unknown session, TP > 1): answered to the client as a 400.
+    error: Optional[str] = None
+
+
+@dataclass
+class MoveSessionReqOutput:
+    req_id: str
+    success: bool
+    message: str = ""
+    # Tokens whose KV the destination adopted (copied or already cached there) and the bytes copied.
+    tokens: int = 0
+    bytes: int = 0
 
 
 @dataclass
@@ -520,8 +563,3 @@ class ServingState:
     # Worker ranks the TokenizerManager must kill (SIGKILL) to free their memory: hung workers that
     # cannot exit by themselves.
     kill_ranks: List[int] = field(default_factory=list)
-    # Client's hint: the conversation's next turn is expected this many seconds after this request ends
-    # (session_params.next_turn_in_s, or the X-Next-Turn-In header); its KV is kept ready (managers/req_kv.py).
-    next_turn_in_s: Optional[float] = None
-    # Hint (SYMPHONY): the next turn is expected this many seconds after this one ends (None: no hint).
-    next_turn_in_s: Optional[float] = None
