@@ -178,6 +178,10 @@ class Engine:
         """Close a session: its turns are forgotten and its KV released. ValueError when it is not open."""
         self._run(self.tokenizer_manager.close_session(CloseSessionReqInput(session_id)))
 
+    def move_session(self, session_id: str, instance: int) -> Dict[str, Any]:
+        """Move an open session's pinned KV to another instance (its leader device id); ValueError if refused."""
+        return self._run(self.tokenizer_manager.move_session(session_id, instance))
+
     def get_internal_state(self) -> List[Dict[str, Any]]:
         return self._run(self.tokenizer_manager.get_internal_state())
 

@@ -615,6 +615,14 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
         await _map_errors(tm.close_session(CloseSessionReqInput(data.get("session_id"))))
         return Response(status_code=200)
 
+    @app.post("/sessions/move", responses=_responses(200, 400, ok={
+        "description": "{session_id, instance, tokens, bytes}: the session's KV now lives on `instance`."}))
+    async def move_session(request: Request):
+        """Move an open session's pinned KV to another instance ({"session_id", "instance": leader device id}),
+        while both keep serving (same TP degree on both sides)."""
+        data = await read_json(request)
+        return ORJSONResponse(await _map_errors(tm.move_session(data.get("session_id"), data.get("instance"))))
+
     # ---- Gyges admin ----------------------------------------------------------------------------------------
     @app.get("/gyges/topology", tags=["gyges-admin"], responses=_responses(200, 404, 503))
     async def gyges_topology():

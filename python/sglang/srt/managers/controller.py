@@ -59,9 +59,12 @@ from sglang.srt.managers.io_struct import (
     GygesTransformReq,
     GygesTransformReqOutput,
     InstanceReport,
+    MoveSessionReq,
+    MoveSessionReqOutput,
     ReqOutputDelta,
     ReqStrOut,
     ServingState,
+    SessionKVTransfer,
     TokenizedGenerateReqInput,
     TransformCmd,
     TransformDone,
@@ -233,6 +236,9 @@ class Controller:
             return
         if isinstance(msg, WorkerDied):
             self.worker_died(msg)
+            return
+        if isinstance(msg, MoveSessionReq):
+            self.move_session(msg)
             return
         if self.active is not None and self.policy is None and not self._can_pass_during_transform(msg):
             self.active.held.append(msg)
@@ -703,8 +709,34 @@ class Controller:
             pending.waiting_for.discard(msg.instance_id)
             if not pending.waiting_for:
                 self._answer(msg.req_id)
+        elif isinstance(msg, SessionKVTransfer):  # the source exported the session: on to the destination
+            if msg.error is not None or msg.dst_instance not in self.views:
+                error = msg.error or f"instance {msg.dst_instance} is gone (a transformation ran meanwhile)"
+                self.send_to_tokenizer.send_pyobj(MoveSessionReqOutput(msg.req_id, False, error))
+            else:
+                self.session_home[msg.session_id] = msg.dst_instance
+                self.send_to_worker[msg.dst_instance].send_pyobj(msg)
+        elif isinstance(msg, MoveSessionReqOutput):
+            self.send_to_tokenizer.send_pyobj(msg)
         else:
             logger.error("controller got an unknown worker message %r", type(msg))
+
+    def move_session(self, msg: MoveSessionReq) -> None:
+        """Admin: move a session's pinned KV to instance dst_instance (source exports, destination adopts; both
+        keep serving). Refused (400) during a transformation, for an unknown session or instance."""
+        def refuse(text: str) -> None:
+            self.send_to_tokenizer.send_pyobj(MoveSessionReqOutput(msg.req_id, False, text))
+
+        src = self.session_home.get(msg.session_id)
+        if self.active is not None:
+            return refuse("a merge/split is in progress; move the session after it")
+        if src is None or src not in self.views:
+            return refuse(f"session {msg.session_id!r} has no KV on any instance (not open, or not pinned)")
+        if msg.dst_instance not in self.views:
+            return refuse(f"no instance {msg.dst_instance!r}; instances: {sorted(self.views)}")
+        if msg.dst_instance == src:
+            return refuse(f"session {msg.session_id!r} is already on instance {src}")
+        self.send_to_worker[src].send_pyobj(SessionKVTransfer(msg.req_id, msg.session_id, msg.dst_instance))
 
 
 def run_controller_process(server_args: ServerArgs, port_args: PortArgs, pipe_writer) -> None:

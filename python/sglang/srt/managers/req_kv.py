@@ -6,6 +6,8 @@ cache (pages holding cached prefixes, evictable when unreferenced):
     admit(req)           match the longest cached page-aligned prefix, lock it, start the page table
     reserve(req, n)      make sure the page table covers n tokens, evicting cached leaves if needed
     release(req)         insert the request's computed, page-aligned KV into the cache, unlock, free the rest
+    export/import_session   a session's pinned path as (tokens, page bytes), closed on the source and adopted +
+                         pinned on the destination (Controller: MoveSessionReq -> SessionKVTransfer)
     sessions             open sessions' pinned paths (mem_cache/session_pins.py): kept between turns, given
                          up least recently used first when running requests need their pages
     host                 optional host-memory tier (mem_cache/host_tier.py, --enable-hierarchical-cache):
@@ -24,6 +26,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
+
+import torch
 
 from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.mem_cache.host_tier import HostKVTier
@@ -112,10 +116,7 @@ class ReqKVManager:
         return True
 
     def alloc(self, n: int) -> List[int] | None:
-        pages = self.allocator.alloc(n)
-        if pages is None:
-            self.tree.evict(n - self.allocator.num_free)
-            pages = self.allocator.alloc(n)
+        pages = self.alloc_unpinned(n)
         while pages is None and self.sessions.release_lru():  # running requests come first
             self.tree.evict(n - self.allocator.num_free)
             pages = self.allocator.alloc(n)
@@ -176,10 +177,9 @@ class ReqKVManager:
         self.tree.inc_lock_ref(match.last_node)  # evicting for room must not take the matched prefix
         try:
             want = len(self.host.match(token_ids, start, max_pages))
-            pages = self.allocator.alloc(want)
+            pages = self.alloc_unpinned(want)  # eviction offloads what it evicts
             if pages is None:
-                self.tree.evict(want - self.allocator.num_free)  # offloads what it evicts
-                pages = self.allocator.alloc(min(want, self.allocator.num_free))
+                pages = self.allocator.alloc(self.allocator.num_free)
             run = self.host.match(token_ids, start, max_pages)[:len(pages)]  # eviction may have dropped some
             self.allocator.free(pages[len(run):])
             pages = pages[:len(run)]
@@ -192,6 +192,55 @@ class ReqKVManager:
             return (start + len(run) - max(start, already)) * ps
         finally:
             self.tree.dec_lock_ref(match.last_node)
+
+    # ---- moving a session between instances -----------------------------------------------------------------
+    def export_session(self, session_id: str, pool) -> tuple:
+        """(token ids, uint8 [pages, bytes_per_page] copy of their pages) of the session's pinned path; the
+        session is then closed here (its own pages freed). ValueError when it is not pinned here."""
+        from sglang.srt.mem_cache.host_tier import pool_page_bytes
+
+        pin = self.sessions.pins.get(session_id)
+        if pin is None:
+            raise ValueError(f"session {session_id!r} has no KV pinned on this instance")
+        tokens, pages = self.tree.path_of(pin.node)
+        kv = pool_page_bytes(pool).index_select(0, torch.tensor(pages, dtype=torch.int64)).cpu()
+        self.close_session(session_id)
+        return tokens, kv
+
+    def import_session(self, session_id: str, tokens: Sequence[int], kv, pool) -> tuple:
+        """Adopt a moved session: the pages of `tokens` not cached here are allocated (evicting cache, never
+        pins), written from kv and inserted into the radix cache, and the path is pinned for the session.
+        Returns (tokens adopted, bytes written); ValueError when the page layout differs or memory is short."""
+        from sglang.srt.mem_cache.host_tier import pool_page_bytes
+
+        ps = self.page_size
+        dev = pool_page_bytes(pool)
+        if kv.shape[1] != dev.shape[1] or kv.shape[0] * ps != len(tokens):
+            raise ValueError(f"the session's pages ({kv.shape[1]} bytes) do not match this instance's layout "
+                             f"({dev.shape[1]} bytes per page): move between instances of the same TP degree")
+        match = self.tree.match_prefix(tokens)
+        start = match.num_tokens // ps
+        self.tree.inc_lock_ref(match.last_node)
+        try:
+            pages = self.alloc_unpinned(kv.shape[0] - start)
+            if pages is None:
+                raise ValueError(f"instance has no room for the session's {kv.shape[0] - start} pages")
+            if pages:
+                dev[torch.tensor(pages, dtype=torch.int64, device=dev.device)] = kv[start:].to(dev.device)
+                already = self.tree.insert(tokens, match.pages + pages) // ps
+                self.allocator.free(pages[:max(0, already - start)])
+        finally:
+            self.tree.dec_lock_ref(match.last_node)
+        self.sessions.pin(session_id, tokens)
+        return len(tokens), len(pages) * dev.shape[1]
+
+    def alloc_unpinned(self, n: int) -> Optional[List[int]]:
+        """n pages from the free list and evictable cache (open sessions' pins are left alone)."""
+        pages = self.allocator.alloc(n)
+        if pages is None:
+            self.tree.evict(n - self.allocator.num_free)
+            pages = self.allocator.alloc(n)
+        return pages
 
     # ---- hints -----------------------------------------------------------------------------------------
     def note_request(self, rid: str, session_id: Optional[str], next_turn_in_s: Optional[float]) -> None:

@@ -42,6 +42,8 @@ from sglang.srt.managers.io_struct import (
     InstanceReport,
     ReqOutputDelta,
     TokenizedGenerateReqInput,
+    MoveSessionReqOutput,
+    SessionKVTransfer,
     TransformCmd,
 )
 from sglang.srt.managers.req_kv import ReqKVManager
@@ -131,6 +133,7 @@ class Scheduler:
         self.grammar_pending: Dict[str, Tuple[Req, concurrent.futures.Future, float]] = {}
 
         self.forward_ct = 0
+        self.kv_moved_bytes = 0  # KV bytes of sessions moved here from other instances
         self._last_report_key = None
         self._last_report_time = 0.0
         self._reported_sessions: Optional[List[str]] = None  # session ids of the last report that sent them
@@ -214,6 +217,8 @@ class Scheduler:
             self._pending_transform = msg
         elif isinstance(msg, CloseSessionReqInput):
             self.kv.close_session(msg.session_id)
+        elif isinstance(msg, SessionKVTransfer):
+            self.transfer_session(msg)
         elif isinstance(msg, GetInternalStateReq):
             self.send_to_controller.send_pyobj(
                 GetInternalStateReqOutput(msg.req_id, self.instance_id, self.internal_state()))
@@ -317,6 +322,29 @@ class Scheduler:
             aborted.append(req)
         if aborted:
             self.send_outputs(aborted)
+
+    def transfer_session(self, msg: SessionKVTransfer) -> None:
+        """Moving a session's KV (req_kv.py export/import_session): as the source, send its pinned path's
+        tokens and page bytes back to the controller (which forwards them); as the destination, adopt them and
+        answer. Both sides do it between two iterations; requests keep running."""
+        if msg.kv is None:
+            try:
+                if self.tp.size > 1:
+                    raise ValueError("moving a session from a TP > 1 instance is not supported yet")
+                msg.tokens, msg.kv = self.kv.export_session(msg.session_id, self.runner.kv_pool)
+            except ValueError as e:
+                msg.error = str(e)
+            self.send_to_controller.send_pyobj(msg)
+            return
+        try:
+            if self.tp.size > 1:
+                raise ValueError("moving a session to a TP > 1 instance is not supported yet")
+            tokens, nbytes = self.kv.import_session(msg.session_id, msg.tokens, msg.kv, self.runner.kv_pool)
+            self.kv_moved_bytes += nbytes
+            reply = MoveSessionReqOutput(msg.req_id, True, "", tokens, nbytes)
+        except ValueError as e:
+            reply = MoveSessionReqOutput(msg.req_id, False, str(e))
+        self.send_to_controller.send_pyobj(reply)
 
     def finish_now(self, req: Req, reason) -> None:
         req.finished_reason = reason
@@ -535,6 +563,7 @@ class Scheduler:
             "cached_pages": self.kv.tree.cached_pages(),
             **self.kv.sessions.stats(),
             **self.kv.host_stats(),
+            "kv_moved_bytes": self.kv_moved_bytes,
             "kv_used_tokens": self.kv.used_pages() * self.page_size,
             "kv_capacity_tokens": self.kv.num_pages * self.page_size,
             "forward_ct": self.forward_ct,

@@ -52,6 +52,8 @@ from sglang.srt.managers.io_struct import (
     OpenSessionReqInput,
     FlushCacheReq,
     FlushCacheReqOutput,
+    MoveSessionReq,
+    MoveSessionReqOutput,
     GenerateReqInput,
     GetInternalStateReq,
     GygesTopologyReq,
@@ -670,6 +672,18 @@ class TokenizerManager:
     async def get_internal_state(self) -> List[Dict]:
         replies = await self._ask(GetInternalStateReq(uuid.uuid4().hex))
         return [r.state for r in replies]
+
+    async def move_session(self, session_id: str, dst_instance: int) -> Dict:
+        """Move a session's pinned KV to the instance led by device dst_instance. ValueError (HTTP 400) when
+        refused (unknown session or instance, a transformation in progress, TP > 1, no room there)."""
+        if not isinstance(session_id, str) or session_id not in self.sessions.sessions:
+            raise ValueError(f"no open session {session_id!r}")
+        if not isinstance(dst_instance, int) or isinstance(dst_instance, bool):
+            raise ValueError("'instance' must be the integer id of an instance (its leader device)")
+        reply: MoveSessionReqOutput = await self._ask(MoveSessionReq(uuid.uuid4().hex, session_id, dst_instance))
+        if not reply.success:
+            raise ValueError(f"cannot move session {session_id!r}: {reply.message}")
+        return {"session_id": session_id, "instance": dst_instance, "tokens": reply.tokens, "bytes": reply.bytes}
 
     # ---- Gyges admin -------------------------------------------------------------------------------------
     async def gyges_topology(self) -> Dict:
