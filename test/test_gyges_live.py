@@ -58,13 +58,17 @@ def _assert_all_pages_free(engine):
         assert st["free_pages"] == st["num_pages"], st
 
 
-@pytest.fixture(scope="module")
-def two_devices(test_model):
+def two_instance_engine(test_model, **extra) -> sglang.Engine:
     # Small prefill chunks: long prompts are still mid-prefill when a transformation arrives; at most 3
     # running requests per instance: some of the 8 are still waiting in the queue when it arrives.
-    eng = sglang.Engine(model_path=test_model("llama_kv4"), dp_size=2, enable_gyges=True, device="cpu",
-                        dtype="float32", page_size=4, chunked_prefill_size=8, max_running_requests=3,
-                        log_level="warning")
+    return sglang.Engine(model_path=test_model("llama_kv4"), dp_size=2, enable_gyges=True, device="cpu",
+                         dtype="float32", page_size=4, chunked_prefill_size=8, max_running_requests=3,
+                         log_level="warning", **extra)
+
+
+@pytest.fixture(scope="module")
+def two_devices(test_model):
+    eng = two_instance_engine(test_model)
     yield eng
     eng.shutdown()
 

@@ -19,6 +19,7 @@ placed right after the running requests' groups) together to one part, which re-
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import pickle
 import time
@@ -32,6 +33,7 @@ from gyges.plans import (
     KVLayout,
     KVPlan,
     kv_merge_plan,
+    kv_regroup_plan,
     kv_split_plan,
     merge_page_mapping,
     split_page_assignment,
@@ -79,20 +81,28 @@ def _rebase(req: Req, mapping) -> Req:
     return req
 
 
+def _precopied_first(natural, ahead: Dict[int, int]):
+    return lambda p: ahead[p] if p in ahead else natural(p)
+
+
 def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: KVLayout,
-                   buffer_bytes: int, reserved_after: int = 0) -> TransformPlan:
-    """reserved_after: pages each resulting instance's weights occupy (KV must not be placed there)."""
+                   buffer_bytes: int, reserved_after: int = 0,
+                   precopied: Optional[Dict[Tuple[int, int], int]] = None) -> TransformPlan:
+    """reserved_after: pages each resulting instance's weights occupy (KV must not be placed there).
+    precopied (merges): (source index, page) -> merged page that already holds the page's KV on every device."""
     src = [Instance.of(d) for d in cmd.src_instances]
     dst = [Instance.of(d) for d in cmd.dst_instances]
     running = sum(len(s.running) for s in states.values())
     if cmd.kind == "merge":
         merged = dst[0]
-        used = [sorted(states[p.base].used_pages()) for p in src]
+        ahead = precopied or {}
+        # Pages already copied while serving (valid_precopied) stay out of the pause's plan.
+        used = [sorted(p for p in states[part.base].used_pages() if (i, p) not in ahead) for i, part in enumerate(src)]
         kv_plan = kv_merge_plan(layout, buffer_bytes, src, used, KV_ROUND_BYTES)
         out = InstanceState(devices=list(merged.devices), running=[], waiting=[], tree_paths=[])
-        for part in src:
+        for i, part in enumerate(src):
             st = states[part.base]
-            f = merge_page_mapping(part, merged)
+            f = _precopied_first(merge_page_mapping(part, merged), {p: q for (s, p), q in ahead.items() if s == i})
             out.running.extend(_rebase(r, f) for r in st.running)
             out.waiting.extend(st.waiting)
             out.tree_paths.extend((toks, [f(p) for p in pages]) for toks, pages in st.tree_paths)
@@ -216,6 +226,194 @@ def _assign_groups(groups: List[_PageGroup], merged: Instance, parts: List[Insta
 
 
 # ------------------------------------------------------------------------------------------------------
+# pre-copy (merges of TP1 instances, while they serve)
+# ------------------------------------------------------------------------------------------------------
+# Pre-copy takes at most this share of the pages free on every part as destinations (the rest stays for serving).
+PRECOPY_FREE_SHARE = 0.5
+# Message tags of pre-copy chunks (the pause's executor uses its round numbers from 0).
+_PRECOPY_TAG = 1 << 20
+# transform id -> this device's finished (or abandoned) pre-copy, read by execute_transform at the pause.
+_PRECOPIED: Dict[str, "KVPrecopy"] = {}
+
+
+def precopy_applies(cmd: TransformCmd, cfg, chunk_bytes: int) -> bool:
+    """Merges of TP1 instances only: every device leads its own instance, and the merged group's device group
+    is idle while they serve, so the chunks can cross it between iterations."""
+    if chunk_bytes <= 0 or cmd.kind != "merge" or any(len(i) != 1 for i in cmd.src_instances):
+        return False
+    try:
+        check_model_can_take(cmd, cfg)
+    except ValueError:
+        return False  # refused at the pause as without pre-copy
+    return True
+
+
+class KVPrecopy:
+    """One device's pre-copy of a merge of TP1 instances, driven by its scheduler between iterations.
+
+        start     all devices exchange their parts' full pages (cached paths, full pages of running requests) and
+                  free pages [cpu group]; every device computes the same choice: old page ids free on every part
+                  (at most PRECOPY_FREE_SHARE of them) are taken from each part's allocator, and each of their
+                  merged pages (old page j -> merged pages k*j .. k*j+k-1) becomes the destination of one full
+                  page; gyges.plans.kv_regroup_plan gives the moves (no hazards: destinations are free), cut into
+                  chunks of chunk_bytes per device (regroup.executor_rounds)
+        advance   (every iteration) a posted chunk that completed is written into place; the next one is posted
+                  (non-blocking isend/irecv on the merged group's device group, sources read straight from the pool)
+        pause     execute_transform keeps a pre-copied page's copy iff every chunk completed and the page is still
+                  used and was not re-allocated since the start (`dirty`: the allocator's alloc is observed); the
+                  pause's plan moves every other page; the reserved pages become ordinary pages of the merged pool
+        release   (refused or abandoned) the reserved pages go back to the allocator, the observer is removed
+    """
+
+    def __init__(self, cmd: TransformCmd, me: int, runner, kv, chunk_bytes: int, timeout_s: float):
+        self.cmd, self.me, self.runner, self.kv = cmd, me, runner, kv
+        self.allocator = kv.allocator
+        self.chunk_bytes = chunk_bytes
+        self.deadline = time.monotonic() + timeout_s
+        self.page_map: Dict[Tuple[int, int], int] = {}  # (part index, page) -> merged page holding a copy
+        self.reserved: List[int] = []
+        self.dirty: set = set()  # this part's pages allocated since start: their content may have changed
+        self.chunks: List = []
+        self.next_chunk = 0
+        self.posted = None
+        self.complete = False
+        self.failed = ""
+        self.bytes_sent = 0
+        self.t_start = time.time()
+        self.t_end = self.t_start
+        self.iterations = 0
+        self._observing = False
+
+    # -- start ---------------------------------------------------------------------------------------
+    def start(self, state: InstanceState) -> None:
+        group = get_tp_group(self.cmd.devices)
+        self.flat = regroup.kv_flat_bytes(self.runner.kv_pool)
+        self.device_group = group.device_group
+        full = {p for _, pages in state.tree_paths for p in pages}
+        ps = self.runner.kv_pool.page_size
+        for r in state.running:
+            full.update(r.page_table[:r.kv_len // ps])
+        mine = (sorted(full), self.allocator.free_pages())
+        everyone = _all_gather_object(mine, group)  # in device order = source instance order (TP1 parts)
+        src = [Instance.of(d) for d in self.cmd.src_instances]
+        merged = Instance.of(self.cmd.dst_instances[0])
+        k = merged.tp
+        common_free = set(everyone[0][1])
+        for _, free in everyone[1:]:
+            common_free &= set(free)
+        candidates = [(i, p) for i, (pages, _) in enumerate(everyone) for p in pages]
+        budget = int(len(common_free) * PRECOPY_FREE_SHARE)
+        self.reserved = sorted(common_free)[:min(budget, -(-len(candidates) // k))]
+        slots = [j * k + t for j in self.reserved for t in range(k)]
+        self.page_map = dict(zip(candidates, slots))
+        self.allocator.take(self.reserved)
+        self._observe()
+        cfg = self.runner.model_config
+        layout = KVLayout(cfg.heads.padded_kv_heads, cfg.num_layers, ps, cfg.head_dim,
+                          torch.empty((), dtype=cfg.dtype).element_size())
+        plan = kv_regroup_plan(layout, self.flat.numel(), src, (merged,),
+                               {key: (0, q) for key, q in self.page_map.items()})
+        self.bytes_planned = plan.kv_bytes_moved
+        self.chunks = regroup.executor_rounds(plan, self.chunk_bytes)
+        self.slabs = regroup.StagingSlabs(self.flat.device, 1)
+        self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="precopy")
+        self.landed: Optional[concurrent.futures.Future] = None
+        self.stats = regroup.RegroupStats()
+        _PRECOPIED[self.cmd.transform_id] = self
+
+    def _observe(self) -> None:
+        """Every page handed out from now on is dirty (about to be written: prefill, decode, host reload)."""
+        original = self.allocator.alloc
+        dirty = self.dirty
+
+        def alloc(n: int):
+            pages = original(n)
+            if pages:
+                dirty.update(pages)
+            return pages
+
+        self.allocator.alloc = alloc  # instance attribute over the method, removed by _unobserve
+        self._observing = True
+
+    def _unobserve(self) -> None:
+        if self._observing:
+            del self.allocator.alloc
+            self._observing = False
+
+    # -- between iterations ----------------------------------------------------------------------------
+    def advance(self) -> bool:
+        """Progress without blocking; True when the pause may start (done, failed or past the deadline)."""
+        self.iterations += 1
+        try:
+            if self.posted is not None:
+                if not self.landed.done():
+                    if time.monotonic() > self.deadline:
+                        return self._give_up("pre-copy past --gyges-transform-timeout")
+                    return False
+                self.landed.result()  # raises what the transfer raised
+                regroup._finish_round(self.posted, self.flat, waited=True)
+                self.posted = None
+            if self.next_chunk < len(self.chunks):
+                self.posted = regroup._start_round(self.chunks[self.next_chunk], self.me, self.flat,
+                                                   self.device_group, _PRECOPY_TAG + self.next_chunk, self.stats,
+                                                   self.slabs)
+                # Work.is_completed() of gloo's send/recv turns true only in wait(): a side thread waits.
+                self.landed = self._waiter.submit(lambda works=self.posted.works: [w.wait() for w in works])
+                self.next_chunk += 1
+                return False
+        except RuntimeError as e:  # a peer died: the pause's collectives fail the transformation as without it
+            return self._give_up(f"pre-copy failed: {e}")
+        self._waiter.shutdown(wait=False)
+        self.complete = True
+        self.t_end = time.time()
+        return True
+
+    def _give_up(self, why: str) -> bool:
+        logger.warning("%s of devices %s: %s", self.cmd.kind, self.cmd.devices, why)
+        self._waiter.shutdown(wait=False)
+        self.failed = why
+        self.t_end = time.time()
+        return True
+
+    def summary(self) -> dict:
+        """What the pause needs from this device (plain data, gathered from every device)."""
+        return {"complete": self.complete, "dirty": sorted(self.dirty), "page_map": self.page_map,
+                "t_start": self.t_start, "t_end": self.t_end, "sent": self.stats.kv_bytes_sent,
+                "local": self.stats.kv_bytes_local, "iterations": self.iterations,
+                "reserved": len(self.reserved)}
+
+    def release(self) -> None:
+        """Nothing stays half-done: the reserved pages return to the allocator, the observer goes."""
+        self._unobserve()
+        if self.reserved:
+            self.allocator.free(self.reserved)
+            self.reserved = []
+        _PRECOPIED.pop(self.cmd.transform_id, None)
+
+
+def start_precopy(cmd: TransformCmd, me: int, runner, kv, state: InstanceState, chunk_bytes: int,
+                  timeout_s: float) -> Optional[KVPrecopy]:
+    """A started pre-copy for `cmd` when it applies (precopy_applies), else None (stop-and-copy)."""
+    if not precopy_applies(cmd, runner.model_config, chunk_bytes):
+        return None
+    pre = KVPrecopy(cmd, me, runner, kv, chunk_bytes, timeout_s)
+    pre.start(state)
+    return pre
+
+
+def _valid_precopied(summaries: List[Optional[dict]], states: Dict[int, InstanceState],
+                     src: List[Instance]) -> Dict[Tuple[int, int], int]:
+    """(part index, page) -> merged page of the pre-copied pages the pause keeps: every device's chunks completed,
+    the page is still used by its part and its part did not re-allocate it."""
+    if not summaries or any(x is None or not x["complete"] for x in summaries):
+        return {}
+    page_map = summaries[0]["page_map"]
+    dirty = [set(x["dirty"]) for x in summaries]  # device order = part order for TP1 parts
+    used = [states[p.base].used_pages() for p in src]
+    return {(i, p): q for (i, p), q in page_map.items() if p in used[i] and p not in dirty[i]}
+
+
+# ------------------------------------------------------------------------------------------------------
 # execution (every device of the transformation)
 # ------------------------------------------------------------------------------------------------------
 def _all_gather_object(obj, group: TPGroup) -> list:
@@ -229,16 +427,24 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     t_start = time.time()
     devices = cmd.devices
     group = get_tp_group(devices)
-    blobs = _all_gather_object(pickle.dumps(my_state) if my_state is not None else None, group)
-    states = {}
-    for blob in blobs:
-        if blob is not None:
-            st: InstanceState = pickle.loads(blob)
-            states[st.devices[0]] = st
-
     cfg = runner.model_config
     pool = runner.kv_pool
     flat = regroup.kv_flat_bytes(pool)
+    pre = _PRECOPIED.pop(cmd.transform_id, None)
+    if pre is not None:
+        pre._unobserve()
+        if pre.posted is not None:  # given up with a chunk on the wire: it lands before anything reuses its pages
+            pre.landed.result()
+            regroup._finish_round(pre.posted, flat, waited=True)
+            pre.posted = None
+    blobs = _all_gather_object((pickle.dumps(my_state) if my_state is not None else None,
+                                pre.summary() if pre is not None else None), group)
+    states = {}
+    for blob, _ in blobs:
+        if blob is not None:
+            st: InstanceState = pickle.loads(blob)
+            states[st.devices[0]] = st
+    summaries = [x for _, x in blobs]
     # The pool's KV heads are the padded ones (gyges.heads): every TP degree dividing G splits them evenly.
     layout = KVLayout(cfg.heads.padded_kv_heads, cfg.num_layers, pool.page_size, cfg.head_dim,
                       torch.empty((), dtype=cfg.dtype).element_size())
@@ -254,10 +460,13 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         new_model = regroup.build_model_on_meta(type(runner.model), new_cfg, new_group)
         _, new_weights_end = packed_layout(new_model)
         reserved_after = -(-new_weights_end // layout.page_bytes(new_inst.tp))
-        plan = plan_transform(cmd, states, layout, flat.numel(), reserved_after)
+        kept_ahead = _valid_precopied(summaries, states, src) if cmd.kind == "merge" else {}
+        plan = plan_transform(cmd, states, layout, flat.numel(), reserved_after, kept_ahead)
     except ValueError as e:
         msg = f"{cmd.kind} of devices {devices} refused: {e}"
         logger.warning(msg)
+        if pre is not None:
+            pre.release()
         return TransformOutcome(ok=False, message=msg, ranks=_old_ranks(cmd, me))
     planning_s = time.perf_counter() - t_plan0
 
@@ -293,6 +502,15 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         "total_ms": (max(e["t_end"] for e in everyone) - cmd.issued_at) * 1e3,
         "kv_capacity_tokens": runner.max_total_num_tokens,
     }
+    ahead = [x for x in summaries if x is not None]
+    breakdown.update({  # pre-copy while serving (zeros when it did not apply)
+        "precopy_ms": (max(x["t_end"] for x in ahead) - min(x["t_start"] for x in ahead)) * 1e3 if ahead else 0.0,
+        "precopy_kv_bytes": sum(x["sent"] for x in ahead),
+        "precopy_pages": len(ahead[0]["page_map"]) if ahead else 0,
+        "precopy_pages_kept": len(kept_ahead),
+        "precopy_iterations": max((x["iterations"] for x in ahead), default=0),
+        "precopy_complete": bool(ahead) and all(x["complete"] for x in ahead),
+    })
     state = plan.states.get(me) if new_inst.leader == me else None
     placements = {base: [r.rid for r in st.running + st.waiting] for base, st in plan.states.items()}
     return TransformOutcome(ok=True, ranks=list(new_inst.devices), state=state, breakdown=breakdown,

@@ -145,6 +145,7 @@ class Scheduler:
         self.send_to_controller = channels.send_to_controller
         self.poller = channels.poller
         self._pending_transform: Optional[TransformCmd] = None
+        self._precopy = None  # gyges_transform.KVPrecopy of an ordered merge, run between iterations
         self._finished_since_report: List[str] = []
         self.capacity_by_tp = None
         if server_args.enable_gyges:
@@ -171,7 +172,7 @@ class Scheduler:
             if self.batches.has_work:
                 block_ms = 0
             else:
-                block_ms = 5 if self.grammar_pending else 200
+                block_ms = 1 if self._precopy is not None else 5 if self.grammar_pending else 200
             self.process_input(block_ms=block_ms)
             if self._pending_transform is not None:
                 break
@@ -179,6 +180,8 @@ class Scheduler:
             self.step()
             self.kv.background()  # hinted turns' KV: offloaded early, reloaded before the turn (req_kv.py)
             self.report_load()
+            if self._precopy is not None and self._precopy.advance():  # pre-copied: the pause may start
+                self._pending_transform, self._precopy = self._precopy.cmd, None
         cmd, self._pending_transform = self._pending_transform, None
         return cmd
 
@@ -214,7 +217,7 @@ class Scheduler:
             ok = self.flush_cache()
             self.send_to_controller.send_pyobj(FlushCacheReqOutput(msg.req_id, ok, self.instance_id))
         elif isinstance(msg, TransformCmd):
-            self._pending_transform = msg
+            self.begin_transform(msg)
         elif isinstance(msg, CloseSessionReqInput):
             self.kv.close_session(msg.session_id)
         elif isinstance(msg, SessionKVTransfer):
@@ -224,6 +227,18 @@ class Scheduler:
                 GetInternalStateReqOutput(msg.req_id, self.instance_id, self.internal_state()))
         else:
             logger.error("scheduler got an unknown message %r", type(msg))
+
+    def begin_transform(self, cmd: TransformCmd) -> None:
+        """Pause for `cmd` at once, or first pre-copy its KV while serving (gyges_transform.KVPrecopy: merges
+        of TP1 instances with --gyges-precopy-chunk-bytes > 0); the pause starts when the pre-copy is done."""
+        from sglang.srt.managers.gyges_transform import start_precopy
+
+        pages_now = InstanceState(devices=list(self.tp.ranks), running=list(self.running), waiting=[],
+                                  tree_paths=self.kv.tree.export())  # read only: which pages hold what now
+        self._precopy = start_precopy(cmd, self.tp.ranks[0], self.runner, self.kv, pages_now,
+                                      self.args.gyges_precopy_chunk_bytes, self.args.gyges_transform_timeout)
+        if self._precopy is None:
+            self._pending_transform = cmd
 
     def add_request(self, recv: TokenizedGenerateReqInput) -> None:
         from sglang.srt.sampling.sampler import SamplingState

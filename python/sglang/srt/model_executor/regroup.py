@@ -202,9 +202,12 @@ def _start_round(moves, me: int, flat: torch.Tensor, device_group, tag: int, sta
     return _RoundInFlight(_post(ops, device_group), writes, need)
 
 
-def _finish_round(rnd: _RoundInFlight, flat: torch.Tensor) -> None:
-    for w in rnd.works:
-        w.wait()
+def _finish_round(rnd: _RoundInFlight, flat: torch.Tensor, waited: bool = False) -> None:
+    """Wait for the round's transfers (unless the caller already did: a gloo Work's second wait() hangs) and
+    write its staged data into place."""
+    if not waited:
+        for w in rnd.works:
+            w.wait()
     for runs, buf in rnd.writes:
         scatter_blocks(flat, [r.dst_offset for r in runs], [r.nbytes for r in runs], buf)
 
