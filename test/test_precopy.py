@@ -86,3 +86,35 @@ def test_abort_during_precopy_leaves_every_page_free(precopy_engine):
     assert out["meta_info"]["completion_tokens"] == PARAMS["max_new_tokens"]
     assert eng.gyges_transform([0, 1], 1)["kind"] == "split"
     _assert_all_pages_free(eng)
+
+
+def test_worker_death_during_precopy_fails_its_instances_without_hanging(test_model):
+    """A peer dies while a merge is pre-copying: the survivor's chunk never lands; the transformation and the
+    requests of both instances fail with a clear error instead of waiting forever."""
+    from sglang.srt.managers.tokenizer_manager import ServerUnavailableError
+
+    eng = two_instance_engine(test_model, gyges_precopy_chunk_bytes=1024, gyges_transform_timeout=30)
+    try:
+        prompts = _prompts(8)
+        eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0})  # cached pages
+        results = {}
+
+        def run(name, ids):
+            results[name] = _try(lambda: eng.generate(input_ids=ids, sampling_params={
+                "max_new_tokens": 3000, "temperature": 0, "ignore_eos": True}))
+
+        threads = [threading.Thread(target=run, args=(f"r{i}", prompts[i])) for i in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        merge = threading.Thread(target=lambda: results.update(merge=_try(lambda: eng.gyges_transform([0, 1], 2))))
+        merge.start()
+        time.sleep(0.05)
+        next(p for p in eng.tokenizer_manager.child_processes if p.name == "worker-1").kill()
+        for t in threads + [merge]:
+            t.join(120)
+            assert not t.is_alive(), results
+        for name in ("r0", "r1", "merge"):
+            assert isinstance(results[name], ServerUnavailableError), results[name]
+    finally:
+        eng.shutdown()
