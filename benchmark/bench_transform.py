@@ -97,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--restart-req-len", type=int, default=1024, help="request length for the recompute's attention")
     p.add_argument("--engine-prompts", type=int, default=32)
     p.add_argument("--engine-prompt-len", type=int, default=256)
+    p.add_argument("--precopy-chunk-bytes", type=int, default=64 << 10,
+                   help="--gyges-precopy-chunk-bytes of the engine run with pre-copy")
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--skip-executor", action="store_true")
     p.add_argument("--demo-dir", default=os.path.join(tempfile.gettempdir(), "sglang-bench-transform-demo"))
@@ -752,25 +754,77 @@ def build_demo(args) -> str:
     return make_demo_model(args.demo_dir, DemoModelSpec(arch="llama"))
 
 
+def merge_while_streaming(eng, prompt: List[int]) -> Dict:
+    """Merge devices 0 and 1 while one request decodes (streamed, one token per chunk): the breakdown plus the
+    token gaps that request saw: median before the merge, the largest around it, median during the pre-copy."""
+    import threading
+
+    times: List[float] = []
+    t = threading.Thread(target=lambda: times.extend(
+        time.perf_counter() for _ in eng.generate(input_ids=prompt, stream=True, sampling_params={
+            "max_new_tokens": 400, "temperature": 0, "ignore_eos": True})))
+    t.start()
+    while len(times) < 100:
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    bd = eng.gyges_transform([0, 1], 2)
+    t1 = time.perf_counter()
+    t.join()
+    gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+    ends = times[1:]
+    before = sorted(g for g, e in zip(gaps, ends) if e < t0)
+    pre_end = t0 + bd.get("precopy_ms", 0.0) / 1e3
+    during = sorted(g for g, e in zip(gaps, ends) if t0 < e <= pre_end)
+    around = [g for g, e in zip(gaps, ends) if t0 < e <= t1 + 0.5]
+    step = before[len(before) // 2]
+    return {"breakdown": bd, "gap_before_ms": step, "max_gap_ms": max(around, default=0.0),
+            "gap_during_precopy_ms": during[len(during) // 2] if during else None,
+            "pause_in_steps": max(around, default=0.0) / step}
+
+
 def bench_engine(args, path: str) -> Dict:
     import sglang
 
-    eng = sglang.Engine(model_path=path, dp_size=2, enable_gyges=True, device="cpu", page_size=args.page_size,
-                        log_level="warning")
-    try:
-        prompts = engine_prompts(args, 512)
-        eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0})
-        merges, splits = [], []
-        for _ in range(args.repeats):
-            merges.append(eng.gyges_transform([0, 1], 2))
-            splits.append(eng.gyges_transform([0, 1], 1))
-        check = eng.generate(input_ids=prompts[3], sampling_params={"max_new_tokens": 1, "temperature": 0})
-        cached = check["meta_info"]["cached_tokens"]
-    finally:
-        eng.shutdown()
-    pick = lambda bds: min(bds, key=lambda b: b["pause_ms"])  # noqa: E731
-    return {"merge": pick(merges), "split": pick(splits), "all_merges": merges, "all_splits": splits,
-            "cached_tokens_after": cached}
+    out: Dict = {}
+    for mode, chunk in (("stop-and-copy", 0), ("pre-copy", args.precopy_chunk_bytes)):
+        eng = sglang.Engine(model_path=path, dp_size=2, enable_gyges=True, device="cpu", page_size=args.page_size,
+                            log_level="warning", gyges_precopy_chunk_bytes=chunk)
+        try:
+            prompts = engine_prompts(args, 512)
+            eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0})
+            merges, splits, streamed = [], [], []
+            for _ in range(args.repeats):
+                merges.append(eng.gyges_transform([0, 1], 2))
+                splits.append(eng.gyges_transform([0, 1], 1))
+            for _ in range(args.repeats):
+                streamed.append(merge_while_streaming(eng, prompts[0][:64]))
+                splits.append(eng.gyges_transform([0, 1], 1))
+            check = eng.generate(input_ids=prompts[3], sampling_params={"max_new_tokens": 1, "temperature": 0})
+            cached = check["meta_info"]["cached_tokens"]
+        finally:
+            eng.shutdown()
+        pick = lambda bds: min(bds, key=lambda b: b["pause_ms"])  # noqa: E731
+        out[mode] = {"merge": pick(merges), "split": pick(splits), "all_merges": merges, "all_splits": splits,
+                     "cached_tokens_after": cached,
+                     "streamed": min(streamed, key=lambda x: x["max_gap_ms"]), "all_streamed": streamed}
+    out.update(out["stop-and-copy"])  # the main table's engine rows
+    return out
+
+
+def engine_pause_table(engine: Dict) -> str:
+    """Stop-and-copy vs pre-copy merges of the tiny demo through the Engine: what a decoding request sees."""
+    head = ("| merge | pause ms | pre-copy ms | KV bytes in the pause | KV bytes pre-copied | pages kept / pre-copied | "
+            "decode step before ms | largest token gap ms | = decode steps | step during pre-copy ms |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for mode in ("stop-and-copy", "pre-copy"):
+        x = engine[mode]["streamed"]
+        b = x["breakdown"]
+        during = x["gap_during_precopy_ms"]
+        lines.append(f"| {mode} | {b['pause_ms']:.1f} | {b['precopy_ms']:.1f} | {b['kv_bytes']:,} | "
+                     f"{b['precopy_kv_bytes']:,} | {b['precopy_pages_kept']} / {b['precopy_pages']} | "
+                     f"{x['gap_before_ms']:.1f} | {x['max_gap_ms']:.1f} | {x['pause_in_steps']:.1f} | "
+                     f"{'n/a' if during is None else f'{during:.1f}'} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1003,13 +1057,14 @@ def main(argv=None) -> None:
     table = markdown_table(rows)
     layer_table = per_layer_table(result, jobs) if jobs else ""
     kv_table = kv_rate_table(result, jobs) if jobs else ""
+    pause_table = f"\n\nmerges while a request decodes (tiny demo, Engine):\n\n{engine_pause_table(engine)}" if engine else ""
     bw = result["bandwidth"]
     info = machine_info()
     header = (f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} (CPU only, no GPU); "
               f"2 processes x 1 thread, gloo over loopback: P2P {bw.get('p2p_bidir', 0) / 1e9:.2f} GB/s each way, "
               f"copy {bw.get('copy', 0) / 1e9:.2f} GB/s")
     cmd = "python benchmark/bench_transform.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = (f"{header}\n\ncommand: `{cmd.strip()}`\n\n{table}\n\nKV moves (executor vs token-major vs the link):\n\n"
+    md = (f"{header}\n\ncommand: `{cmd.strip()}`\n\n{table}{pause_table}\n\nKV moves (executor vs token-major vs the link):\n\n"
           f"{kv_table}\n\nper decoder layer (weights):\n\n{layer_table}\n")
     print("\n" + md)
     with open(os.path.join(args.result_dir, "bench_transform.md"), "w") as f:
