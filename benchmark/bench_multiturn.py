@@ -224,7 +224,7 @@ def mode_features(mode: str) -> tuple:
 
 def kv_movement(eng) -> Dict[str, int]:
     """Sum over instances of the KV-movement counters the schedulers report (absent ones count 0)."""
-    totals = {"host_offloaded_bytes": 0, "host_loaded_bytes": 0, "kv_moved_bytes": 0}
+    totals = {"host_offloaded_bytes": 0, "host_loaded_bytes": 0, "kv_moved_bytes": 0, "host_reload_cut_pages": 0}
     for state in eng.get_internal_state():
         for k in totals:
             totals[k] += int(state.get(k, 0) or 0)
@@ -394,6 +394,9 @@ def main() -> int:
         print(f"  {m}: {r['makespan_s']:.1f} s", flush=True)
         runs.append(r)
     print(table(runs))
+    for r in runs:
+        if r["host_reload_cut_pages"]:
+            print(f"{r['mode']}: {r['host_reload_cut_pages']} host pages not reloaded for lack of device room")
     if len(runs) > 1:
         print(f"same greedy tokens as mode {runs[0]['mode']!r} for every turn: {same_outputs(runs)}")
     png = plot(runs, Path(a.out_dir) / "bench_multiturn.png", desc)

@@ -70,6 +70,7 @@ class ReqKVManager:
         self.sessions.next_turn_at = lambda sid: h.next_turn_at if (h := self.hinted.get(sid)) else None
         self.host_reloaded_tokens = 0  # tokens reloaded from host at admission (on the request's path)
         self.hint_prefetched_tokens = 0  # tokens reloaded from host ahead of a hinted turn (off it)
+        self.host_reload_cut_pages = 0  # host pages a reload left behind (no room on device, or dropped meanwhile)
 
     # ---- capacity ---------------------------------------------------------------------------------
     @property
@@ -181,6 +182,7 @@ class ReqKVManager:
             if pages is None:
                 pages = self.allocator.alloc(self.allocator.num_free)
             run = self.host.match(token_ids, start, max_pages)[:len(pages)]  # eviction may have dropped some
+            self.host_reload_cut_pages += want - len(run)
             self.allocator.free(pages[len(run):])
             pages = pages[:len(run)]
             if not run:
@@ -275,7 +277,7 @@ class ReqKVManager:
 
     def host_stats(self) -> Dict[str, int]:
         out = {"hinted_paths": len(self.hinted), "host_reloaded_tokens": self.host_reloaded_tokens,
-               "hint_prefetched_tokens": self.hint_prefetched_tokens}
+               "hint_prefetched_tokens": self.hint_prefetched_tokens, "host_reload_cut_pages": self.host_reload_cut_pages}
         if self.host is not None:
             out.update(self.host.stats())
         return out
