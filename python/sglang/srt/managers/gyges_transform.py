@@ -12,6 +12,10 @@
       5. resume     new leaders adopt their re-based requests and cache; followers follow
       6. report     D's first device sends TransformDone with the measured breakdown to the controller
 
+Pre-copy (merges of TP1 instances, --gyges-precopy-chunk-bytes > 0): before step 1 the source leaders keep
+serving while KVPrecopy copies the pages that no longer change into free pages of the merged layout, a bounded
+chunk per iteration (Scheduler.begin_transform / event_loop); step 3 then moves only the pages written since.
+
 Nothing is recomputed: requests keep their KV, output, sampling seed and grammar state. Open sessions keep
 their pinned KV: a merge takes every source's pins; a split moves each session's pages (one page group,
 placed right after the running requests' groups) together to one part, which re-pins them.
