@@ -136,6 +136,24 @@ def test_hints_order_unpinning_and_prefetch_before_the_turn():
     assert kv.allocator.num_free == pool.num_pages
 
 
+def test_home_sessions_include_unpinned_ones_with_a_host_tier():
+    pool = make_pool()
+    kv = make_kv(pool, host_pages=16)
+    tokens = list(range(1, 1 + 2 * PS))
+    cache_path(kv, tokens)
+    kv.finish_session_turn("s", tokens)
+    assert kv.home_sessions() == ["s"]
+    assert kv.sessions.release_lru() and "s" not in kv.sessions
+    assert kv.home_sessions() == ["s"]  # its KV goes to this instance's host tier: its next turn comes here
+    kv.close_session("s")
+    assert kv.home_sessions() == []
+    plain = ReqKVManager(pool.num_pages, PS, disable_radix_cache=False)
+    cache_path(plain, tokens)
+    plain.finish_session_turn("s", tokens)
+    plain.sessions.release_lru()
+    assert plain.home_sessions() == []  # without a host tier an unpinned session's KV may be gone
+
+
 @pytest.mark.parametrize("bad", [-1, "soon", float("nan"), float("inf"), True, [1], 1e9])
 def test_bad_hints_are_refused(bad):
     with pytest.raises(ValueError, match="next_turn_in_s"):

@@ -66,6 +66,7 @@ class ReqKVManager:
         if self.host is not None:
             self.tree.on_evict = self._offload_evicted
         self.hinted: Dict[str, HintedPath] = {}  # session id (or "rid:" + rid) -> its hinted path
+        self._host_sessions: set = set()  # open sessions that ran a turn here (host tier on): their KV stays here
         self._pending_hints: Dict[str, float] = {}  # rid of a running request -> next_turn_in_s
         self.sessions.next_turn_at = lambda sid: h.next_turn_at if (h := self.hinted.get(sid)) else None
         self.host_reloaded_tokens = 0  # tokens reloaded from host at admission (on the request's path)
@@ -148,16 +149,27 @@ class ReqKVManager:
     def finish_session_turn(self, session_id: str, computed_tokens: List[int]) -> None:
         """A session's turn finished and was released: pin its computed tokens until the next turn."""
         self.sessions.pin(session_id, computed_tokens)
+        if self.host is not None:
+            self._host_sessions.add(session_id)
+
+    def home_sessions(self) -> List[str]:
+        """Sessions whose KV this instance holds: pinned, or (with a host tier) unpinned but copied to host
+        when evicted. The controller places their next turns here (its session map follows the reports)."""
+        if self.host is None:
+            return self.sessions.session_ids()
+        return sorted(self._host_sessions | set(self.sessions.pins))
 
     def close_session(self, session_id: str) -> int:
         """The session ended: forget its hint, unpin it and free its own pages (returns them)."""
         self.hinted.pop(session_id, None)
+        self._host_sessions.discard(session_id)
         return self.sessions.close(session_id)
 
     def flush(self) -> None:
         self.sessions.clear()
         self.tree.reset()
         self.hinted.clear()
+        self._host_sessions.clear()
         if self.host is not None:
             self.host.clear()
 

@@ -629,7 +629,7 @@ class Scheduler:
         since = now - self._last_report_time
         waiting = self.batches.num_waiting + len(self.grammar_pending)
         busy = bool(self.running) or waiting > 0
-        sessions = self.kv.sessions.session_ids()
+        sessions = self.kv.home_sessions()  # pinned here (or, with a host tier, kept on host here)
         urgent = (self._last_report_key is None or self._report_prefixes or busy != self._reported_busy
                   or sessions != self._reported_sessions)
         if not urgent and since < self.args.load_report_interval:
