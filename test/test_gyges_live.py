@@ -163,6 +163,30 @@ def test_four_devices_tp4_then_two_tp2_then_four_tp1(test_model):
         eng.shutdown()
 
 
+def test_merge_of_mixed_tp_parts_keeps_weights(test_model):
+    """TP2 + TP1 + TP1 -> TP4 with the TP2 instance's cache in its lowest pages (right after its TP2 weights):
+    on the TP1 devices those pages' KV lands where their TP1 weights still were, so the merge must pack the
+    weights before it moves the KV. Afterwards the same prompts give the same greedy tokens as before."""
+    eng = sglang.Engine(model_path=test_model("llama_kv4"), dp_size=4, enable_gyges=True, device="cpu",
+                        dtype="float32", page_size=4, log_level="warning")
+    try:
+        prompts = _prompts(4)
+        reference = eng.generate(input_ids=prompts, sampling_params=PARAMS, return_logprob=True)
+        assert eng.flush_cache()
+        eng.gyges_transform([0, 1], 2)
+        g = torch.Generator().manual_seed(5)
+        fill = [[1] + torch.randint(3, 500, (60,), generator=g).tolist() for _ in range(12)]
+        eng.generate(input_ids=fill, sampling_params={"max_new_tokens": 8, "temperature": 0})
+        tp2 = next(s for s in eng.get_internal_state() if s["num_pages"] > min(
+            x["num_pages"] for x in eng.get_internal_state()))
+        assert tp2["free_pages"] < tp2["num_pages"]  # the TP2 instance caches pages
+        eng.gyges_transform([0, 1, 2, 3], 4)
+        _assert_same(eng.generate(input_ids=prompts, sampling_params=PARAMS, return_logprob=True), reference)
+        _assert_all_pages_free(eng)
+    finally:
+        eng.shutdown()
+
+
 def test_constrained_and_chunked_requests_survive_a_merge(two_devices):
     """A regex-constrained request keeps its grammar state across a merge and split; a long prompt in chunked
     prefill continues where it was."""

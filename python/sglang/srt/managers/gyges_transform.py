@@ -9,6 +9,9 @@
                     before anything moved, and the source instances continue unchanged]
       3. KV         execute the KV plan over the device group (model_executor/regroup.py)
       4. weights    keep the slice in place, receive the missing rows, rebuild the model on the new group
+                    (a merge runs 4 before 3: its weights shrink, and the KV of a part of higher TP lands
+                    where a part of lower TP still had weights; a split runs 3 first: KV leaves the pages
+                    its weights grow into)
       5. resume     new leaders adopt their re-based requests and cache; followers follow
       6. report     D's first device sends TransformDone with the measured breakdown to the controller
 
@@ -475,11 +478,20 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     planning_s = time.perf_counter() - t_plan0
 
     stats = regroup.RegroupStats()
-    regroup.execute_kv_plan(plan.kv_plan, me, flat, group.device_group, stats, KV_ROUND_BYTES)
     old_model = runner.model
     specs = regroup.param_specs(old_model, new_model, cfg.tp_size)
     weight_plan = weight_regroup_plan(specs, cfg.weight_granularity, src, dst)
-    regroup.regroup_weights(weight_plan, me, runner.weight_store, old_model, new_model, group.device_group, stats)
+    # Whichever shrinks goes first. A merge packs the weights first: a part of lower TP (larger weights) still
+    # holds its old weights where a part of higher TP has KV pages (TP2 pages right after TP2's weights land,
+    # on the TP1 devices of a TP2 + TP1 + TP1 merge, inside their TP1 weights). A split moves the KV out of
+    # the pages its weights grow back into first.
+    if cmd.kind == "merge":
+        regroup.regroup_weights(weight_plan, me, runner.weight_store, old_model, new_model, group.device_group,
+                                stats)
+    regroup.execute_kv_plan(plan.kv_plan, me, flat, group.device_group, stats, KV_ROUND_BYTES)
+    if cmd.kind != "merge":
+        regroup.regroup_weights(weight_plan, me, runner.weight_store, old_model, new_model, group.device_group,
+                                stats)
     regroup.adopt_buffers(old_model, new_model)
     new_pool = regroup.reshape_pool(pool, cfg.kv_heads_per_rank(new_inst.tp))
     runner.rebind(new_model, new_group, new_cfg, new_pool)

@@ -318,7 +318,8 @@ class ReqKVManager:
                 old = req.page_table[i]
                 if old != page and i >= req.num_tree_pages:
                     to_free.add(old)  # the request's own copy of KV the tree also holds
-            req.page_table[: len(match.pages)] = match.pages
+            # A new list (page_table_tensor() mirrors a list by identity, so no in-place edit).
+            req.page_table = list(match.pages) + req.page_table[len(match.pages):]
             req.num_tree_pages = len(match.pages)
             req.cache_node = match.last_node
             self.tree.inc_lock_ref(match.last_node)
