@@ -154,6 +154,28 @@ def test_home_sessions_include_unpinned_ones_with_a_host_tier():
     assert plain.home_sessions() == []  # without a host tier an unpinned session's KV may be gone
 
 
+def test_a_stale_listing_does_not_take_a_session_home_back():
+    """The controller's rule for session reports: an instance still listing a session it keeps on its host tier
+    does not take the session back once a later turn was placed elsewhere; a newly listed session moves home."""
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.controller import Controller
+
+    ctl = SimpleNamespace(session_home={}, reported_sessions={})
+    report = lambda inst, sessions: Controller._sessions_reported(ctl, inst, sessions)  # noqa: E731
+    report(0, ["s"])
+    assert ctl.session_home == {"s": 0}
+    ctl.session_home["s"] = 1  # the next turn was routed to instance 1
+    report(0, ["s"])  # instance 0 still lists it (its host tier keeps the older turn)
+    assert ctl.session_home == {"s": 1}
+    report(1, ["s"])  # pinned on 1 after that turn
+    assert ctl.session_home == {"s": 1}
+    report(1, [])  # unpinned on 1 (no host tier there): it lives nowhere ...
+    assert "s" not in ctl.session_home
+    report(0, ["s"])  # ... until an instance that still has it reports it again
+    assert ctl.session_home == {"s": 0}
+
+
 @pytest.mark.parametrize("bad", [-1, "soon", float("nan"), float("inf"), True, [1], 1e9])
 def test_bad_hints_are_refused(bad):
     with pytest.raises(ValueError, match="next_turn_in_s"):

@@ -532,11 +532,15 @@ class Controller:
         """An instance's report listed the sessions pinned there: they live there; those that left the list
         were unpinned (their KV may be evicted), so they no longer count as living anywhere."""
         now = set(sessions)
-        for sid in self.reported_sessions.get(instance_id, set()) - now:
+        before = self.reported_sessions.get(instance_id, set())
+        for sid in before - now:
             if self.session_home.get(sid) == instance_id:
                 del self.session_home[sid]
         for sid in now:
-            self.session_home[sid] = instance_id
+            # A session still listed from before does not take its home back: a later turn may have been
+            # placed elsewhere meanwhile (an instance with a host tier lists the sessions it keeps there).
+            if sid not in before or sid not in self.session_home:
+                self.session_home[sid] = instance_id
         self.reported_sessions[instance_id] = now
 
     def _maybe_complete_transform(self) -> None:
