@@ -94,3 +94,139 @@ def test_random_ops_keep_accounting(num_pages, ops):
         owned = [p for h in held for p in h]
         assert len(set(owned)) == len(owned)
         assert sorted(owned + a.free_pages()) == list(range(num_pages))
+
+
+# ---- the allocator against a plain reference model ---------------------------------------------------------
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
+
+
+class ReferenceAllocator:
+    """The allocator as one explicit list of every free id (the top of the stack is handed out next)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.stack = list(range(n - 1, -1, -1))
+
+    def alloc(self, k: int):
+        if k > len(self.stack):
+            return None
+        out = self.stack[len(self.stack) - k:][::-1]
+        del self.stack[len(self.stack) - k:]
+        return out
+
+    def free(self, pages) -> str:
+        """'' on success, else the kind of error (and nothing changed)."""
+        if any(not 0 <= p < self.n for p in pages):
+            return "out of range"
+        seen = set()
+        for p in pages:
+            if p in self.stack:
+                return "double free"
+            if p in seen:
+                return "twice in one call"
+            seen.add(p)
+        self.stack.extend(reversed(pages))
+        return ""
+
+    def take(self, pages) -> str:
+        for p in pages:  # checked one by one, in order
+            if not 0 <= p < self.n:
+                return "out of range"
+            if p not in self.stack:
+                return "already in use"
+        self.stack = [p for p in self.stack if p not in set(pages)]
+        return ""
+
+
+def _same_outcome(expected_error: str, call, pages) -> None:
+    """call(pages) raises ValueError matching the reference model's error, or succeeds when it has none."""
+    if expected_error:
+        with pytest.raises(ValueError, match=expected_error):
+            call(pages)
+    else:
+        call(pages)
+
+
+class AllocatorVsReference(RuleBasedStateMachine):
+    """Random alloc / free / take / clear sequences: same ids, same errors, same free list (in order)."""
+
+    @rule(n=st.integers(0, 30))
+    def new_allocator(self, n):
+        self.real, self.ref = PageAllocator(n), ReferenceAllocator(n)
+
+    def _ready(self):
+        return hasattr(self, "real")
+
+    @precondition(_ready)
+    @rule(k=st.integers(0, 12))
+    def alloc(self, k):
+        assert self.real.alloc(k) == self.ref.alloc(k)
+
+    @precondition(_ready)
+    @rule(data=st.data())
+    def free(self, data):
+        n = self.ref.n
+        used = sorted(set(range(n)) - set(self.ref.stack))
+        pages = data.draw(st.lists(st.sampled_from(used), max_size=6, unique=True) if used else st.just([]))
+        pages = data.draw(st.permutations(pages))
+        # Sometimes add a bad id: a free page, an out-of-range id, or a repeat.
+        bad = data.draw(st.sampled_from(["none", "free", "range", "repeat"]))
+        if bad == "free" and self.ref.stack:
+            pages = pages + [data.draw(st.sampled_from(self.ref.stack))]
+        elif bad == "range":
+            pages = pages + [data.draw(st.sampled_from([-1, n, n + 3]))]
+        elif bad == "repeat" and pages:
+            pages = pages + [pages[0]]
+        _same_outcome(self.ref.free(list(pages)), self.real.free, pages)
+
+    @precondition(_ready)
+    @rule(data=st.data())
+    def take(self, data):
+        n = self.ref.n
+        pool = list(range(-1, n + 1))
+        pages = data.draw(st.lists(st.sampled_from(pool), max_size=8)) if n else []
+        _same_outcome(self.ref.take(pages), self.real.take, pages)
+
+    @precondition(_ready)
+    @rule(lo=st.integers(0, 30), length=st.integers(0, 10))
+    def take_range(self, lo, length):
+        pages = [p for p in range(lo, lo + length) if p in self.ref.stack]
+        assert self.ref.take(pages) == ""
+        self.real.take(iter(pages))
+
+    @precondition(_ready)
+    @rule()
+    def clear(self):
+        self.real.clear()
+        self.ref = ReferenceAllocator(self.ref.n)
+
+    @precondition(_ready)
+    @invariant()
+    def same_state(self):
+        assert self.real.free_pages() == self.ref.stack
+        assert self.real.num_free == len(self.ref.stack)
+        assert self.real.num_used == self.ref.n - len(self.ref.stack)
+        free = set(self.ref.stack)
+        assert [self.real.is_free(p) for p in range(self.ref.n)] == [p in free for p in range(self.ref.n)]
+        runs = self.real.fresh_runs()
+        assert all(lo < hi for lo, hi in runs) and all(a[1] < b[0] for a, b in zip(runs, runs[1:]))
+        assert {p for lo, hi in runs for p in range(lo, hi)} <= free
+
+
+AllocatorVsReference.TestCase.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
+test_allocator_matches_reference = AllocatorVsReference.TestCase
+
+
+def test_construction_and_take_touch_only_the_pages_taken():
+    """A fresh allocator over a big pool does not list its pages: init + take of a few stays tiny in memory."""
+    import tracemalloc
+
+    tracemalloc.start()
+    a = PageAllocator(1 << 22)
+    a.take(range(100))
+    a.take([5000, 4096])
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < (1 << 22) + (1 << 16)  # one state byte per page, no list of 4M ids (~150 MB)
+    assert a.alloc(3) == [100, 101, 102] and a.num_free == (1 << 22) - 105
+    assert not a.is_free(4096) and a.is_free(4095)
