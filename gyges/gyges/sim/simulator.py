@@ -214,17 +214,22 @@ class SimInstance:
         if cfg.max_prefill_tokens is not None:
             budget = min(budget, cfg.max_prefill_tokens)
         chunk_cap = cfg.chunked_prefill_size or (1 << 62)
+        pages = self.capacity // ps
+        # Pages held after this iteration's decodes (retraction, when decodes do not fit, is not played).
+        used = sum(pages_for(r.kv_len + (1 if r.decoding else 0), ps) for r in admitted)
         for r in admitted:
             if budget <= 0:
                 break
             if not r.decoding:
                 n = min(r.prompt - r.prefilled, chunk_cap, budget)
+                grow = pages_for(r.kv_len + n, ps) - pages_for(r.kv_len, ps)
+                if used + grow > pages:  # the chunk's pages are not free (decodes took them): wait, as live
+                    break
+                used += grow
                 batch.append((r, n))
                 budget -= n
         max_running = cfg.max_running_requests or (1 << 62)
-        pages = self.capacity // ps
         new = dict((id(r), n) for r, n in batch)
-        used = sum(pages_for(r.kv_len + new.get(id(r), 0), ps) for r in admitted)
         claimed = sum(self._claim_pages(r, new.get(id(r), 0)) for r in admitted)
         running = len(admitted)
         for r in self.requests:
