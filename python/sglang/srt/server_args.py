@@ -99,6 +99,12 @@ class ServerArgs:
                                   "cache is left to evict.")
     session_idle_timeout: float = _f(600.0, "Seconds a session may go without a turn before it is closed and its "
                                      "KV released (0: sessions stay open until /close_session).")
+    session_auto_move: bool = _f(False, "The controller moves idle sessions' pinned KV between instances of the "
+                                 "same TP degree by itself, between iterations: a session whose hinted next turn "
+                                 "(session_params.next_turn_in_s) is due soon leaves a loaded instance for a "
+                                 "clearly less loaded one when the queueing it saves costs more than the copy "
+                                 "(the placement's cost model); a hot instance sheds idle sessions without a "
+                                 "hint to a cold one (gyges/policies/session_moves.py).")
     enable_hierarchical_cache: bool = _f(False, "Host-memory KV tier (SGLang's HiCache): KV the radix cache evicts "
                                          "is copied to host memory first and a later prefix hit reloads it; "
                                          "turns with a hint (session_params.next_turn_in_s, X-Next-Turn-In) get "

@@ -19,6 +19,13 @@ leaders' reports, and where its previous turn was sent) or where the longest pre
 prefix elsewhere (choose_by_affinity, with the step-time model of --gyges-cost-model when one is given).
 CloseSessionReqInput goes to every instance (the one holding the session unpins and frees its KV).
 
+Moving a session (POST /sessions/move, and with --session-auto-move the controller itself: SessionMover,
+gyges.policies.session_moves, decides from the hints and the load reports which idle session to move where):
+SessionKVTransfer to the source (it exports the pinned path and frees it) -> back here -> the destination (it
+adopts and pins it) -> MoveSessionReqOutput. Both sides work between two iterations. While a move is in flight
+the session's turns wait here (released when it ends); a destination that refuses gets the KV sent back to
+the source, so a refused move leaves the session where it was; a session closed meanwhile is closed on both.
+
 Failure paths (every one ends in `fail_devices`: the instance's requests get a 503 with the reason, the
 TokenizerManager learns it through ServingState and kills hung workers so their memory is freed, every
 other instance keeps serving):
@@ -34,6 +41,7 @@ naming the instances that did not answer, instead of waiting for a frozen one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -44,6 +52,7 @@ import zmq
 
 from gyges.costmodel import StepTimeModel, TransformCostModel
 from gyges.policies.affinity import AffinityCandidate, PrefixIndex, choose_by_affinity
+from gyges.policies.session_moves import InstanceForMoves, MoveRuleConfig, SessionMover
 from gyges.policy import ClusterState, Hold, InstanceLoad, Place, Reject, RequestInfo, Transform, make_policy
 from gyges.topology import Instance, Topology
 from sglang.srt.managers.io_struct import (
@@ -119,6 +128,21 @@ class ActiveTransform:
 
 
 @dataclass
+class MoveInFlight:
+    """A session's KV on its way between two instances."""
+
+    session_id: str
+    src: int
+    dst: int
+    auto: bool  # decided by the SessionMover (no client waits for the answer)
+    transfer: Optional[SessionKVTransfer] = None  # the exported KV, kept until the destination adopted it
+    returning: bool = False  # the destination refused: the KV goes back to the source
+    answered: bool = False  # the client (POST /sessions/move) got its answer
+    closed: bool = False  # the session was closed meanwhile
+    held: List[TokenizedGenerateReqInput] = field(default_factory=list)  # its turns, until the move ends
+
+
+@dataclass
 class PendingReplies:
     """A flush / internal-state query sent to every instance, waiting for their answers."""
 
@@ -170,6 +194,9 @@ class Controller:
         self.step_model = StepTimeModel.load(server_args.gyges_cost_model) if server_args.gyges_cost_model else None
         self.chunk_tokens = (server_args.chunked_prefill_size if server_args.chunked_prefill_size > 0
                              else server_args.max_prefill_tokens)
+        self.moves_in_flight: Dict[str, MoveInFlight] = {}  # req_id -> a session move under way
+        self.session_mover = (SessionMover(MoveRuleConfig(), self.step_model, self.chunk_tokens)
+                              if server_args.session_auto_move else None)
         self.poller = zmq.Poller()
         self.poller.register(self.recv_from_tokenizer, zmq.POLLIN)
         self.poller.register(self.recv_from_workers, zmq.POLLIN)
@@ -225,6 +252,8 @@ class Controller:
             self.check_deadlines()
             if self.policy is not None:
                 self.tick()
+            if self.session_mover is not None:
+                self.auto_move_sessions()
 
     # ---- from the TokenizerManager ---------------------------------------------------------------------
     def handle_tokenizer_message(self, msg) -> None:
@@ -250,6 +279,11 @@ class Controller:
                 self.active.held.append(msg)
                 return
             self.session_home.pop(msg.session_id, None)
+            if self.session_mover is not None:
+                self.session_mover.closed(msg.session_id)
+            for mv in self.moves_in_flight.values():
+                if mv.session_id == msg.session_id:
+                    mv.closed = True
             for view in self.views.values():
                 self.send_to_worker[view.instance_id].send_pyobj(msg)
         elif isinstance(msg, (AbortReq, FlushCacheReq, GetInternalStateReq)):
@@ -302,18 +336,26 @@ class Controller:
         return out
 
     def _affinity_candidate(self, req: TokenizedGenerateReqInput, view: InstanceView, hashes) -> AffinityCandidate:
-        r = view.report
         cached = self.prefix_index.match(view.instance_id, req.input_ids, hashes)
         if req.session_id and self.session_home.get(req.session_id) == view.instance_id:
             cached = max(cached, req.session_prefix_tokens)
+        return dataclasses.replace(self._instance_load(view), cached_tokens=cached)
+
+    def _instance_load(self, view: InstanceView) -> AffinityCandidate:
+        """The instance's load as the affinity cost model sees it (its report + what was routed since)."""
+        r = view.report
         return AffinityCandidate(
             base=view.instance_id, tp=view.instance.tp, running=r.running,
             waiting=r.waiting + view.routed_since_report,
             prefill_tokens_queued=r.prefill_tokens_queued + view.routed_prefill_since_report,
-            tokens_in_flight=r.tokens_in_flight + view.routed_tokens_since_report, cached_tokens=cached,
+            tokens_in_flight=r.tokens_in_flight + view.routed_tokens_since_report,
             kv_free_tokens=r.kv_capacity_tokens - r.kv_used_tokens - view.routed_tokens_since_report)
 
     def route(self, req: TokenizedGenerateReqInput) -> None:
+        moving = self._move_of(req.session_id) if req.session_id else None
+        if moving is not None:  # its KV is on the way: place it once the move ended
+            moving.held.append(req)
+            return
         if self.policy is not None:
             self.apply([self.policy.on_request(self._request_info(req), self.cluster_state())], req)
             return
@@ -333,6 +375,8 @@ class Controller:
         return text
 
     def reject(self, req: TokenizedGenerateReqInput, message: str, status_code: int = 400) -> None:
+        if self.session_mover is not None:
+            self.session_mover.turn_finished(req.rid, time.monotonic())
         delta = ReqOutputDelta(rid=req.rid, new_output_ids=[], finish_reason=finish_abort(message, status_code),
                                prompt_tokens=len(req.input_ids), completion_tokens=0, cached_tokens=0)
         self.send_outputs_to_tokenizer.send_pyobj(BatchStrOut([ReqStrOut(req.rid, "", [], delta)]))
@@ -358,6 +402,10 @@ class Controller:
             if self.session_home.get(req.session_id) == base:
                 cached = max(cached, req.session_prefix_tokens)
             self.session_home[req.session_id] = base
+            if self.session_mover is not None:
+                pinned = (len(req.input_ids) + self._max_new(req)) // self.args.page_size * self.args.page_size
+                self.session_mover.turn_sent(req.session_id, req.rid, pinned,
+                                             len(req.input_ids) - req.session_prefix_tokens, req.next_turn_in_s)
         view.routed_prefill_since_report += max(1, len(req.input_ids) - cached)
         cap = view.report.kv_capacity_tokens if view.report else None
         self.prefix_index.insert(base, req.input_ids, cap // self.args.page_size if cap else None, hashes)
@@ -406,7 +454,7 @@ class Controller:
             t = self.startup_transforms.pop(0)
             self.start_transform(GygesTransformReq("", list(t.devices), t.tp), internal=True)
             return
-        if self.active is not None or any(v.report is None for v in self.views.values()):
+        if self.active is not None or self.moves_in_flight or any(v.report is None for v in self.views.values()):
             return
         self.apply(self.policy.on_tick(self.cluster_state()))
 
@@ -455,6 +503,8 @@ class Controller:
             return refuse("transformations need a server started with --enable-gyges")
         if self.active is not None:
             return refuse("another transformation is in progress")
+        if self.moves_in_flight:
+            return refuse("a session's KV is being moved between instances; retry in a moment")
         devices = sorted(int(d) for d in msg.devices)
         if self.dead_devices & set(devices):
             return refuse(f"devices {sorted(self.dead_devices & set(devices))} lost their worker process")
@@ -632,6 +682,11 @@ class Controller:
                 pending.waiting_for.discard(base)
         self.send_to_tokenizer.send_pyobj(ServingState(len(self.views), list(self.failed), list(self.failed_reasons),
                                                        kill_ranks=sorted(doomed)))
+        for req_id, mv in list(self.moves_in_flight.items()):  # a move with a side gone never gets its reply
+            if mv.src not in self.views:
+                self._end_move(req_id, False, f"instance {mv.src} failed during the move: {reason}")
+            elif mv.dst not in self.views and mv.transfer is not None and not mv.returning:
+                self._return_to_source(req_id, f"instance {mv.dst} failed during the move: {reason}")
         for req_id in [k for k, p in self.pending_replies.items() if not p.waiting_for]:
             self._answer(req_id)
         for m in held:
@@ -680,6 +735,8 @@ class Controller:
                 self.capacity_by_tp = dict(msg.capacity_by_tp)
             for rid in msg.finished_rids:
                 self.routed.pop(rid, None)
+                if self.session_mover is not None:
+                    self.session_mover.turn_finished(rid, time.monotonic())
             if msg.sessions is not None:
                 self._sessions_reported(msg.instance_id, msg.sessions)
             if msg.cached_prefix_hashes is not None:
@@ -713,15 +770,10 @@ class Controller:
             pending.waiting_for.discard(msg.instance_id)
             if not pending.waiting_for:
                 self._answer(msg.req_id)
-        elif isinstance(msg, SessionKVTransfer):  # the source exported the session: on to the destination
-            if msg.error is not None or msg.dst_instance not in self.views:
-                error = msg.error or f"instance {msg.dst_instance} is gone (a transformation ran meanwhile)"
-                self.send_to_tokenizer.send_pyobj(MoveSessionReqOutput(msg.req_id, False, error))
-            else:
-                self.session_home[msg.session_id] = msg.dst_instance
-                self.send_to_worker[msg.dst_instance].send_pyobj(msg)
+        elif isinstance(msg, SessionKVTransfer):
+            self._session_exported(msg)
         elif isinstance(msg, MoveSessionReqOutput):
-            self.send_to_tokenizer.send_pyobj(msg)
+            self._session_adopted(msg)
         else:
             logger.error("controller got an unknown worker message %r", type(msg))
 
@@ -740,7 +792,104 @@ class Controller:
             return refuse(f"no instance {msg.dst_instance!r}; instances: {sorted(self.views)}")
         if msg.dst_instance == src:
             return refuse(f"session {msg.session_id!r} is already on instance {src}")
-        self.send_to_worker[src].send_pyobj(SessionKVTransfer(msg.req_id, msg.session_id, msg.dst_instance))
+        if self._move_of(msg.session_id) is not None:
+            return refuse(f"session {msg.session_id!r} is being moved already")
+        self._start_move(msg.req_id, msg.session_id, src, msg.dst_instance, auto=False)
+
+    def _move_of(self, session_id: str) -> Optional[MoveInFlight]:
+        return next((mv for mv in self.moves_in_flight.values() if mv.session_id == session_id), None)
+
+    def _start_move(self, req_id: str, session_id: str, src: int, dst: int, auto: bool) -> None:
+        self.moves_in_flight[req_id] = MoveInFlight(session_id, src, dst, auto)
+        self.send_to_worker[src].send_pyobj(SessionKVTransfer(req_id, session_id, dst))
+
+    def auto_move_sessions(self) -> None:
+        """--session-auto-move: start the moves the SessionMover picks from the hints and the latest load
+        reports (one at a time, never during a transformation)."""
+        if self.active is not None or self.moves_in_flight or any(v.report is None for v in self.views.values()):
+            return
+        homes = {sid: b for sid, b in self.session_home.items() if b in self.views}
+        if not homes:
+            return
+        budget = self.args.session_kv_budget
+        instances = []
+        for view in self.views.values():
+            if view.instance.tp != 1:  # moving a session's KV is TP1 only for now (the scheduler refuses)
+                continue
+            r = view.report
+            load = self._instance_load(view)
+            free = r.kv_capacity_tokens - r.kv_used_tokens + r.kv_evictable_tokens - r.kv_pinned_tokens
+            room = min(free - view.routed_tokens_since_report, int(budget * r.kv_capacity_tokens) - r.kv_pinned_tokens)
+            instances.append(InstanceForMoves(load, room, r.kv_pinned_tokens))
+        for mv in self.session_mover.plan(time.monotonic(), homes, instances):
+            logger.info("moving session %s from instance %d to %d (%s, gain %.3g)", mv.session_id, mv.src, mv.dst,
+                        mv.reason, mv.gain)
+            self._start_move(f"auto-move-{uuid.uuid4().hex}", mv.session_id, mv.src, mv.dst, auto=True)
+
+    def _session_exported(self, msg: SessionKVTransfer) -> None:
+        """The source exported the session (or refused): on to the destination, unless it is gone or the
+        session was closed meanwhile (then the KV is dropped)."""
+        mv = self.moves_in_flight.get(msg.req_id)
+        if mv is None:
+            return
+        if msg.error is not None:
+            return self._end_move(msg.req_id, False, msg.error)
+        if mv.closed:
+            return self._end_move(msg.req_id, False, f"session {mv.session_id!r} was closed during the move")
+        mv.transfer = msg
+        if msg.dst_instance not in self.views:
+            return self._return_to_source(msg.req_id, f"instance {msg.dst_instance} is gone (a transformation "
+                                                       "ran meanwhile)")
+        self.session_home[msg.session_id] = msg.dst_instance
+        self.send_to_worker[msg.dst_instance].send_pyobj(msg)
+
+    def _session_adopted(self, msg: MoveSessionReqOutput) -> None:
+        mv = self.moves_in_flight.get(msg.req_id)
+        if mv is None:
+            return
+        if mv.returning:
+            if not msg.success:
+                logger.warning("session %s: the source could not take its KV back (%s); it is recomputed on its "
+                               "next turn", mv.session_id, msg.message)
+                if self.session_home.get(mv.session_id) == mv.src:
+                    del self.session_home[mv.session_id]
+            return self._end_move(msg.req_id, False, None)
+        if not msg.success:
+            return self._return_to_source(msg.req_id, msg.message)
+        self._end_move(msg.req_id, True, msg)
+
+    def _return_to_source(self, req_id: str, error: str) -> None:
+        """The destination refused (or is gone): the source adopts its exported KV again."""
+        mv = self.moves_in_flight[req_id]
+        self._answer_move(mv, req_id, MoveSessionReqOutput(req_id, False, error))
+        if mv.src not in self.views:
+            return self._end_move(req_id, False, None)
+        mv.returning = True
+        self.session_home[mv.session_id] = mv.src
+        back = SessionKVTransfer(req_id, mv.session_id, mv.src, mv.transfer.tokens, mv.transfer.kv)
+        self.send_to_worker[mv.src].send_pyobj(back)
+
+    def _answer_move(self, mv: MoveInFlight, req_id: str, out: MoveSessionReqOutput) -> None:
+        if not mv.auto and not mv.answered:
+            self.send_to_tokenizer.send_pyobj(out)
+        mv.answered = True
+
+    def _end_move(self, req_id: str, ok: bool, answer) -> None:
+        """The move is over (answer: the destination's reply, an error text, or None when answered already):
+        the session's held turns are placed, a session closed meanwhile is closed where its KV went."""
+        mv = self.moves_in_flight.pop(req_id)
+        if answer is not None:
+            self._answer_move(mv, req_id, answer if isinstance(answer, MoveSessionReqOutput)
+                              else MoveSessionReqOutput(req_id, False, answer))
+        if mv.auto:  # (a move by hand is not the mover's: it may move the session on)
+            self.session_mover.move_done(mv.session_id, ok, time.monotonic())
+        if mv.closed:
+            for base in (mv.src, mv.dst):
+                if base in self.views:
+                    self.send_to_worker[base].send_pyobj(CloseSessionReqInput(mv.session_id))
+            self.session_home.pop(mv.session_id, None)
+        for req in mv.held:
+            self.route(req)
 
 
 def run_controller_process(server_args: ServerArgs, port_args: PortArgs, pipe_writer) -> None:
