@@ -5,7 +5,8 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sglang.srt.mem_cache.page_allocator import PageAllocator
+from sglang.srt.mem_cache.page_allocator import (PageAllocator, first_ids, intersect_runs, merge_runs,
+                                                 runs_count, runs_of)
 
 
 def test_alloc_and_free_basic():
@@ -211,6 +212,9 @@ class AllocatorVsReference(RuleBasedStateMachine):
         runs = self.real.fresh_runs()
         assert all(lo < hi for lo, hi in runs) and all(a[1] < b[0] for a, b in zip(runs, runs[1:]))
         assert {p for lo, hi in runs for p in range(lo, hi)} <= free
+        all_runs = self.real.free_runs()
+        assert [p for lo, hi in all_runs for p in range(lo, hi)] == sorted(free)
+        assert all(a[1] < b[0] for a, b in zip(all_runs, all_runs[1:]))  # disjoint and not adjacent
 
 
 AllocatorVsReference.TestCase.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
@@ -230,3 +234,23 @@ def test_construction_and_take_touch_only_the_pages_taken():
     assert peak < (1 << 22) + (1 << 16)  # one state byte per page, no list of 4M ids (~150 MB)
     assert a.alloc(3) == [100, 101, 102] and a.num_free == (1 << 22) - 105
     assert not a.is_free(4096) and a.is_free(4095)
+
+
+_id_sets = st.lists(st.frozensets(st.integers(0, 60), max_size=40), min_size=1, max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_id_sets, st.integers(0, 70))
+def test_run_helpers_match_sets(sets, n):
+    """What the pre-copy's start computes from every part's free runs equals the same on plain sets."""
+    runs = [runs_of(sorted(x)) for x in sets]
+    assert [[p for lo, hi in r for p in range(lo, hi)] for r in runs] == [sorted(x) for x in sets]
+    common = runs[0]
+    for r in runs[1:]:
+        common = intersect_runs(common, r)
+    expected = sorted(frozenset.intersection(*sets))
+    assert [p for lo, hi in common for p in range(lo, hi)] == expected
+    assert runs_count(common) == len(expected)
+    assert first_ids(common, n) == expected[:n]
+    union = merge_runs(runs[0], runs_of(sorted(set(range(61)) - sets[0])))
+    assert union == [(0, 61)]

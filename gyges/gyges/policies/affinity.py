@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from gyges.policies.base import InstanceLoad, RequestInfo, least_loaded
+from gyges.prefix_hashes import block_hashes
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,7 @@ class PrefixIndex:
 
     def block_hashes(self, token_ids: Sequence[int]) -> List[int]:
         """Chained hash of each whole block: block i's hash depends on every token before its end."""
-        out, h = [], 0
-        b = self.block_tokens
-        for i in range(len(token_ids) // b):
-            h = hash((h, tuple(token_ids[i * b:(i + 1) * b])))
-            out.append(h)
-        return out
+        return block_hashes(token_ids, self.block_tokens)
 
     def insert(self, instance: int, token_ids: Sequence[int], max_blocks: Optional[int] = None,
                hashes: Optional[List[int]] = None) -> None:

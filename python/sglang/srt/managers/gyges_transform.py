@@ -51,6 +51,7 @@ from gyges.topology import Instance
 from sglang.srt.distributed.parallel_state import TPGroup, get_tp_group
 from sglang.srt.managers.io_struct import TransformCmd
 from sglang.srt.managers.schedule_batch import InstanceState, Req
+from sglang.srt.mem_cache.page_allocator import first_ids, intersect_runs, runs_count
 from sglang.srt.model_executor import regroup
 from sglang.srt.model_executor.weight_store import packed_layout
 
@@ -300,17 +301,18 @@ class KVPrecopy:
         ps = self.runner.kv_pool.page_size
         for r in state.running:
             full.update(r.page_table[:r.kv_len // ps])
-        mine = (sorted(full), self.allocator.free_pages())
+        # Free pages travel as runs [lo, hi): a fresh pool is one run, not a list of every page id.
+        mine = (sorted(full), self.allocator.free_runs())
         everyone = _all_gather_object(mine, group)  # in device order = source instance order (TP1 parts)
         src = [Instance.of(d) for d in self.cmd.src_instances]
         merged = Instance.of(self.cmd.dst_instances[0])
         k = merged.tp
-        common_free = set(everyone[0][1])
+        common_free = everyone[0][1]
         for _, free in everyone[1:]:
-            common_free &= set(free)
+            common_free = intersect_runs(common_free, free)
         candidates = [(i, p) for i, (pages, _) in enumerate(everyone) for p in pages]
-        budget = int(len(common_free) * PRECOPY_FREE_SHARE)
-        self.reserved = sorted(common_free)[:min(budget, -(-len(candidates) // k))]
+        budget = int(runs_count(common_free) * PRECOPY_FREE_SHARE)
+        self.reserved = first_ids(common_free, min(budget, -(-len(candidates) // k)))
         slots = [j * k + t for j in self.reserved for t in range(k)]
         self.page_map = dict(zip(candidates, slots))
         self.allocator.take(self.reserved)

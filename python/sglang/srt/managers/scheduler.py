@@ -611,10 +611,9 @@ class Scheduler:
         self.batches.adopt(state.running, state.waiting, state.new_token_ratio)
 
     def _cached_prefix_hashes(self) -> List[int]:
-        from gyges.policies.affinity import PrefixIndex
+        from gyges.prefix_hashes import block_hashes  # not gyges.policies: that import alone takes ~0.8 s
 
-        index = PrefixIndex(self.page_size)
-        hashes = {h for tokens, _ in self.kv.tree.export() for h in index.block_hashes(tokens)}
+        hashes = {h for tokens, _ in self.kv.tree.export() for h in block_hashes(tokens, self.page_size)}
         return sorted(hashes)
 
     def report_load(self) -> None:

@@ -14,7 +14,8 @@ page is, so `take()` of a page in the fresh range only marks it (the range scan 
 
 Cost: construction, `clear()` and `take(pages)` are O(pages touched) (plus one zero-filled byte per page,
 ~50 us for 1M pages); `alloc(n)` and `free(pages)` are O(n) in the number of pages moved; `take` of pages
-that are on the explicit stack also filters that stack (O(pages given back so far)). Only `free_pages()`
+that are on the explicit stack also filters that stack (O(pages given back so far)); `free_runs()` (the
+free ids as runs, what a pre-copy's start exchanges) is O(runs + pages given back). Only `free_pages()`
 walks the pool.
 """
 
@@ -82,6 +83,12 @@ class PageAllocator:
         if lo < end:
             runs.append((lo, end))
         return runs
+
+    def free_runs(self) -> List[Tuple[int, int]]:
+        """Every free id as ascending, disjoint, non-adjacent half-open runs [lo, hi): what a transformation
+        exchanges instead of free_pages() (O(runs + given-back pages), not O(pool))."""
+        stacked = runs_of(sorted(self._stack))
+        return merge_runs(stacked, self.fresh_runs())
 
     # -- mutation --------------------------------------------------------------------------------------
     def alloc(self, n: int) -> Optional[List[int]]:
@@ -176,3 +183,58 @@ class PageAllocator:
 
     def __repr__(self) -> str:
         return f"PageAllocator(num_total={self._num_total}, num_free={self.num_free})"
+
+
+# -- page-id runs ([lo, hi) half-open, ascending, disjoint) ----------------------------------------------------
+Runs = List[Tuple[int, int]]
+
+
+def runs_of(sorted_ids: Iterable[int]) -> Runs:
+    """Ascending distinct ids as maximal runs."""
+    runs: Runs = []
+    for p in sorted_ids:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+def merge_runs(a: Runs, b: Runs) -> Runs:
+    """The union of two disjoint run lists, adjacent runs joined."""
+    out: Runs = []
+    for lo, hi in sorted(a + b):
+        if out and out[-1][1] >= lo:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def intersect_runs(a: Runs, b: Runs) -> Runs:
+    """The ids in both run lists, as runs (two-pointer walk, O(len(a) + len(b)))."""
+    out: Runs = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def runs_count(runs: Runs) -> int:
+    return sum(hi - lo for lo, hi in runs)
+
+
+def first_ids(runs: Runs, n: int) -> List[int]:
+    """The n lowest ids of the runs (fewer if they hold fewer)."""
+    out: List[int] = []
+    for lo, hi in runs:
+        if len(out) >= n:
+            break
+        out.extend(range(lo, min(hi, lo + n - len(out))))
+    return out
