@@ -367,23 +367,24 @@ def regroup_weights(plan: WeightPlan, me: int, store: WeightStore, old_model: to
     store.bind(new_model, new_offsets, new_end)
     new_params = dict(unique_parameters(new_model))  # now views of the arena
     if growing:
+        # Every parameter's rows are posted at once (one tag per parameter) and waited for together: the sends
+        # read the blocks moved above, the receives write rows no send reads, so nothing orders them.
         sends = [(dev, rv) for dev, dp in sorted(plan.devices.items()) for rv in dp.recv if rv.src_device == me]
+        ops = []
         for tag, (name, _) in enumerate(old_params):
             target = new_params[name]
             keep = keeps[name]
-            works = []
             for dev, rv in sends:
                 if rv.param == name:
                     at = keep.new_local_start + (rv.src_local_start - keep.old_local_start)
-                    works.append(dist.isend(target.data[at:at + rv.end - rv.start], dst=dev, group=device_group,
-                                            tag=tag))
+                    ops.append((dist.isend, target.data[at:at + rv.end - rv.start], dev, tag))
             for rv in mine.recv:
                 if rv.param == name:
-                    works.append(dist.irecv(target.data[rv.dst_local_start:rv.dst_local_start + rv.end - rv.start],
-                                            src=rv.src_device, group=device_group, tag=tag))
+                    ops.append((dist.irecv, target.data[rv.dst_local_start:rv.dst_local_start + rv.end - rv.start],
+                                rv.src_device, tag))
                     stats.weight_bytes_received += rv.nbytes
-            for w in works:
-                w.wait()
+        for w in _post(ops, device_group):
+            w.wait()
     stats.weight_bytes_freed += max(0, old_end - new_end)
     stats.weight_seconds += time.perf_counter() - t0
 

@@ -20,7 +20,9 @@ from typing import Dict, List, Tuple
 import torch
 
 ALIGN = 256  # byte alignment of every parameter in the arena
-STAGING_BYTES = 8 << 20  # largest chunk of an in-arena move
+STAGING_BYTES = 8 << 20  # largest chunk of an in-arena move through staging
+# Moves by at least this distance copy straight, in chunks of the distance (no staging, each byte copied once).
+DIRECT_MOVE_MIN_BYTES = 1 << 20
 
 
 def _align(n: int) -> int:
@@ -90,18 +92,27 @@ class WeightStore:
 
     # ---- in-arena moves ------------------------------------------------------------------------------
     def move(self, src: int, dst: int, nbytes: int) -> int:
-        """memmove inside the arena through a bounded staging buffer; returns the staging bytes used."""
+        """memmove inside the arena; returns the staging bytes used. Chunks no longer than the distance moved
+        are copied straight (a chunk's destination is then never a byte still to be read); a shorter distance
+        goes through a bounded staging buffer."""
         if src == dst or nbytes == 0:
             return 0
-        chunk = min(STAGING_BYTES, nbytes)
-        staging = torch.empty(chunk, dtype=torch.uint8, device=self.arena.device)
+        gap = abs(src - dst)
+        if gap >= nbytes or gap >= DIRECT_MOVE_MIN_BYTES:
+            chunk, staging = min(gap, nbytes), None
+        else:
+            chunk = min(STAGING_BYTES, nbytes)
+            staging = torch.empty(chunk, dtype=torch.uint8, device=self.arena.device)  # [chunk] bytes
         starts = range(0, nbytes, chunk)
         # Moving down: low to high; moving up: high to low. Each chunk is read whole before it is written.
         for s in (starts if dst < src else reversed(starts)):
             n = min(chunk, nbytes - s)
-            staging[:n].copy_(self.arena[src + s:src + s + n])
-            self.arena[dst + s:dst + s + n].copy_(staging[:n])
-        return chunk
+            if staging is None:
+                self.arena[dst + s:dst + s + n].copy_(self.arena[src + s:src + s + n])  # disjoint ranges
+            else:
+                staging[:n].copy_(self.arena[src + s:src + s + n])
+                self.arena[dst + s:dst + s + n].copy_(staging[:n])
+        return 0 if staging is None else chunk
 
 
 def install_parameters(model: torch.nn.Module, replacements: Dict[int, torch.nn.Parameter]) -> None:
