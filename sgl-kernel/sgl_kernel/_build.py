@@ -40,11 +40,13 @@ _OPENMP = {"sgl_kernel_paged_attention"}
 
 
 def build_directory(name: str) -> str:
-    """Where torch builds `name` by default: <TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions>/py<ver>_cpu/name."""
+    """Where torch builds `name` by default: <TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions>/py<ver>_<cpu|cuXY>/name."""
+    import torch
     from torch.utils import cpp_extension
 
-    return os.path.join(cpp_extension.get_default_build_root(),
-                        f"py{sys.version_info.major}{sys.version_info.minor}_cpu", name)
+    flavour = "cpu" if torch.version.cuda is None else "cu" + torch.version.cuda.replace(".", "")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return os.path.join(cpp_extension.get_default_build_root(), f"{python}_{flavour}", name)
 
 
 @functools.lru_cache(maxsize=None)
