@@ -24,6 +24,8 @@ Data flow:
         |    suffix "+hints":    (implies +hicache) each turn but the last says when the next one comes:
         |                        session_params.next_turn_in_s = the trace's scaled gap; "hints" is short for
         |                        "sessions+hints"
+        |    suffix "+automove": (implies +hicache) --session-auto-move: the controller moves idle sessions
+        |                        between instances by itself (hinted turns due soon, hot -> cold)
         v  per turn: prompt / cached tokens (meta_info), TTFT (first streamed token), output ids; per mode:
            KV bytes to / from host memory and between instances (the schedulers' internal state)
 
@@ -214,12 +216,12 @@ def run_conversation(eng, turns: List[Turn], mode: str, t0: float, a, out: List[
 
 def mode_features(mode: str) -> tuple:
     """(sessions, hints, host tier) of a mode name such as "sessions+hicache" (see the module docstring)."""
-    base, *extras = ("sessions+hints" if mode == "hints" else mode).split("+")
-    if base not in ("no-sessions", "sessions") or set(extras) - {"hicache", "hints"}:
+    base, *extras = ("sessions+" + mode if mode.split("+")[0] == "hints" else mode).split("+")
+    if base not in ("no-sessions", "sessions") or set(extras) - {"hicache", "hints", "automove"}:
         raise SystemExit(f"unknown mode {mode!r}: no-sessions or sessions, optionally +hicache / +hints")
     if base == "no-sessions" and "hints" in extras:
         raise SystemExit("hints are sent as session_params.next_turn_in_s: use sessions+hints")
-    return base == "sessions", "hints" in extras, bool(extras)
+    return base == "sessions", "hints" in extras, bool(set(extras) - {"automove"}) or "automove" in extras
 
 
 def kv_movement(eng) -> Dict[str, int]:
@@ -247,6 +249,8 @@ def run_mode(mode: str, convs: List[List[Turn]], a, model: str) -> dict:
                   page_size=a.page_size, max_total_tokens=a.max_total_tokens, session_kv_budget=a.session_kv_budget)
     if mode_features(mode)[2]:
         kwargs.update(enable_hierarchical_cache=True, hicache_size=a.hicache_size)
+    if "automove" in mode.split("+"):
+        kwargs.update(session_auto_move=True)  # the controller moves idle sessions by itself
     eng = sglang.Engine(**kwargs)
     results: List[TurnResult] = []
     lock = threading.Lock()
