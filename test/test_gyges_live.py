@@ -187,6 +187,31 @@ def test_merge_of_mixed_tp_parts_keeps_weights(test_model):
         eng.shutdown()
 
 
+def test_every_shape_of_four_devices_with_cached_pages(test_model):
+    """A walk through the shapes of 4 devices (2+1+1, 4, 2+2, 2+1+1, 1x4, 1+1+2, 4, 1x4), each instance's cache
+    filled before every transformation: the same prompts give the same greedy tokens after each one."""
+    eng = sglang.Engine(model_path=test_model("llama_kv4"), dp_size=4, enable_gyges=True, device="cpu",
+                        dtype="float32", page_size=4, log_level="warning")
+    g = torch.Generator().manual_seed(9)
+    try:
+        prompts = _prompts(4)
+        reference = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=PARAMS)]
+        walk = [([0, 1], 2, [2, 1, 1]), ([0, 1, 2, 3], 4, [4]), ([0, 1, 2, 3], 2, [2, 2]), ([2, 3], 1, [2, 1, 1]),
+                ([0, 1], 1, [1, 1, 1, 1]), ([2, 3], 2, [1, 1, 2]), ([0, 1, 2, 3], 4, [4]),
+                ([0, 1, 2, 3], 1, [1, 1, 1, 1])]
+        for devices, tp, shape in walk:
+            fill = [[1] + torch.randint(3, 500, (int(torch.randint(20, 90, (1,), generator=g)),), generator=g).tolist()
+                    for _ in range(10)]
+            eng.generate(input_ids=fill, sampling_params={"max_new_tokens": 6, "temperature": 0})
+            eng.gyges_transform(devices, tp)
+            assert [i["tp"] for i in eng.gyges_topology()["instances"]] == shape
+            outs = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=PARAMS)]
+            assert outs == reference, f"after {devices} -> TP{tp}"
+        _assert_all_pages_free(eng)
+    finally:
+        eng.shutdown()
+
+
 def test_constrained_and_chunked_requests_survive_a_merge(two_devices):
     """A regex-constrained request keeps its grammar state across a merge and split; a long prompt in chunked
     prefill continues where it was."""
