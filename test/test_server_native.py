@@ -116,8 +116,10 @@ def test_seeded_sampling_is_reproducible(server):
 
 
 def test_stream_equals_non_stream(server):
-    ref = gen(server, max_new_tokens=12)
-    r = server.post("/generate", json={"text": PROMPT, "sampling_params": {**GREEDY, "max_new_tokens": 12},
+    # 48 tokens: the server sends what a reader has not taken yet as one event, so a stream of a few tokens can
+    # arrive whole on a stalled machine; 48 decode steps make one event for all of them implausible
+    ref = gen(server, max_new_tokens=48)
+    r = server.post("/generate", json={"text": PROMPT, "sampling_params": {**GREEDY, "max_new_tokens": 48},
                                         "stream": True}, stream=True)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")

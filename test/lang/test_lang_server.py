@@ -262,8 +262,10 @@ def test_streaming(backend):
 
     final = prog.run(backend=backend)
     st = prog.run(backend=backend, stream=True)
+    # how many pieces arrive depends on timing (the server and the frontend coalesce what a slow reader has not
+    # taken yet, as SGLang's do); test_lang_unit's paced backend checks that each piece is handed over as it comes
     pieces = list(st.text_iter("a"))
-    assert "".join(pieces) == final["a"] and len(pieces) > 1
+    assert "".join(pieces) == final["a"] and all(pieces)
     assert "".join(st.text_iter("b")) == final["b"]
     st = prog.run(backend=backend, stream=True)
     assert "".join(st.text_iter()) == final.text()

@@ -168,3 +168,37 @@ def test_resolved_sampling_params_and_dtype():
     assert p.regex == sgl.lang.ir.REGEX_INT and p.stop[-2:] == [" ", "\n"]
     kw = p.to_srt_kwargs()
     assert kw["regex"] == p.regex and "json_schema" not in kw and not math.isnan(kw["top_p"])
+
+
+def test_text_iter_yields_each_piece_the_backend_streams():
+    """With stream=True, text_iter hands over every piece as the backend yields it, before the generation ends.
+    The backend yields its next piece only after the consumer got the previous one, so a frontend that
+    buffered until the end would fail here (it would time out waiting for the first acknowledgement)."""
+    import threading
+
+    from sglang.lang.backend.base_backend import BaseBackend
+
+    pieces = [" one", " two", " three"]
+    received = threading.Semaphore(0)
+
+    class PacedBackend(BaseBackend):
+        def generate_stream(self, s, sampling_params):
+            for i, p in enumerate(pieces):
+                yield p, {"completion_tokens": i + 1}
+                if i + 1 < len(pieces) and not received.acquire(timeout=30):
+                    raise AssertionError(f"piece {i} was not handed to the consumer while the stream ran")
+
+    @sgl.function
+    def prog(s):
+        s += "Count:"
+        s += sgl.gen("a", max_tokens=3)
+        s += "."
+
+    st = prog.run(backend=PacedBackend(), stream=True)
+    got = []
+    for piece in st.text_iter("a"):
+        got.append(piece)
+        received.release()
+    assert got == pieces
+    assert st.error() is None and st["a"] == "".join(pieces)
+    assert st.text() == "Count:" + "".join(pieces) + "."
