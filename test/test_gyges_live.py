@@ -187,11 +187,15 @@ def test_merge_of_mixed_tp_parts_keeps_weights(test_model):
         eng.shutdown()
 
 
-def test_every_shape_of_four_devices_with_cached_pages(test_model):
+@pytest.mark.parametrize("prefetch_chunk_bytes", [0, 4096], ids=["weights-in-pause", "weights-prefetched"])
+def test_every_shape_of_four_devices_with_cached_pages(test_model, prefetch_chunk_bytes):
     """A walk through the shapes of 4 devices (2+1+1, 4, 2+2, 2+1+1, 1x4, 1+1+2, 4, 1x4), each instance's cache
-    filled before every transformation: the same prompts give the same greedy tokens after each one."""
+    filled before every transformation: the same prompts give the same greedy tokens after each one. With
+    --gyges-prefetch-chunk-bytes every split (TP4 -> 2+2, TP2 -> 1+1, TP4 -> 1x4) fetches its weights while
+    serving and receives none in the pause."""
     eng = sglang.Engine(model_path=test_model("llama_kv4"), dp_size=4, enable_gyges=True, device="cpu",
-                        dtype="float32", page_size=4, log_level="warning")
+                        dtype="float32", page_size=4, log_level="warning",
+                        gyges_prefetch_chunk_bytes=prefetch_chunk_bytes)
     g = torch.Generator().manual_seed(9)
     try:
         prompts = _prompts(4)
@@ -203,8 +207,11 @@ def test_every_shape_of_four_devices_with_cached_pages(test_model):
             fill = [[1] + torch.randint(3, 500, (int(torch.randint(20, 90, (1,), generator=g)),), generator=g).tolist()
                     for _ in range(10)]
             eng.generate(input_ids=fill, sampling_params={"max_new_tokens": 6, "temperature": 0})
-            eng.gyges_transform(devices, tp)
+            bd = eng.gyges_transform(devices, tp)
             assert [i["tp"] for i in eng.gyges_topology()["instances"]] == shape
+            if bd["kind"] == "split":
+                assert bd["prefetch_used"] == bool(prefetch_chunk_bytes), bd
+                assert (bd["weight_bytes"] == 0) == bool(prefetch_chunk_bytes), bd
             outs = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=PARAMS)]
             assert outs == reference, f"after {devices} -> TP{tp}"
         _assert_all_pages_free(eng)

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from gyges.plans import (KVLayout, ParamSpec, execute_kv_plan, kv_merge_plan, kv_regroup_plan, kv_split_plan,
                          merge_page_id, merge_page_mapping, remap_page_table, split_page_assignment,
-                         split_page_id, weight_merge_plan, weight_split_plan)
+                         split_page_id, weight_merge_plan, weight_prefetch_plan, weight_split_plan)
 from gyges.topology import Instance, Topology
 
 H = 8
@@ -320,6 +320,46 @@ def test_weight_merge_and_split_cover_every_row_once(seed, size, raw):
     split = weight_split_plan(params, G, group, parts)
     check_weight_plan(split, params, G, [group], parts)
     assert split.weight_bytes_freed == 0 and split.weight_bytes_moved == freed
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 10**9), size=st.sampled_from([2, 4, 8]), raw=params_st,
+       chunk=st.integers(1, 200), align=st.sampled_from([1, 8, 64]))
+def test_weight_prefetch_plan_stages_every_received_row_once(seed, size, raw, chunk, align):
+    """Pieces of a split's received rows: each received row exactly once, from the device the split plan reads
+    it from; staging pieces disjoint, aligned and inside their receiver's region; a chunk receives at most
+    `chunk` bytes per device unless one row alone is larger."""
+    G = 8
+    params = [ParamSpec(f"w{i}", rows=G * m, row_bytes=rb, sharded=sh) for i, (m, rb, sh) in enumerate(raw)]
+    row_bytes = {p.name: p.row_bytes for p in params}
+    parts = random_parts(random.Random(seed), Instance.of(range(size)))
+    split = weight_split_plan(params, G, Instance.of(range(size)), parts)
+    pre = weight_prefetch_plan(split, chunk, align)
+    want = {(d, rv.param, rv.dst_local_start + i): (rv.src_device, rv.src_local_start + i)
+            for d, dp in split.devices.items() for rv in dp.recv for i in range(rv.end - rv.start)}
+    got, spans = {}, {}
+    for c in pre.chunks:
+        assert c, "no empty chunk"
+        load = {}
+        for piece in c:
+            assert piece.nbytes == piece.rows * row_bytes[piece.param] and piece.rows > 0
+            assert piece.staging_offset % align == 0
+            assert piece.staging_offset + piece.nbytes <= pre.staging_bytes[piece.dst_device]
+            spans.setdefault(piece.dst_device, []).append((piece.staging_offset, piece.staging_offset + piece.nbytes))
+            load.setdefault(piece.dst_device, []).append(piece.nbytes)
+            for i in range(piece.rows):
+                key = (piece.dst_device, piece.param, piece.dst_local_start + i)
+                assert key not in got
+                got[key] = (piece.src_device, piece.src_local_start + i)
+        for sizes in load.values():
+            assert sum(sizes) <= chunk or len(sizes) == 1
+    assert got == want
+    for ranges in spans.values():
+        ranges.sort()
+        assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+    assert pre.bytes_fetched == split.weight_bytes_moved
+    # each region ends where its last piece ends (no slack beyond alignment gaps)
+    assert pre.staging_bytes == {d: max((b for _, b in spans.get(d, [])), default=0) for d in split.devices}
 
 
 def test_weight_plan_errors():

@@ -1,5 +1,6 @@
 """Pre-copy (--gyges-precopy-chunk-bytes): a merge of TP1 instances copies the KV pages that no longer change while
-both instances keep serving, then pauses only for the pages written since.
+both instances keep serving, then pauses only for the pages written since. Weight prefetch
+(--gyges-prefetch-chunk-bytes): a split fetches the weight rows its parts lack while the merged instance serves.
 
 Checked on the real multi-process engine (CPU workers, tiny float32 model): greedy tokens equal a run without
 transformations and logprobs agree within 1e-4 across pre-copied merges and (stop-and-copy) splits, with
@@ -18,10 +19,31 @@ from test_gyges_live import (PARAMS, _assert_all_pages_free, _assert_same, _prom
 pytestmark = pytest.mark.slow
 
 
+def _start_long_request(eng, prompt, rid, results):
+    """A streamed 1500-token request (results["long"]: its last chunk) on a thread, once its first token came."""
+    started = threading.Event()
+
+    def stream():
+        for chunk in eng.generate(input_ids=prompt, rid=rid, stream=True, sampling_params={
+                "max_new_tokens": 1500, "temperature": 0, "ignore_eos": True}):
+            started.set()
+            results["long"] = chunk
+
+    def run():
+        results["error"] = _try(stream)
+        started.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert started.wait(60)
+    return t
+
+
 @pytest.fixture(scope="module")
 def precopy_engine(test_model):
-    # A 4 KiB chunk per iteration: a pre-copy of a few dozen pages spans many iterations of both instances.
-    eng = two_instance_engine(test_model, gyges_precopy_chunk_bytes=4096)
+    # A 4 KiB chunk per iteration: a pre-copy of a few dozen pages spans many iterations of both instances; a
+    # split's weight prefetch of 2 KiB per iteration spans ~100 iterations of the merged instance.
+    eng = two_instance_engine(test_model, gyges_precopy_chunk_bytes=4096, gyges_prefetch_chunk_bytes=2048)
     try:
         yield eng
     finally:
@@ -40,7 +62,10 @@ def test_precopied_merges_and_splits_keep_tokens_with_requests_arriving(precopy_
     merge, split = bds
     assert merge["kind"] == "merge" and merge["precopy_complete"], merge
     assert merge["precopy_pages_kept"] > 0 and merge["precopy_kv_bytes"] > 0 and merge["precopy_iterations"] > 1
-    assert split["kind"] == "split" and split["precopy_pages"] == 0  # splits stop and copy
+    assert split["kind"] == "split" and split["precopy_pages"] == 0  # splits move their KV in the pause
+    # ... but fetch their weights while serving: the pause copies them on the device, receives nothing
+    assert split["prefetch_used"] and split["prefetch_chunks"] > 1, split
+    assert split["prefetch_weight_bytes"] == split["prefetch_weight_bytes_copied"] > 0 and split["weight_bytes"] == 0
     # Second merge with requests arriving during its pre-copy.
     results = {}
     t = threading.Thread(target=lambda: results.update(bd=eng.gyges_transform([0, 1], 2)))
@@ -60,20 +85,7 @@ def test_abort_during_precopy_leaves_every_page_free(precopy_engine):
     prompts = _prompts(6)
     eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0})  # cached pages
     results = {}
-    started = threading.Event()
-
-    def long_one():
-        def stream():
-            for chunk in eng.generate(input_ids=prompts[5], rid="to-abort", stream=True, sampling_params={
-                    "max_new_tokens": 1500, "temperature": 0, "ignore_eos": True}):
-                started.set()
-                results["long"] = chunk
-        results["error"] = _try(stream)
-        started.set()
-
-    t = threading.Thread(target=long_one)
-    t.start()
-    assert started.wait(60)
+    t = _start_long_request(eng, prompts[5], "to-abort", results)
     merge = threading.Thread(target=lambda: results.update(bd=eng.gyges_transform([0, 1], 2)))
     merge.start()
     time.sleep(0.03)  # the merge's pre-copy is under way (it spans ~100 iterations here)
@@ -85,6 +97,39 @@ def test_abort_during_precopy_leaves_every_page_free(precopy_engine):
     out = eng.generate(input_ids=prompts[0], sampling_params=PARAMS, return_logprob=True)
     assert out["meta_info"]["completion_tokens"] == PARAMS["max_new_tokens"]
     assert eng.gyges_transform([0, 1], 1)["kind"] == "split"
+    _assert_all_pages_free(eng)
+
+
+def test_prefetched_split_keeps_tokens_with_requests_arriving_and_an_abort(precopy_engine):
+    """A split prefetches its weights over ~100 iterations while the merged instance serves: requests decoding
+    through it, requests arriving and an abort during the prefetch; tokens and logprobs equal a run without
+    transformations, and every page (the staging region included) returns to the pools."""
+    eng = precopy_engine
+    prompts = _prompts(8)
+    reference = eng.generate(input_ids=prompts, sampling_params=PARAMS, return_logprob=True)
+    late = _prompts(11)[8:]
+    late_ref = eng.generate(input_ids=late, sampling_params=PARAMS, return_logprob=True)
+    assert eng.gyges_transform([0, 1], 2)["kind"] == "merge"
+    results = {}
+    t = _start_long_request(eng, prompts[5], "to-abort", results)
+    running = threading.Thread(target=lambda: results.update(
+        early=eng.generate(input_ids=prompts, sampling_params=PARAMS, return_logprob=True)))
+    running.start()
+    time.sleep(0.2)  # the 8 requests are decoding on the merged instance
+    split = threading.Thread(target=lambda: results.update(bd=eng.gyges_transform([0, 1], 1)))
+    split.start()
+    time.sleep(0.03)  # the prefetch is under way
+    results["late"] = eng.generate(input_ids=late, sampling_params=PARAMS, return_logprob=True)
+    eng.abort_request("to-abort")
+    for th in (split, running, t):
+        th.join(120)
+        assert not th.is_alive(), results
+    bd = results["bd"]
+    assert bd["kind"] == "split" and bd["prefetch_used"] and bd["prefetch_chunks"] > 1, bd
+    assert bd["weight_bytes"] == 0 and bd["prefetch_weight_bytes_copied"] > 0, bd
+    _assert_same(results["early"], reference)
+    _assert_same(results["late"], late_ref)
+    assert results["long"]["meta_info"]["finish_reason"]["type"] == "abort", results["long"]["meta_info"]
     _assert_all_pages_free(eng)
 
 

@@ -505,3 +505,68 @@ def weight_merge_plan(params: Sequence[ParamSpec], G: int, parts: Sequence[Insta
 def weight_split_plan(params: Sequence[ParamSpec], G: int, merged: Instance,
                       parts: Sequence[Instance]) -> WeightPlan:
     return weight_regroup_plan(params, G, (merged,), parts)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Weight prefetch ahead of a split (the rows a part lacks, fetched while the merged instance serves)
+# ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StagedRows:
+    """Rows of `param` that `dst_device` fetches ahead of a split: the sender reads them from its current
+    shard, the receiver writes them to its staging region and copies them into place in the pause."""
+    param: str
+    dst_device: int
+    src_device: int
+    src_local_start: int  # first row in the sender's current (old) tensor
+    dst_local_start: int  # first row in the receiver's new tensor
+    rows: int
+    staging_offset: int  # byte offset inside the receiver's staging region
+    nbytes: int
+
+
+@dataclass
+class WeightPrefetchPlan:
+    chunks: List[List[StagedRows]]  # posted one chunk at a time; a chunk receives <= chunk_bytes per device
+    staging_bytes: Dict[int, int]  # device -> bytes of its staging region (aligned pieces, end to end)
+
+    @property
+    def max_staging_bytes(self) -> int:
+        return max(self.staging_bytes.values(), default=0)
+
+    @property
+    def bytes_fetched(self) -> int:
+        return sum(s.nbytes for c in self.chunks for s in c)
+
+
+def weight_prefetch_plan(plan: WeightPlan, chunk_bytes: int, align: int = 64) -> WeightPrefetchPlan:
+    """Cut every device's received rows (`plan`, a split's weight plan) into pieces of at most chunk_bytes
+    (at least one row), place each at an `align`-ed offset of its receiver's staging region, and group the
+    pieces into chunks that receive at most chunk_bytes per device (a piece never straddles two chunks)."""
+    if chunk_bytes <= 0 or align <= 0:
+        raise ValueError(f"chunk_bytes ({chunk_bytes}) and align ({align}) must be positive")
+    per_device: Dict[int, List[StagedRows]] = {d: [] for d in plan.devices}
+    staging: Dict[int, int] = {d: 0 for d in plan.devices}
+    for d, dp in sorted(plan.devices.items()):
+        pieces = per_device[d]
+        for rv in dp.recv:
+            rows = rv.end - rv.start
+            row_bytes = rv.nbytes // rows
+            per_piece = max(1, chunk_bytes // row_bytes)
+            for r in range(0, rows, per_piece):
+                n = min(per_piece, rows - r)
+                off = -(-staging[d] // align) * align
+                pieces.append(StagedRows(rv.param, d, rv.src_device, rv.src_local_start + r,
+                                         rv.dst_local_start + r, n, off, n * row_bytes))
+                staging[d] = off + n * row_bytes
+    # Round-robin over the receivers: every chunk keeps all devices' links busy, not one device's at a time.
+    longest = max((len(v) for v in per_device.values()), default=0)
+    pieces = [v[i] for i in range(longest) for _, v in sorted(per_device.items()) if i < len(v)]
+    chunks: List[List[StagedRows]] = []
+    load: Dict[int, int] = {}
+    for piece in pieces:
+        if not chunks or (load.get(piece.dst_device, 0) and load[piece.dst_device] + piece.nbytes > chunk_bytes):
+            chunks.append([])
+            load = {}
+        chunks[-1].append(piece)
+        load[piece.dst_device] = load.get(piece.dst_device, 0) + piece.nbytes
+    return WeightPrefetchPlan(chunks, staging)

@@ -195,6 +195,11 @@ class ServerArgs:
                                         "requests) are copied into free pages of the merged layout, this many "
                                         "bytes per device between two iterations; the pause then moves only the "
                                         "pages written since. 0: no pre-copy (stop, move everything, resume).")
+    gyges_prefetch_chunk_bytes: int = _f(0, "Weight prefetch for splits: while the merged instance keeps serving, "
+                                         "every device fetches the weight rows it will lack after the split into "
+                                         "the top pages of its KV pool (reserved for it), this many bytes per "
+                                         "device between two iterations; the pause copies them into place instead "
+                                         "of receiving them. 0: the rows are received in the pause.")
     gyges_cost_model: Optional[str] = _f(None, "JSON file of the step-time and transformation cost models "
                                          "measured on this machine (written by benchmark/measure_costs.py); "
                                          "default: built-in constants, and no merges for speed.")
@@ -259,6 +264,9 @@ class ServerArgs:
         for name in ("watchdog_timeout", "grammar_compile_timeout", "gyges_transform_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}")
+        for name in ("gyges_precopy_chunk_bytes", "gyges_prefetch_chunk_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: off), got {getattr(self, name)}")
         if self.hicache_size is not None:
             self.hicache_bytes(0)  # raises on a bad size
         if self.hicache_ratio < 0:

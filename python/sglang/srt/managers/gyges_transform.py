@@ -18,6 +18,9 @@
 Pre-copy (merges of TP1 instances, --gyges-precopy-chunk-bytes > 0): before step 1 the source leaders keep
 serving while KVPrecopy copies the pages that no longer change into free pages of the merged layout, a bounded
 chunk per iteration (Scheduler.begin_transform / event_loop); step 3 then moves only the pages written since.
+Weight prefetch (splits, --gyges-prefetch-chunk-bytes > 0, weight_prefetch.py): before step 1 the merged
+instance keeps serving while its devices fetch the rows the parts lack into the top pages of its pool, a chunk
+per iteration; step 2 places the parts' KV below those pages and step 4 copies the rows into place on the device.
 
 Nothing is recomputed: requests keep their KV, output, sampling seed and grammar state. Open sessions keep
 their pinned KV: a merge takes every source's pins; a split moves each session's pages (one page group,
@@ -54,6 +57,7 @@ from sglang.srt.managers.schedule_batch import InstanceState, Req
 from sglang.srt.mem_cache.page_allocator import first_ids, intersect_runs, runs_count
 from sglang.srt.model_executor import regroup
 from sglang.srt.model_executor.weight_store import packed_layout
+from sglang.srt.managers.weight_prefetch import take_prefetched
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class TransformPlan:
     kv_plan: KVPlan
     states: Dict[int, InstanceState]  # new instance base device -> its re-based state
     running_requests: int
+    dropped_groups: int = 0  # split: cached page groups no part had room for (their tokens are recomputed later)
 
 
 @dataclass
@@ -153,7 +158,7 @@ def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: 
             part = session_part.get(req.session_id) or min(
                 dst, key=lambda p: (len(outs[p.base].running) + len(outs[p.base].waiting), p.base))
             outs[part.base].waiting.append(req)
-        return TransformPlan(kv_plan, outs, running)
+        return TransformPlan(kv_plan, outs, running, dropped_groups=len(groups) - len(kept))
     raise ValueError(f"unknown transformation kind {cmd.kind!r}")
 
 
@@ -440,6 +445,7 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     pool = runner.kv_pool
     flat = regroup.kv_flat_bytes(pool)
     pre = _PRECOPIED.pop(cmd.transform_id, None)
+    fetched = take_prefetched(cmd.transform_id)  # a split's weight prefetch (weight_prefetch.py)
     if pre is not None:
         pre._unobserve()
         if pre.posted is not None:  # given up with a chunk on the wire: it lands before anything reuses its pages
@@ -447,13 +453,17 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
             regroup._finish_round(pre.posted, flat, waited=True)
             pre.posted = None
     blobs = _all_gather_object((pickle.dumps(my_state) if my_state is not None else None,
-                                pre.summary() if pre is not None else None), group)
+                                pre.summary() if pre is not None else None,
+                                fetched.summary() if fetched is not None else None), group)
     states = {}
-    for blob, _ in blobs:
+    for blob, _, _ in blobs:
         if blob is not None:
             st: InstanceState = pickle.loads(blob)
             states[st.devices[0]] = st
-    summaries = [x for _, x in blobs]
+    summaries = [x for _, x, _ in blobs]
+    fetch_summaries = [x for _, _, x in blobs]
+    # The staged rows are used only when every device fetched every chunk (all or nothing, decided alike).
+    staged = fetched is not None and all(x is not None and x["complete"] for x in fetch_summaries)
     # The pool's KV heads are the padded ones (gyges.heads): every TP degree dividing G splits them evenly.
     layout = KVLayout(cfg.heads.padded_kv_heads, cfg.num_layers, pool.page_size, cfg.head_dim,
                       torch.empty((), dtype=cfg.dtype).element_size())
@@ -466,23 +476,44 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         new_inst = next(i for i in dst if me in i.devices)
         new_cfg = regroup.new_model_config(cfg, new_inst.tp)
         new_group = get_tp_group(list(new_inst.devices))
-        new_model = regroup.build_model_on_meta(type(runner.model), new_cfg, new_group)
+        if fetched is not None:  # built while serving
+            new_model = fetched.new_model
+        else:
+            new_model = regroup.build_model_on_meta(type(runner.model), new_cfg, new_group)
         _, new_weights_end = packed_layout(new_model)
         reserved_after = -(-new_weights_end // layout.page_bytes(new_inst.tp))
         kept_ahead = _valid_precopied(summaries, states, src) if cmd.kind == "merge" else {}
-        plan = plan_transform(cmd, states, layout, flat.numel(), reserved_after, kept_ahead)
+        plan = None
+        if staged:
+            # The parts' KV goes below the staging region, unless that would leave behind a page the full pool
+            # keeps: then the staged rows are dropped and received as without prefetch.
+            try:
+                plan = plan_transform(cmd, states, layout, fetched.staging_start, reserved_after, kept_ahead)
+            except ValueError:
+                plan = None
+            full = plan_transform(cmd, states, layout, flat.numel(), reserved_after, kept_ahead) \
+                if plan is None or plan.dropped_groups else None
+            if full is not None and (plan is None or full.dropped_groups < plan.dropped_groups):
+                plan, staged = full, False
+        if plan is None:
+            plan = plan_transform(cmd, states, layout, flat.numel(), reserved_after, kept_ahead)
     except ValueError as e:
         msg = f"{cmd.kind} of devices {devices} refused: {e}"
         logger.warning(msg)
         if pre is not None:
             pre.release()
+        if fetched is not None:
+            fetched.release()
         return TransformOutcome(ok=False, message=msg, ranks=_old_ranks(cmd, me))
     planning_s = time.perf_counter() - t_plan0
 
     stats = regroup.RegroupStats()
     old_model = runner.model
-    specs = regroup.param_specs(old_model, new_model, cfg.tp_size)
-    weight_plan = weight_regroup_plan(specs, cfg.weight_granularity, src, dst)
+    if fetched is not None:
+        weight_plan = fetched.weight_plan
+    else:
+        specs = regroup.param_specs(old_model, new_model, cfg.tp_size)
+        weight_plan = weight_regroup_plan(specs, cfg.weight_granularity, src, dst)
     # Whichever shrinks goes first. A merge packs the weights first: a part of lower TP (larger weights) still
     # holds its old weights where a part of higher TP has KV pages (TP2 pages right after TP2's weights land,
     # on the TP1 devices of a TP2 + TP1 + TP1 merge, inside their TP1 weights). A split moves the KV out of
@@ -493,7 +524,7 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     regroup.execute_kv_plan(plan.kv_plan, me, flat, group.device_group, stats, KV_ROUND_BYTES)
     if cmd.kind != "merge":
         regroup.regroup_weights(weight_plan, me, runner.weight_store, old_model, new_model, group.device_group,
-                                stats)
+                                stats, prefetched=fetched if staged else None)
     regroup.adopt_buffers(old_model, new_model)
     new_pool = regroup.reshape_pool(pool, cfg.kv_heads_per_rank(new_inst.tp))
     runner.rebind(new_model, new_group, new_cfg, new_pool)
@@ -501,7 +532,8 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
 
     mine = {"t_start": t_start, "t_end": t_end, "kv_s": stats.kv_seconds, "weight_s": stats.weight_seconds,
             "kv_staging": stats.kv_staging_peak_bytes, "weight_transient": stats.weight_transient_peak_bytes,
-            "weight_recv": stats.weight_bytes_received, "weight_freed": stats.weight_bytes_freed}
+            "weight_recv": stats.weight_bytes_received, "weight_freed": stats.weight_bytes_freed,
+            "weight_staged": stats.weight_bytes_staged}
     everyone = _all_gather_object(mine, group)
     breakdown = {
         "kind": cmd.kind,
@@ -528,6 +560,15 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         "precopy_pages_kept": len(kept_ahead),
         "precopy_iterations": max((x["iterations"] for x in ahead), default=0),
         "precopy_complete": bool(ahead) and all(x["complete"] for x in ahead),
+    })
+    fetched_ahead = [x for x in fetch_summaries if x is not None]
+    breakdown.update({  # a split's weight prefetch while serving (zeros when it did not apply)
+        "prefetch_ms": (max(x["t_end"] for x in fetched_ahead) - min(x["t_start"] for x in fetched_ahead)) * 1e3
+        if fetched_ahead else 0.0,
+        "prefetch_weight_bytes": sum(x["received"] for x in fetched_ahead),
+        "prefetch_chunks": max((x["chunks"] for x in fetched_ahead), default=0),
+        "prefetch_used": bool(staged),
+        "prefetch_weight_bytes_copied": sum(e["weight_staged"] for e in everyone),  # in the pause, on device
     })
     state = plan.states.get(me) if new_inst.leader == me else None
     placements = {base: [r.rid for r in st.running + st.waiting] for base, st in plan.states.items()}

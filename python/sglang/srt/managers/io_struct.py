@@ -531,6 +531,24 @@ class TransformCmd:
 
 
 @dataclass
+class WeightPrefetchStart:
+    # The split whose weight rows the instance's devices fetch while it keeps serving (weight_prefetch.py).
+    cmd: TransformCmd
+    # Byte offset in every device's arena where the staging region starts (the top pages of the merged pool).
+    staging_start: int
+    # --gyges-prefetch-chunk-bytes: the most bytes a device receives per iteration.
+    chunk_bytes: int
+
+
+@dataclass
+class WeightPrefetchStep:
+    # Transform id of the split being prefetched.
+    transform_id: str
+    # Index of the chunk every device moves now (0, 1, ... in order).
+    chunk: int
+
+
+@dataclass
 class TransformDone:
     # Id of the TransformCmd.
     transform_id: str

@@ -45,6 +45,8 @@ from sglang.srt.managers.io_struct import (
     MoveSessionReqOutput,
     SessionKVTransfer,
     TransformCmd,
+    WeightPrefetchStart,
+    WeightPrefetchStep,
 )
 from sglang.srt.managers.req_kv import ReqKVManager
 from sglang.srt.mem_cache.host_tier import HostKVCopy, HostKVTier, follower_store
@@ -146,6 +148,7 @@ class Scheduler:
         self.poller = channels.poller
         self._pending_transform: Optional[TransformCmd] = None
         self._precopy = None  # gyges_transform.KVPrecopy of an ordered merge, run between iterations
+        self._prefetch = None  # weight_prefetch.WeightPrefetch of an ordered split, one chunk per iteration
         self._finished_since_report: List[str] = []
         self.capacity_by_tp = None
         if server_args.enable_gyges:
@@ -172,7 +175,7 @@ class Scheduler:
             if self.batches.has_work:
                 block_ms = 0
             else:
-                block_ms = 1 if self._precopy is not None else 5 if self.grammar_pending else 200
+                block_ms = 1 if self._precopy or self._prefetch else 5 if self.grammar_pending else 200
             self.process_input(block_ms=block_ms)
             if self._pending_transform is not None:
                 break
@@ -182,6 +185,8 @@ class Scheduler:
             self.report_load()
             if self._precopy is not None and self._precopy.advance():  # pre-copied: the pause may start
                 self._pending_transform, self._precopy = self._precopy.cmd, None
+            if self._prefetch is not None and self.prefetch_step():  # every row fetched: the pause may start
+                self._pending_transform, self._prefetch = self._prefetch.cmd, None
         cmd, self._pending_transform = self._pending_transform, None
         return cmd
 
@@ -238,7 +243,37 @@ class Scheduler:
         self._precopy = start_precopy(cmd, self.tp.ranks[0], self.runner, self.kv, pages_now,
                                       self.args.gyges_precopy_chunk_bytes, self.args.gyges_transform_timeout)
         if self._precopy is None:
+            self._prefetch = self.start_prefetch(cmd)
+        if self._precopy is None and self._prefetch is None:
             self._pending_transform = cmd
+
+    def start_prefetch(self, cmd: TransformCmd):
+        """A split's weight prefetch (weight_prefetch.py) when it applies and the top of the pool is free; the
+        followers start theirs from the broadcast."""
+        from sglang.srt.managers.weight_prefetch import WeightPrefetch, prefetch_applies
+
+        chunk = self.args.gyges_prefetch_chunk_bytes
+        if not prefetch_applies(cmd, self.runner, chunk):
+            return None
+        pre = WeightPrefetch(cmd, self.tp.ranks[0], self.runner, chunk)
+        page_bytes = self.runner.kv_pool.bytes_per_page
+        first = pre.staging_region(self.kv.allocator, page_bytes)
+        if first is None:
+            return None
+        self.tp.broadcast_object(WeightPrefetchStart(cmd, first * page_bytes, chunk))
+        pre.start(first * page_bytes, self.kv.allocator, first)
+        pre.deadline = time.monotonic() + self.args.gyges_transform_timeout
+        return pre
+
+    def prefetch_step(self) -> bool:
+        """One chunk of the split's weight prefetch on every device; True when the pause may start (every chunk
+        moved, a chunk failed, or past --gyges-transform-timeout: the pause then receives the rest)."""
+        pre = self._prefetch
+        if pre.complete or pre.failed or time.monotonic() > pre.deadline:
+            return True
+        self.tp.broadcast_object(WeightPrefetchStep(pre.cmd.transform_id, pre.next_chunk))
+        pre.step(pre.next_chunk)
+        return pre.complete or bool(pre.failed)
 
     def add_request(self, recv: TokenizedGenerateReqInput) -> None:
         from sglang.srt.sampling.sampler import SamplingState
@@ -675,6 +710,15 @@ def follower_loop(runner, tp_group) -> Optional[TransformCmd]:
             return msg
         if isinstance(msg, HostKVCopy):  # the leader's host KV tier copies this rank's slice too
             follower_store(runner, msg.capacity_pages).apply(msg)
+            continue
+        if isinstance(msg, (WeightPrefetchStart, WeightPrefetchStep)):  # the leader's split prefetches weights
+            from sglang.srt.managers import weight_prefetch
+
+            if isinstance(msg, WeightPrefetchStart):
+                weight_prefetch.WeightPrefetch(msg.cmd, torch.distributed.get_rank(), runner,
+                                               msg.chunk_bytes).start(msg.staging_start)
+            elif (pre := weight_prefetch._PREFETCHED.get(msg.transform_id)) is not None:
+                pre.step(msg.chunk)
             continue
         runner.forward(msg)
 

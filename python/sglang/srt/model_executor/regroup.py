@@ -44,6 +44,7 @@ class RegroupStats:
     weight_bytes_freed: int = 0
     weight_seconds: float = 0.0
     weight_transient_peak_bytes: int = 0
+    weight_bytes_staged: int = 0  # rows a split fetched ahead, copied into place from the staging region
 
 
 def kv_flat_bytes(pool: HeadCentricKVPool) -> torch.Tensor:
@@ -341,13 +342,16 @@ def _row_bytes(p: torch.Tensor) -> int:
 
 
 def regroup_weights(plan: WeightPlan, me: int, store: WeightStore, old_model: torch.nn.Module,
-                    new_model: torch.nn.Module, device_group, stats: RegroupStats) -> None:
+                    new_model: torch.nn.Module, device_group, stats: RegroupStats, prefetched=None) -> None:
     """Regroup this device's weights inside its arena and bind `new_model` (meta) to them.
 
     Merge (every new shard inside the old one): pack each kept slice to the front, in offset order.
     Split (every old shard inside the new one): move each kept block up to its new place, last parameter
     first, then receive the missing rows from the peers directly into place (the peers send from their
     own moved blocks). The KV that lived where the weights grow was moved out by the split's KV plan.
+    prefetched (a split's completed managers.weight_prefetch.WeightPrefetch, on every device alike): the missing
+    rows were fetched while serving into a staging region above the new weights; they are copied into place
+    on the device and nothing crosses the links.
     """
     t0 = time.perf_counter()
     mine = plan.devices[me]
@@ -366,7 +370,9 @@ def regroup_weights(plan: WeightPlan, me: int, store: WeightStore, old_model: to
     old_end = store.weights_end
     store.bind(new_model, new_offsets, new_end)
     new_params = dict(unique_parameters(new_model))  # now views of the arena
-    if growing:
+    if growing and prefetched is not None:
+        stats.weight_bytes_staged += prefetched.copy_into_place(new_params)
+    elif growing:
         # Every parameter's rows are posted at once (one tag per parameter) and waited for together: the sends
         # read the blocks moved above, the receives write rows no send reads, so nothing orders them.
         sends = [(dev, rv) for dev, dp in sorted(plan.devices.items()) for rv in dp.recv if rv.src_device == me]

@@ -1,0 +1,171 @@
+"""Weight prefetch ahead of a split: while the merged instance keeps serving, every device fetches the weight
+rows it will lack after the split into the top of its KV pool; the pause then copies them into place on the
+device instead of receiving them over the links (issue: the pause never waits for weights).
+
+    leader (Scheduler.begin_transform: a split with --gyges-prefetch-chunk-bytes > 0)
+        plan      WeightPrefetch: the new model on meta, the split's weight plan, its pieces and chunks
+                  (gyges.plans.weight_prefetch_plan), the same on every device
+        reserve   staging_region(): the top pages of the merged pool, free now, taken from the allocator; the
+                  region must start at or above the end of the parts' weights. No room: no prefetch
+        start     broadcast WeightPrefetchStart -> the followers build the same plan (follower_loop)
+        step      once per iteration: broadcast WeightPrefetchStep -> every device posts the chunk's isend
+                  (rows of its current shard) / irecv (into its staging region) and waits for them
+                  [the merged instance's device group, between two forward passes]
+    pause (gyges_transform.execute_transform)
+        every device's summary travels with the state all-gather; when every device fetched every chunk, the
+        split's KV plan places the parts' pages below the staging region (when that keeps every page the full
+        pool would keep) and regroup.regroup_weights copies the staged rows into place; otherwise the rows are
+        received in the pause as without prefetch. After the split the staging pages are ordinary free pages
+        of the new pools (their allocators are built from the pages requests use).
+
+Memory: the staging region is KV memory the parts give to their grown weights anyway (a split must fit the
+parts' weights and KV into the same arena); it is taken from the merged pool for the prefetch's duration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from gyges.plans import WeightPrefetchPlan, weight_prefetch_plan, weight_regroup_plan
+from gyges.topology import Instance
+from sglang.srt.distributed.parallel_state import get_tp_group
+from sglang.srt.managers.io_struct import TransformCmd
+from sglang.srt.model_executor import regroup
+from sglang.srt.model_executor.weight_store import packed_layout, unique_parameters
+
+logger = logging.getLogger(__name__)
+
+# Message tags of prefetch chunks (the pause's KV executor numbers its rounds from 0, pre-copy from 1 << 20).
+_PREFETCH_TAG = 1 << 21
+# transform id -> this device's prefetch (finished or not), read by execute_transform at the pause.
+_PREFETCHED: Dict[str, "WeightPrefetch"] = {}
+
+
+class WeightPrefetch:
+    """One device's share of a split's weight prefetch (leader and followers alike)."""
+
+    def __init__(self, cmd: TransformCmd, me: int, runner, chunk_bytes: int):
+        self.cmd, self.me, self.runner = cmd, me, runner
+        cfg = runner.model_config
+        src = [Instance.of(d) for d in cmd.src_instances]
+        dst = [Instance.of(d) for d in cmd.dst_instances]
+        new_inst = next(i for i in dst if me in i.devices)
+        self.new_config = regroup.new_model_config(cfg, new_inst.tp)
+        self.new_group = get_tp_group(list(new_inst.devices))
+        # Built now, used by the pause (it is what the pause would build first).
+        self.new_model = regroup.build_model_on_meta(type(runner.model), self.new_config, self.new_group)
+        self.new_weights_end = packed_layout(self.new_model)[1]
+        specs = regroup.param_specs(runner.model, self.new_model, cfg.tp_size)
+        self.weight_plan = weight_regroup_plan(specs, cfg.weight_granularity, src, dst)
+        self.plan: WeightPrefetchPlan = weight_prefetch_plan(self.weight_plan, chunk_bytes)
+        self.device_group = get_tp_group(cmd.devices).device_group
+        self.staging_start = -1  # byte offset of the staging region in the arena (set by start)
+        self.reserved: list = []  # leader: the pool pages under the staging region, taken from the allocator
+        self.allocator = None
+        self.next_chunk = 0
+        self.bytes_received = 0
+        self.failed = ""
+        self.deadline = float("inf")  # leader: time.monotonic() past which the pause starts without the rest
+        self.t_start = self.t_end = time.time()
+
+    # -- where the rows go ---------------------------------------------------------------------------------
+    def staging_region(self, allocator, page_bytes: int) -> Optional[int]:
+        """Leader: the first page of the top pages that hold the staging region, when they are all free now and
+        start at or above the end of the parts' weights; None otherwise (no prefetch)."""
+        need = self.plan.max_staging_bytes
+        if need == 0:
+            return None
+        total = allocator.num_total
+        first = total - -(-need // page_bytes)
+        if first * page_bytes < self.new_weights_end:
+            return None
+        runs = allocator.free_runs()
+        if not runs or runs[-1][1] != total or runs[-1][0] > first:
+            return None
+        return first
+
+    def start(self, staging_start: int, allocator=None, first_page: int = 0) -> None:
+        """Every device: remember the region. The leader also takes its pages from the allocator."""
+        self.staging_start = staging_start
+        if allocator is not None:
+            self.allocator = allocator
+            self.reserved = list(range(first_page, allocator.num_total))
+            allocator.take(self.reserved)
+        self.t_start = time.time()
+        _PREFETCHED[self.cmd.transform_id] = self
+
+    # -- between iterations ----------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return not self.failed and self.next_chunk == len(self.plan.chunks)
+
+    def step(self, chunk: int) -> None:
+        """Every device, at the same point: move chunk `chunk` (sends from the current shard, receives into
+        staging) and wait for it. Bounded: a chunk receives at most the chunk size per device."""
+        if self.failed or chunk != self.next_chunk:
+            self.failed = self.failed or f"prefetch chunk {chunk} out of order (expected {self.next_chunk})"
+            return
+        old = dict(unique_parameters(self.runner.model))
+        arena = self.runner.weight_store.arena
+        ops = []
+        for i, piece in enumerate(self.plan.chunks[chunk]):
+            p = old[piece.param]
+            if piece.src_device == self.me:
+                ops.append((dist.isend, p.data[piece.src_local_start:piece.src_local_start + piece.rows],
+                            piece.dst_device, _PREFETCH_TAG + i))
+            if piece.dst_device == self.me:
+                at = self.staging_start + piece.staging_offset
+                into = arena[at:at + piece.nbytes].view(p.dtype).view(piece.rows, *p.shape[1:])
+                ops.append((dist.irecv, into, piece.src_device, _PREFETCH_TAG + i))
+                self.bytes_received += piece.nbytes
+        try:
+            for w in regroup._post(ops, self.device_group):
+                w.wait()
+        except RuntimeError as e:  # a peer died: the pause's collectives then fail the split as without it
+            self.failed = f"prefetch failed: {e}"
+            logger.warning("split of devices %s: %s", self.cmd.devices, self.failed)
+        self.next_chunk += 1
+        self.t_end = time.time()
+
+    # -- the pause -------------------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        return {"complete": self.complete, "staging_start": self.staging_start, "received": self.bytes_received,
+                "chunks": self.next_chunk, "t_start": self.t_start, "t_end": self.t_end}
+
+    def copy_into_place(self, new_params: Dict[str, torch.nn.Parameter]) -> int:
+        """After the kept rows moved and the new model was bound: copy this device's staged rows into their
+        rows of the new parameters (the staging region lies above the new weights). Returns bytes copied."""
+        arena = self.runner.weight_store.arena
+        copied = 0
+        for chunk in self.plan.chunks:
+            for piece in chunk:
+                if piece.dst_device != self.me:
+                    continue
+                target = new_params[piece.param]
+                at = self.staging_start + piece.staging_offset
+                staged = arena[at:at + piece.nbytes].view(target.dtype).view(piece.rows, *target.shape[1:])
+                target.data[piece.dst_local_start:piece.dst_local_start + piece.rows].copy_(staged)
+                copied += piece.nbytes
+        return copied
+
+    def release(self) -> None:
+        """Leader, when the split is refused: the staging pages go back to the merged pool."""
+        if self.allocator is not None and self.reserved:
+            self.allocator.free(self.reserved)
+        self.reserved = []
+        _PREFETCHED.pop(self.cmd.transform_id, None)
+
+
+def prefetch_applies(cmd: TransformCmd, runner, chunk_bytes: int) -> bool:
+    """Splits of an instance of TP > 1 whose parts receive rows (any split: the parts' shards grow)."""
+    return chunk_bytes > 0 and cmd.kind == "split" and len(cmd.src_instances) == 1 \
+        and len(cmd.src_instances[0]) > 1
+
+
+def take_prefetched(transform_id: str) -> Optional[WeightPrefetch]:
+    return _PREFETCHED.pop(transform_id, None)
