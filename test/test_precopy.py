@@ -133,6 +133,25 @@ def test_prefetched_split_keeps_tokens_with_requests_arriving_and_an_abort(preco
     _assert_all_pages_free(eng)
 
 
+def test_partly_prefetched_split_receives_the_rest_in_the_pause(test_model):
+    """Pools of 128 tokens: the parts' KV region holds only part of the rows a split fetches, so the staging
+    region takes what fits and the pause receives the rest; a request decoding through the merge and split keeps
+    its tokens and logprobs."""
+    eng = two_instance_engine(test_model, max_total_tokens=128, gyges_prefetch_chunk_bytes=4096)
+    try:
+        prompts = _prompts(2)
+        reference = eng.generate(input_ids=prompts, sampling_params=PARAMS, return_logprob=True)
+        assert eng.flush_cache()  # the small pools hold only the two requests' KV
+        outs, (merge, split) = _run_with_transforms(eng, prompts, {10: ([0, 1], 2), 25: ([0, 1], 1)})
+        _assert_same(outs, reference)
+        assert split["kind"] == "split" and split["prefetch_used"], {k: v for k, v in split.items() if "prefetch" in k}
+        assert 0 < split["prefetch_weight_bytes"] == split["prefetch_weight_bytes_copied"], split
+        assert split["weight_bytes"] > 0  # the rows the staging region had no room for
+        _assert_all_pages_free(eng)
+    finally:
+        eng.shutdown()
+
+
 def test_worker_death_during_precopy_fails_its_instances_without_hanging(test_model):
     """A peer dies while a merge is pre-copying: the survivor's chunk never lands; the transformation and the
     requests of both instances fail with a clear error instead of waiting forever."""

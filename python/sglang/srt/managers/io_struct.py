@@ -536,6 +536,8 @@ class WeightPrefetchStart:
     cmd: TransformCmd
     # Byte offset in every device's arena where the staging region starts (the top pages of the merged pool).
     staging_start: int
+    # Its bytes: the rows that fit are fetched while serving, the pause receives the others.
+    staging_bytes: int
     # --gyges-prefetch-chunk-bytes: the most bytes a device receives per iteration.
     chunk_bytes: int
 

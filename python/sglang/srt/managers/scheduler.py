@@ -253,16 +253,24 @@ class Scheduler:
         from sglang.srt.managers.weight_prefetch import WeightPrefetch, prefetch_applies
 
         chunk = self.args.gyges_prefetch_chunk_bytes
-        if not prefetch_applies(cmd, self.runner, chunk):
+        if not prefetch_applies(cmd, chunk):
             return None
-        pre = WeightPrefetch(cmd, self.tp.ranks[0], self.runner, chunk)
+        pre = WeightPrefetch.for_split(cmd, self.tp.ranks[0], self.runner, chunk)
         page_bytes = self.runner.kv_pool.bytes_per_page
-        first = pre.staging_region(self.kv.allocator, page_bytes)
-        if first is None:
+        # Below the region the parts need room for the KV in use now: all of it on one part at worst, in pages
+        # `stride` times larger (a merged page's heads of one part land on one device).
+        stride = len(cmd.src_instances[0]) // min(len(i) for i in cmd.dst_instances)
+        region = pre.staging_region(self.kv.allocator, page_bytes, self.kv.used_pages() * stride * page_bytes)
+        if region is None:
+            logger.info("split of devices %s: no free pages at the top of the pool for the %d weight bytes to "
+                        "prefetch; the pause receives them", cmd.devices, pre.plan.max_staging_bytes)
             return None
-        self.tp.broadcast_object(WeightPrefetchStart(cmd, first * page_bytes, chunk))
-        pre.start(first * page_bytes, self.kv.allocator, first)
+        first, capacity = region
+        self.tp.broadcast_object(WeightPrefetchStart(cmd, first * page_bytes, capacity, chunk))
+        pre.start(first * page_bytes, capacity, self.kv.allocator, first)
         pre.deadline = time.monotonic() + self.args.gyges_transform_timeout
+        logger.info("split of devices %s: prefetching %d of %d weight bytes per device in %d chunks while serving",
+                    cmd.devices, capacity, pre.plan.max_staging_bytes, len(pre.chunks))
         return pre
 
     def prefetch_step(self) -> bool:
@@ -715,8 +723,8 @@ def follower_loop(runner, tp_group) -> Optional[TransformCmd]:
             from sglang.srt.managers import weight_prefetch
 
             if isinstance(msg, WeightPrefetchStart):
-                weight_prefetch.WeightPrefetch(msg.cmd, torch.distributed.get_rank(), runner,
-                                               msg.chunk_bytes).start(msg.staging_start)
+                weight_prefetch.WeightPrefetch.for_split(msg.cmd, torch.distributed.get_rank(), runner,
+                                                         msg.chunk_bytes).start(msg.staging_start, msg.staging_bytes)
             elif (pre := weight_prefetch._PREFETCHED.get(msg.transform_id)) is not None:
                 pre.step(msg.chunk)
             continue

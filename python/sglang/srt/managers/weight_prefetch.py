@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from gyges.plans import WeightPrefetchPlan, weight_prefetch_plan, weight_regroup_plan
+from gyges.plans import StagedRows, WeightPrefetchPlan, weight_prefetch_plan, weight_regroup_plan
 from gyges.topology import Instance
 from sglang.srt.distributed.parallel_state import get_tp_group
 from sglang.srt.managers.io_struct import TransformCmd
@@ -47,23 +47,19 @@ _PREFETCHED: Dict[str, "WeightPrefetch"] = {}
 
 
 class WeightPrefetch:
-    """One device's share of a split's weight prefetch (leader and followers alike)."""
+    """One device's share of a split's weight prefetch (leader and followers alike): the split's weight plan,
+    its chunks, and the staging region of this device's arena (`store`) the rows land in."""
 
-    def __init__(self, cmd: TransformCmd, me: int, runner, chunk_bytes: int):
-        self.cmd, self.me, self.runner = cmd, me, runner
-        cfg = runner.model_config
-        src = [Instance.of(d) for d in cmd.src_instances]
-        dst = [Instance.of(d) for d in cmd.dst_instances]
-        new_inst = next(i for i in dst if me in i.devices)
-        self.new_config = regroup.new_model_config(cfg, new_inst.tp)
-        self.new_group = get_tp_group(list(new_inst.devices))
-        # Built now, used by the pause (it is what the pause would build first).
-        self.new_model = regroup.build_model_on_meta(type(runner.model), self.new_config, self.new_group)
-        self.new_weights_end = packed_layout(self.new_model)[1]
-        specs = regroup.param_specs(runner.model, self.new_model, cfg.tp_size)
-        self.weight_plan = weight_regroup_plan(specs, cfg.weight_granularity, src, dst)
-        self.plan: WeightPrefetchPlan = weight_prefetch_plan(self.weight_plan, chunk_bytes)
-        self.device_group = get_tp_group(cmd.devices).device_group
+    def __init__(self, cmd: TransformCmd, me: int, old_model: torch.nn.Module, new_model: torch.nn.Module,
+                 weight_plan, store, device_group, chunk_bytes: int):
+        self.cmd, self.me = cmd, me
+        self.old_model, self.new_model, self.store = old_model, new_model, store
+        self.new_weights_end = packed_layout(new_model)[1]
+        self.weight_plan = weight_plan
+        self.plan: WeightPrefetchPlan = weight_prefetch_plan(weight_plan, chunk_bytes)
+        self.chunks: List[List[StagedRows]] = self.plan.chunks  # what is fetched while serving (see limit)
+        self.pause_pieces: List[StagedRows] = []  # rows left to the pause (no room in the staging region)
+        self.device_group = device_group
         self.staging_start = -1  # byte offset of the staging region in the arena (set by start)
         self.reserved: list = []  # leader: the pool pages under the staging region, taken from the allocator
         self.allocator = None
@@ -73,25 +69,50 @@ class WeightPrefetch:
         self.deadline = float("inf")  # leader: time.monotonic() past which the pause starts without the rest
         self.t_start = self.t_end = time.time()
 
-    # -- where the rows go ---------------------------------------------------------------------------------
-    def staging_region(self, allocator, page_bytes: int) -> Optional[int]:
-        """Leader: the first page of the top pages that hold the staging region, when they are all free now and
-        start at or above the end of the parts' weights; None otherwise (no prefetch)."""
-        need = self.plan.max_staging_bytes
-        if need == 0:
-            return None
-        total = allocator.num_total
-        first = total - -(-need // page_bytes)
-        if first * page_bytes < self.new_weights_end:
-            return None
-        runs = allocator.free_runs()
-        if not runs or runs[-1][1] != total or runs[-1][0] > first:
-            return None
-        return first
+    @classmethod
+    def for_split(cls, cmd: TransformCmd, me: int, runner, chunk_bytes: int) -> "WeightPrefetch":
+        """The prefetch of `cmd` on the device `runner` drives: the new model built on meta now (the pause
+        would build it first), the split's weight plan, the merged instance's device group."""
+        cfg = runner.model_config
+        src = [Instance.of(d) for d in cmd.src_instances]
+        dst = [Instance.of(d) for d in cmd.dst_instances]
+        new_inst = next(i for i in dst if me in i.devices)
+        new_model = regroup.build_model_on_meta(type(runner.model), regroup.new_model_config(cfg, new_inst.tp),
+                                                get_tp_group(list(new_inst.devices)))
+        specs = regroup.param_specs(runner.model, new_model, cfg.tp_size)
+        plan = weight_regroup_plan(specs, cfg.weight_granularity, src, dst)
+        return cls(cmd, me, runner.model, new_model, plan, runner.weight_store,
+                   get_tp_group(cmd.devices).device_group, chunk_bytes)
 
-    def start(self, staging_start: int, allocator=None, first_page: int = 0) -> None:
-        """Every device: remember the region. The leader also takes its pages from the allocator."""
+    # -- where the rows go ---------------------------------------------------------------------------------
+    def staging_region(self, allocator, page_bytes: int, keep_free_bytes: int) -> Optional[Tuple[int, int]]:
+        """Leader: (first page, bytes) of the staging region, the top pages of the pool that are free now, above
+        the parts' weights plus `keep_free_bytes` (room the parts' KV will need below it), at most what there is
+        to fetch. None when that leaves no room for one piece (no prefetch)."""
+        need = self.plan.max_staging_bytes
+        smallest = min((p.staging_offset + p.nbytes for c in self.plan.chunks for p in c), default=0)
+        runs = allocator.free_runs()
+        total = allocator.num_total
+        if need == 0 or not runs or runs[-1][1] != total:
+            return None
+        lowest = max(runs[-1][0], -(-(self.new_weights_end + keep_free_bytes) // page_bytes),
+                     total - -(-need // page_bytes))
+        capacity = min(need, (total - lowest) * page_bytes)
+        if capacity < smallest:
+            return None
+        return lowest, capacity
+
+    def limit(self, capacity: int) -> None:
+        """Fetch only the pieces inside the first `capacity` bytes of every device's staging region; the pause
+        receives the others (each device's pieces are laid out in order, so that is a suffix of each)."""
+        fits = lambda p: p.staging_offset + p.nbytes <= capacity  # noqa: E731
+        self.chunks = [kept for c in self.plan.chunks if (kept := [p for p in c if fits(p)])]
+        self.pause_pieces = [p for c in self.plan.chunks for p in c if not fits(p)]
+
+    def start(self, staging_start: int, capacity: int, allocator=None, first_page: int = 0) -> None:
+        """Every device: remember the region and what fits in it. The leader also takes its pages."""
         self.staging_start = staging_start
+        self.limit(capacity)
         if allocator is not None:
             self.allocator = allocator
             self.reserved = list(range(first_page, allocator.num_total))
@@ -102,7 +123,7 @@ class WeightPrefetch:
     # -- between iterations ----------------------------------------------------------------------------------
     @property
     def complete(self) -> bool:
-        return not self.failed and self.next_chunk == len(self.plan.chunks)
+        return not self.failed and self.next_chunk == len(self.chunks)
 
     def step(self, chunk: int) -> None:
         """Every device, at the same point: move chunk `chunk` (sends from the current shard, receives into
@@ -110,10 +131,10 @@ class WeightPrefetch:
         if self.failed or chunk != self.next_chunk:
             self.failed = self.failed or f"prefetch chunk {chunk} out of order (expected {self.next_chunk})"
             return
-        old = dict(unique_parameters(self.runner.model))
-        arena = self.runner.weight_store.arena
+        old = dict(unique_parameters(self.old_model))
+        arena = self.store.arena
         ops = []
-        for i, piece in enumerate(self.plan.chunks[chunk]):
+        for i, piece in enumerate(self.chunks[chunk]):
             p = old[piece.param]
             if piece.src_device == self.me:
                 ops.append((dist.isend, p.data[piece.src_local_start:piece.src_local_start + piece.rows],
@@ -140,9 +161,9 @@ class WeightPrefetch:
     def copy_into_place(self, new_params: Dict[str, torch.nn.Parameter]) -> int:
         """After the kept rows moved and the new model was bound: copy this device's staged rows into their
         rows of the new parameters (the staging region lies above the new weights). Returns bytes copied."""
-        arena = self.runner.weight_store.arena
+        arena = self.store.arena
         copied = 0
-        for chunk in self.plan.chunks:
+        for chunk in self.chunks:
             for piece in chunk:
                 if piece.dst_device != self.me:
                     continue
@@ -161,7 +182,7 @@ class WeightPrefetch:
         _PREFETCHED.pop(self.cmd.transform_id, None)
 
 
-def prefetch_applies(cmd: TransformCmd, runner, chunk_bytes: int) -> bool:
+def prefetch_applies(cmd: TransformCmd, chunk_bytes: int) -> bool:
     """Splits of an instance of TP > 1 whose parts receive rows (any split: the parts' shards grow)."""
     return chunk_bytes > 0 and cmd.kind == "split" and len(cmd.src_instances) == 1 \
         and len(cmd.src_instances[0]) > 1

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from gyges.plans import KVPlan, ParamSpec, WeightPlan
+from gyges.plans import KVPlan, ParamSpec, StagedRows, WeightPlan
 from sglang.srt.distributed.parallel_state import TPGroup
 from sglang.srt.mem_cache.kv_pool import HeadCentricKVPool
 from sglang.srt.model_executor.weight_store import WeightStore, packed_layout, unique_parameters
@@ -370,29 +370,36 @@ def regroup_weights(plan: WeightPlan, me: int, store: WeightStore, old_model: to
     old_end = store.weights_end
     store.bind(new_model, new_offsets, new_end)
     new_params = dict(unique_parameters(new_model))  # now views of the arena
-    if growing and prefetched is not None:
-        stats.weight_bytes_staged += prefetched.copy_into_place(new_params)
-    elif growing:
-        # Every parameter's rows are posted at once (one tag per parameter) and waited for together: the sends
-        # read the blocks moved above, the receives write rows no send reads, so nothing orders them.
-        sends = [(dev, rv) for dev, dp in sorted(plan.devices.items()) for rv in dp.recv if rv.src_device == me]
+    if growing:
+        transfers = _received_rows(plan)
+        if prefetched is not None:
+            stats.weight_bytes_staged += prefetched.copy_into_place(new_params)
+            transfers = prefetched.pause_pieces  # rows the staging region had no room for
+        # Every parameter's rows are posted at once (one tag per parameter, pieces in one order on every
+        # device) and waited for together: the sends read the blocks moved above, the receives write rows no
+        # send reads, so nothing orders them.
+        tags = {name: tag for tag, (name, _) in enumerate(old_params)}
         ops = []
-        for tag, (name, _) in enumerate(old_params):
-            target = new_params[name]
-            keep = keeps[name]
-            for dev, rv in sends:
-                if rv.param == name:
-                    at = keep.new_local_start + (rv.src_local_start - keep.old_local_start)
-                    ops.append((dist.isend, target.data[at:at + rv.end - rv.start], dev, tag))
-            for rv in mine.recv:
-                if rv.param == name:
-                    ops.append((dist.irecv, target.data[rv.dst_local_start:rv.dst_local_start + rv.end - rv.start],
-                                rv.src_device, tag))
-                    stats.weight_bytes_received += rv.nbytes
+        for t in transfers:
+            target = new_params[t.param]
+            if t.src_device == me:
+                keep = keeps[t.param]
+                at = keep.new_local_start + (t.src_local_start - keep.old_local_start)
+                ops.append((dist.isend, target.data[at:at + t.rows], t.dst_device, tags[t.param]))
+            if t.dst_device == me:
+                ops.append((dist.irecv, target.data[t.dst_local_start:t.dst_local_start + t.rows], t.src_device,
+                            tags[t.param]))
+                stats.weight_bytes_received += t.nbytes
         for w in _post(ops, device_group):
             w.wait()
     stats.weight_bytes_freed += max(0, old_end - new_end)
     stats.weight_seconds += time.perf_counter() - t0
+
+
+def _received_rows(plan: WeightPlan) -> List[StagedRows]:
+    """Every device's received rows as transfers (rows [start, end) of a RowRecv: one piece each)."""
+    return [StagedRows(rv.param, dev, rv.src_device, rv.src_local_start, rv.dst_local_start, rv.end - rv.start, -1,
+                       rv.nbytes) for dev, dp in sorted(plan.devices.items()) for rv in dp.recv]
 
 
 def build_model_on_meta(model_cls, model_config, tp_group: TPGroup) -> torch.nn.Module:
