@@ -126,7 +126,7 @@ def test_long_request_refused_then_served_after_merge(test_model):
         static.shutdown()
     eng = sglang.Engine(model_path=test_model("llama_kv4"), dp_size=2, enable_gyges=True, device="cpu",
                         dtype="float32", page_size=4, max_total_tokens=64, log_level="warning",
-                        gyges_prefetch_chunk_bytes=4096)  # the refused split returns its staging pages
+                        gyges_prefetch_chunk_bytes=4096)  # prefetch on: a refused split leaves no page taken
     try:
         with pytest.raises(ValueError, match="KV capacity.*64 tokens.*merge"):
             eng.generate(input_ids=prompt, sampling_params=params)
