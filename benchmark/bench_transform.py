@@ -99,6 +99,9 @@ def parse_args(argv=None):
     p.add_argument("--engine-prompt-len", type=int, default=256)
     p.add_argument("--precopy-chunk-bytes", type=int, default=64 << 10,
                    help="--gyges-precopy-chunk-bytes of the engine run with pre-copy")
+    p.add_argument("--prefetch-chunk-bytes", type=int, default=1 << 20,
+                   help="--gyges-prefetch-chunk-bytes of the prefetched splits (engine run with pre-copy, and the "
+                        "big shapes' 'weights prefetched' split)")
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--skip-executor", action="store_true")
     p.add_argument("--demo-dir", default=os.path.join(tempfile.gettempdir(), "sglang-bench-transform-demo"))
@@ -535,7 +538,10 @@ def bench_weights(shape: Dict, args, rank: int, layers: int, vocab: int, ckpt_di
     if "store" in inspect.signature(regroup.regroup_weights).parameters:
         from sglang.srt.model_executor.weight_store import WeightStore, packed_layout
 
-        store = WeightStore(packed_layout(model)[1], "cpu")  # the TP1 weights fill it; TP2 packs to the front
+        # The TP1 weights fill its front; TP2 packs to the front; a prefetched split stages the rows it lacks
+        # above the TP1 weights (KV pages in the runtime), at most the TP1 weights' size.
+        tp1_end = packed_layout(model)[1]
+        store = WeightStore(2 * tp1_end, "cpu")
         store.adopt(model)
         gc.collect()
     out["weight_store"] = store is not None
@@ -545,29 +551,49 @@ def bench_weights(shape: Dict, args, rank: int, layers: int, vocab: int, ckpt_di
                                                 (cfg1, tp1, 2, [merged], parts))
         stats = regroup.RegroupStats()
         dist.barrier()
+        fetch = {}
         with PeakMeter() as pm:
             t = time.perf_counter()
             new_model = layer_stack(new_cfg, new_group, torch.device("meta"), shape["qkv_bias"])
             specs = regroup.param_specs(old_model, new_model, old_tp)
             plan = weight_regroup_plan(specs, 2, src, dst)
             plan_ms = (time.perf_counter() - t) * 1e3
+            prefetched = None
+            if kind == "split_prefetched":  # the rows fetched as the merged instance would while serving
+                from sglang.srt.managers.io_struct import TransformCmd
+                from sglang.srt.managers.weight_prefetch import WeightPrefetch, take_prefetched
+
+                cmd = TransformCmd("bench", "split", [[0, 1]], [[0], [1]], time.time())
+                prefetched = WeightPrefetch(cmd, rank, old_model, new_model, plan, store, group,
+                                            args.prefetch_chunk_bytes)
+                prefetched.start(tp1_end, prefetched.plan.max_staging_bytes)
+                take_prefetched("bench")
+                dist.barrier()
+                t = time.perf_counter()
+                for c in range(len(prefetched.chunks)):
+                    prefetched.step(c)
+                fetch = {"fetch_ms": (time.perf_counter() - t) * 1e3, "fetched_bytes": prefetched.bytes_received,
+                         "chunks": len(prefetched.chunks)}
+                dist.barrier()
             if store is not None:
-                regroup.regroup_weights(plan, rank, store, old_model, new_model, group, stats)
+                regroup.regroup_weights(plan, rank, store, old_model, new_model, group, stats, prefetched=prefetched)
             else:
                 regroup.regroup_weights(plan, rank, old_model, new_model, group, stats)
             regroup.adopt_buffers(old_model, new_model)
             del old_model
         res = {"ms": stats.weight_seconds * 1e3, "link_bytes": stats.weight_bytes_received, "peak_extra": pm.extra,
                "plan_ms": plan_ms, "transient_reported": stats.weight_transient_peak_bytes,
-               "plan_peak_extra": plan.peak_extra_bytes, "freed": stats.weight_bytes_freed}
+               "plan_peak_extra": plan.peak_extra_bytes, "freed": stats.weight_bytes_freed,
+               "copied_bytes": stats.weight_bytes_staged, **fetch}
         return new_model, res
 
     model, _ = gyges_step(model, "merge")  # warm-up pair (first-call costs), not timed
     model, _ = gyges_step(model, "split")
-    runs = {"merge": [], "split": []}
-    correct = {"merge": True, "split": True}
+    kinds = ("merge", "split", "merge", "split_prefetched") if store is not None else ("merge", "split")
+    runs = {k: [] for k in kinds}
+    correct = {k: True for k in kinds}
     for rep in range(args.repeats):
-        for kind in ("merge", "split"):
+        for kind in kinds:
             model, res = gyges_step(model, kind)
             got = dict(model.named_parameters())[probe_name].float().sum(dim=1)
             rows = got.shape[0]
@@ -754,9 +780,10 @@ def build_demo(args) -> str:
     return make_demo_model(args.demo_dir, DemoModelSpec(arch="llama"))
 
 
-def merge_while_streaming(eng, prompt: List[int]) -> Dict:
-    """Merge devices 0 and 1 while one request decodes (streamed, one token per chunk): the breakdown plus the
-    token gaps that request saw: median before the merge, the largest around it, median during the pre-copy."""
+def transform_while_streaming(eng, prompt: List[int], tp: int) -> Dict:
+    """Merge (tp=2) or split (tp=1) devices 0 and 1 while one request decodes (streamed, one token per chunk): the
+    breakdown plus the token gaps that request saw: median before, the largest around the transformation,
+    median during the pre-copy (merge) or weight prefetch (split)."""
     import threading
 
     times: List[float] = []
@@ -767,13 +794,13 @@ def merge_while_streaming(eng, prompt: List[int]) -> Dict:
     while len(times) < 100:
         time.sleep(0.01)
     t0 = time.perf_counter()
-    bd = eng.gyges_transform([0, 1], 2)
+    bd = eng.gyges_transform([0, 1], tp)
     t1 = time.perf_counter()
     t.join()
     gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
     ends = times[1:]
     before = sorted(g for g, e in zip(gaps, ends) if e < t0)
-    pre_end = t0 + bd.get("precopy_ms", 0.0) / 1e3
+    pre_end = t0 + (bd.get("precopy_ms", 0.0) + bd.get("prefetch_ms", 0.0)) / 1e3
     during = sorted(g for g, e in zip(gaps, ends) if t0 < e <= pre_end)
     around = [g for g, e in zip(gaps, ends) if t0 < e <= t1 + 0.5]
     step = before[len(before) // 2]
@@ -786,19 +813,21 @@ def bench_engine(args, path: str) -> Dict:
     import sglang
 
     out: Dict = {}
-    for mode, chunk in (("stop-and-copy", 0), ("pre-copy", args.precopy_chunk_bytes)):
+    for mode, chunk, fetch in (("stop-and-copy", 0, 0),
+                               ("pre-copy", args.precopy_chunk_bytes, args.prefetch_chunk_bytes)):
         eng = sglang.Engine(model_path=path, dp_size=2, enable_gyges=True, device="cpu", page_size=args.page_size,
-                            log_level="warning", gyges_precopy_chunk_bytes=chunk)
+                            log_level="warning", gyges_precopy_chunk_bytes=chunk, gyges_prefetch_chunk_bytes=fetch)
         try:
             prompts = engine_prompts(args, 512)
             eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0})
-            merges, splits, streamed = [], [], []
+            merges, splits, streamed, streamed_splits = [], [], [], []
             for _ in range(args.repeats):
                 merges.append(eng.gyges_transform([0, 1], 2))
                 splits.append(eng.gyges_transform([0, 1], 1))
             for _ in range(args.repeats):
-                streamed.append(merge_while_streaming(eng, prompts[0][:64]))
-                splits.append(eng.gyges_transform([0, 1], 1))
+                streamed.append(transform_while_streaming(eng, prompts[0][:64], 2))
+                streamed_splits.append(transform_while_streaming(eng, prompts[1][:64], 1))
+                splits.append(streamed_splits[-1]["breakdown"])
             check = eng.generate(input_ids=prompts[3], sampling_params={"max_new_tokens": 1, "temperature": 0})
             cached = check["meta_info"]["cached_tokens"]
         finally:
@@ -806,7 +835,9 @@ def bench_engine(args, path: str) -> Dict:
         pick = lambda bds: min(bds, key=lambda b: b["pause_ms"])  # noqa: E731
         out[mode] = {"merge": pick(merges), "split": pick(splits), "all_merges": merges, "all_splits": splits,
                      "cached_tokens_after": cached,
-                     "streamed": min(streamed, key=lambda x: x["max_gap_ms"]), "all_streamed": streamed}
+                     "streamed": min(streamed, key=lambda x: x["max_gap_ms"]), "all_streamed": streamed,
+                     "streamed_split": min(streamed_splits, key=lambda x: x["max_gap_ms"]),
+                     "all_streamed_splits": streamed_splits}
     out.update(out["stop-and-copy"])  # the main table's engine rows
     return out
 
@@ -822,6 +853,20 @@ def engine_pause_table(engine: Dict) -> str:
         during = x["gap_during_precopy_ms"]
         lines.append(f"| {mode} | {b['pause_ms']:.1f} | {b['precopy_ms']:.1f} | {b['kv_bytes']:,} | "
                      f"{b['precopy_kv_bytes']:,} | {b['precopy_pages_kept']} / {b['precopy_pages']} | "
+                     f"{x['gap_before_ms']:.1f} | {x['max_gap_ms']:.1f} | {x['pause_in_steps']:.1f} | "
+                     f"{'n/a' if during is None else f'{during:.1f}'} |")
+    head = ("| split | pause ms | weight ms in the pause | weight bytes received in the pause | prefetch ms | "
+            "weight bytes prefetched | decode step before ms | largest token gap ms | = decode steps | "
+            "step during prefetch ms |")
+    lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
+    for mode, label in (("stop-and-copy", "weights in the pause"), ("pre-copy", "weights prefetched")):
+        x = engine[mode].get("streamed_split")
+        if x is None:
+            continue
+        b = x["breakdown"]
+        during = x["gap_during_precopy_ms"]
+        lines.append(f"| {label} | {b['pause_ms']:.1f} | {b['weight_ms']:.1f} | {b['weight_bytes']:,} | "
+                     f"{b.get('prefetch_ms', 0.0):.1f} | {b.get('prefetch_weight_bytes', 0):,} | "
                      f"{x['gap_before_ms']:.1f} | {x['max_gap_ms']:.1f} | {x['pause_in_steps']:.1f} | "
                      f"{'n/a' if during is None else f'{during:.1f}'} |")
     return "\n".join(lines)
@@ -876,6 +921,12 @@ def summarize(result: Dict, args, engine: Optional[Dict], jobs: List[Dict]) -> L
             bad = "" if g_w.get("correct", True) else "WRONG WEIGHTS after the regroup (see README); "
             rows.append(row("gyges: head-centric KV + shard-major weights", g_kv, g_w, plan_ms,
                             f"{bad}incl. planning {plan_ms:.0f} ms"))
+            if op == "split" and "split_prefetched" in w["gyges"]:
+                g_wp = w["gyges"]["split_prefetched"]
+                bad_p = "" if g_wp.get("correct", True) else "WRONG WEIGHTS; "
+                rows.append(row("gyges, weights prefetched while serving: the pause", g_kv, g_wp, plan_ms,
+                                f"{bad_p}prefetch before the pause {g_wp['fetch_ms'] * factor:,.0f} ms "
+                                f"({_b(g_wp['fetched_bytes'] * factor)} / device); the pause copies them"))
             rows.append(row("token-major KV gather + unpadded re-slice", t_kv, n_w))
             rows.append(row("  KV only: gyges", g_kv, {"link_bytes_total": 0, "link_bytes_max_device": 0, "ms": 0,
                                                        "peak_extra": 0}, g_kv["plan_ms"]))
@@ -956,11 +1007,17 @@ def per_layer_table(result: Dict, jobs: List[Dict]) -> str:
         w = result["shapes"][job["name"]]["weights"]
         n = job["weight_layers"]
         for op in ("merge", "split"):
-            for method, key in (("gyges", "gyges"), ("unpadded", "unpadded"), ("restart load", "restart_load")):
-                x = w[key][op]
+            methods = [("gyges", "gyges", op), ("unpadded", "unpadded", op), ("restart load", "restart_load", op)]
+            if op == "split" and "split_prefetched" in w["gyges"]:
+                methods.insert(1, ("gyges prefetched: the pause", "gyges", "split_prefetched"))
+            for method, key, kind in methods:
+                x = w[key][kind]
                 rep = ""
                 if key == "gyges":
                     rep = f"transient {_b(x['transient_reported'] / n)}, plan peak {_b(x['plan_peak_extra'] / n)}"
+                if kind == "split_prefetched":
+                    rep += (f"; before the pause: {_b(x['fetched_bytes'] / n)} fetched in {x['fetch_ms'] / n:,.1f} ms "
+                            f"({x['chunks']} chunks)")
                 lines.append(f"| {job['name']} | {op} | {method} | {_b(x['link_bytes_total'] / n)} | "
                              f"{x['ms'] / n:,.1f} | {_b(x['peak_extra'] / n)} | {rep} |")
     return "\n".join(lines)
