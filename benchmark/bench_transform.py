@@ -842,19 +842,25 @@ def bench_engine(args, path: str) -> Dict:
     return out
 
 
+def _token_gap_cells(x: Dict) -> str:
+    """The streamed request's columns: decode step before, largest gap, gap in steps, step while copying ahead."""
+    during = x["gap_during_precopy_ms"]
+    return (f"{x['gap_before_ms']:.1f} | {x['max_gap_ms']:.1f} | {x['pause_in_steps']:.1f} | "
+            f"{'n/a' if during is None else f'{during:.1f}'} |")
+
+
 def engine_pause_table(engine: Dict) -> str:
-    """Stop-and-copy vs pre-copy merges of the tiny demo through the Engine: what a decoding request sees."""
+    """Stop-and-copy vs pre-copy merges (and splits without / with the weight prefetch) of the tiny demo through
+    the Engine: what a decoding request sees."""
     head = ("| merge | pause ms | pre-copy ms | KV bytes in the pause | KV bytes pre-copied | pages kept / pre-copied | "
             "decode step before ms | largest token gap ms | = decode steps | step during pre-copy ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for mode in ("stop-and-copy", "pre-copy"):
         x = engine[mode]["streamed"]
         b = x["breakdown"]
-        during = x["gap_during_precopy_ms"]
         lines.append(f"| {mode} | {b['pause_ms']:.1f} | {b['precopy_ms']:.1f} | {b['kv_bytes']:,} | "
                      f"{b['precopy_kv_bytes']:,} | {b['precopy_pages_kept']} / {b['precopy_pages']} | "
-                     f"{x['gap_before_ms']:.1f} | {x['max_gap_ms']:.1f} | {x['pause_in_steps']:.1f} | "
-                     f"{'n/a' if during is None else f'{during:.1f}'} |")
+                     + _token_gap_cells(x))
     head = ("| split | pause ms | weight ms in the pause | weight bytes received in the pause | prefetch ms | "
             "weight bytes prefetched | decode step before ms | largest token gap ms | = decode steps | "
             "step during prefetch ms |")
@@ -864,11 +870,9 @@ def engine_pause_table(engine: Dict) -> str:
         if x is None:
             continue
         b = x["breakdown"]
-        during = x["gap_during_precopy_ms"]
         lines.append(f"| {label} | {b['pause_ms']:.1f} | {b['weight_ms']:.1f} | {b['weight_bytes']:,} | "
                      f"{b.get('prefetch_ms', 0.0):.1f} | {b.get('prefetch_weight_bytes', 0):,} | "
-                     f"{x['gap_before_ms']:.1f} | {x['max_gap_ms']:.1f} | {x['pause_in_steps']:.1f} | "
-                     f"{'n/a' if during is None else f'{during:.1f}'} |")
+                     + _token_gap_cells(x))
     return "\n".join(lines)
 
 
