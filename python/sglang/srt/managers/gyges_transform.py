@@ -333,6 +333,9 @@ class KVPrecopy:
         self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="precopy")
         self.landed: Optional[concurrent.futures.Future] = None
         self.stats = regroup.RegroupStats()
+        # The merged model on meta, built now while serving: the pause would build it first.
+        self.new_model = regroup.build_model_on_meta(type(self.runner.model), regroup.new_model_config(cfg, k),
+                                                     group)
         _PRECOPIED[self.cmd.transform_id] = self
 
     def _observe(self) -> None:
@@ -452,6 +455,7 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
             pre.landed.result()
             regroup._finish_round(pre.posted, flat, waited=True)
             pre.posted = None
+    t_gather0 = time.perf_counter()
     blobs = _all_gather_object((pickle.dumps(my_state) if my_state is not None else None,
                                 pre.summary() if pre is not None else None,
                                 fetched.summary() if fetched is not None else None), group)
@@ -460,6 +464,7 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         if blob is not None:
             st: InstanceState = pickle.loads(blob)
             states[st.devices[0]] = st
+    gather_s = time.perf_counter() - t_gather0
     summaries = [x for _, x, _ in blobs]
     fetch_summaries = [x for _, _, x in blobs]
     # The staged rows are used only when every device fetched every chunk (all or nothing, decided alike).
@@ -476,11 +481,12 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         new_inst = next(i for i in dst if me in i.devices)
         new_cfg = regroup.new_model_config(cfg, new_inst.tp)
         new_group = get_tp_group(list(new_inst.devices))
-        if fetched is not None:  # built while serving
-            new_model = fetched.new_model
+        if fetched is not None or pre is not None:  # built while serving
+            new_model = (fetched or pre).new_model
         else:
             new_model = regroup.build_model_on_meta(type(runner.model), new_cfg, new_group)
         _, new_weights_end = packed_layout(new_model)
+        build_s = time.perf_counter() - t_plan0
         reserved_after = -(-new_weights_end // layout.page_bytes(new_inst.tp))
         kept_ahead = _valid_precopied(summaries, states, src) if cmd.kind == "merge" else {}
         plan = None
@@ -525,22 +531,33 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     if cmd.kind != "merge":
         regroup.regroup_weights(weight_plan, me, runner.weight_store, old_model, new_model, group.device_group,
                                 stats, prefetched=fetched if staged else None)
+    t_rebind0 = time.perf_counter()
     regroup.adopt_buffers(old_model, new_model)
     new_pool = regroup.reshape_pool(pool, cfg.kv_heads_per_rank(new_inst.tp))
     runner.rebind(new_model, new_group, new_cfg, new_pool)
+    rebind_s = time.perf_counter() - t_rebind0
     t_end = time.time()
 
     mine = {"t_start": t_start, "t_end": t_end, "kv_s": stats.kv_seconds, "weight_s": stats.weight_seconds,
             "kv_staging": stats.kv_staging_peak_bytes, "weight_transient": stats.weight_transient_peak_bytes,
             "weight_recv": stats.weight_bytes_received, "weight_freed": stats.weight_bytes_freed,
-            "weight_staged": stats.weight_bytes_staged}
+            "weight_staged": stats.weight_bytes_staged, "gather_s": gather_s, "build_s": build_s,
+            "rebind_s": rebind_s}
+    t_report0 = time.perf_counter()
     everyone = _all_gather_object(mine, group)
+    report_s = time.perf_counter() - t_report0
     breakdown = {
         "kind": cmd.kind,
         "devices": devices,
         "tp": max(i.tp for i in dst) if cmd.kind == "merge" else min(i.tp for i in dst),
         "running_requests": plan.running_requests,
         "planning_ms": planning_s * 1e3,
+        # where the pause went, slowest device: the state all-gather, the new model built on meta (part of
+        # planning), re-binding model and pool; report_ms: the breakdown's own all-gather, after pause_ms
+        "state_gather_ms": max(e["gather_s"] for e in everyone) * 1e3,
+        "model_build_ms": max(e["build_s"] for e in everyone) * 1e3,
+        "rebind_ms": max(e["rebind_s"] for e in everyone) * 1e3,
+        "report_ms": report_s * 1e3,
         "kv_bytes": plan.kv_plan.kv_bytes_moved,
         "kv_bytes_in_place": plan.kv_plan.kv_bytes_in_place,
         "kv_ms": max(e["kv_s"] for e in everyone) * 1e3,
