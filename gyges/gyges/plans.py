@@ -111,11 +111,20 @@ def merge_page_id(page: int, part: Instance, merged: Instance) -> int:
 
 def split_page_id(page: int, merged: Instance, parts: Sequence[Instance]) -> Tuple[int, int]:
     """Natural inverse of merge_page_id: (index into parts, page id there)."""
-    for i, part in enumerate(parts):
-        stride, slot = page_slot(part, merged)
-        if page % stride == slot:
-            return i, page // stride
-    raise ValueError(f"parts {[list(p.devices) for p in parts]} do not tile {list(merged.devices)}")
+    return split_page_mapping(merged, parts)(page)
+
+
+def split_page_mapping(merged: Instance, parts: Sequence[Instance]) -> Callable[[int], Tuple[int, int]]:
+    """split_page_id for many pages: the parts' (stride, slot) computed once."""
+    slots = [(i,) + page_slot(part, merged) for i, part in enumerate(parts)]
+
+    def natural(page: int) -> Tuple[int, int]:
+        for i, stride, slot in slots:
+            if page % stride == slot:
+                return i, page // stride
+        raise ValueError(f"parts {[list(p.devices) for p in parts]} do not tile {list(merged.devices)}")
+
+    return natural
 
 
 def merge_page_mapping(part: Instance, merged: Instance) -> Callable[[int], int]:
@@ -207,29 +216,48 @@ def kv_regroup_plan(layout: KVLayout, buffer_bytes: int, src_instances: Sequence
     H = layout.num_kv_heads
     for inst in src_instances + dst_instances:
         layout.heads_local(inst.tp)
+    src_pages = [layout.pages_per_device(buffer_bytes, i.tp) for i in src_instances]
+    dst_pages = [layout.pages_per_device(buffer_bytes, i.tp) for i in dst_instances]
     seen_dst = set()
     for (si, p), (di, q) in page_map.items():
-        if not 0 <= p < layout.pages_per_device(buffer_bytes, src_instances[si].tp):
+        if not 0 <= p < src_pages[si]:
             raise ValueError(f"source page {p} of instance {si} out of range")
-        if not 0 <= q < layout.pages_per_device(buffer_bytes, dst_instances[di].tp):
+        if not 0 <= q < dst_pages[di]:
             raise ValueError(f"destination page {q} of instance {di} out of range (pool too small)")
         if (di, q) in seen_dst:
             raise ValueError(f"two pages map to destination page {q} of instance {di}")
         seen_dst.add((di, q))
 
     hb = layout.head_block_bytes
+    # Per (source, destination) instance pair, where each moved head block lies does not depend on the pages:
+    # head block h0 of page p is at (device, p * page_bytes + offset). One table per pair, then arithmetic.
+    blocks: Dict[Tuple[int, int], Tuple[int, int, int, List[Tuple[int, int, int, int]]]] = {}
+
+    def pair_blocks(si: int, di: int):
+        src, dst = src_instances[si], dst_instances[di]
+        chunk = H // max(src.tp, dst.tp)
+        heads = []
+        for h0 in range(0, H, chunk):
+            sd, so = layout.head_location(src, 0, h0)
+            dd, do = layout.head_location(dst, 0, h0)
+            heads.append((sd, so, dd, do))
+        return layout.page_bytes(src.tp), layout.page_bytes(dst.tp), chunk * hb, heads
+
     raw: List[Tuple[int, int, int, int, int]] = []
     in_place = 0
     for (si, p), (di, q) in sorted(page_map.items()):
-        src, dst = src_instances[si], dst_instances[di]
-        chunk = H // max(src.tp, dst.tp)
-        for h0 in range(0, H, chunk):
-            sd, so = layout.head_location(src, p, h0)
-            dd, do = layout.head_location(dst, q, h0)
-            if (sd, so) == (dd, do):
-                in_place += chunk * hb
+        key = (si, di)
+        if key not in blocks:
+            blocks[key] = pair_blocks(si, di)
+        src_pb, dst_pb, nbytes, heads = blocks[key]
+        sbase, dbase = p * src_pb, q * dst_pb
+        for sd, so, dd, do in heads:
+            so += sbase
+            do += dbase
+            if sd == dd and so == do:
+                in_place += nbytes
             else:
-                raw.append((sd, so, dd, do, chunk * hb))
+                raw.append((sd, so, dd, do, nbytes))
 
     # Hazards: a move whose destination overlaps a range some move reads. Such moves are staged, and
     # both ends go in one round (union-find over the hazard graph).
@@ -315,12 +343,13 @@ def split_page_assignment(layout: KVLayout, buffer_bytes: int, merged: Instance,
     taken = [set() for _ in parts]
     pending: List[Tuple[int, int]] = []
     seen: set = set()  # pages met so far (a set: the split of a large cache has tens of thousands of pages)
+    natural = split_page_mapping(merged, parts)
     for target, pages in page_groups:
         for q in pages:
             if q in seen:
                 raise ValueError(f"merged page {q} appears in two groups")
             seen.add(q)
-            nat, p = split_page_id(q, merged, parts)
+            nat, p = natural(q)
             if nat == target and lowest[target] <= p < capacity[target]:
                 out[q] = (target, p)
                 taken[target].add(p)
@@ -352,7 +381,8 @@ def kv_split_plan(layout: KVLayout, buffer_bytes: int, merged: Instance, parts: 
     if (used_pages is None) == (assignment is None):
         raise ValueError("give exactly one of used_pages and assignment")
     if assignment is None:
-        assignment = {q: split_page_id(q, merged, parts) for q in used_pages}
+        natural = split_page_mapping(merged, parts)
+        assignment = {q: natural(q) for q in used_pages}
     page_map = {(0, q): tuple(dst) for q, dst in assignment.items()}
     return kv_regroup_plan(layout, buffer_bytes, (merged,), parts, page_map, max_staging_bytes)
 

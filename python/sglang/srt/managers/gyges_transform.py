@@ -47,7 +47,7 @@ from gyges.plans import (
     kv_split_plan,
     merge_page_mapping,
     split_page_assignment,
-    split_page_id,
+    split_page_mapping,
     weight_regroup_plan,
 )
 from gyges.topology import Instance
@@ -220,11 +220,12 @@ def _assign_groups(groups: List[_PageGroup], merged: Instance, parts: List[Insta
     targets: List[Optional[int]] = [None] * len(groups)
     order = sorted(range(len(groups)), key=lambda i: (not groups[i].reqs, not groups[i].pinned,
                                                       -len(groups[i].pages)))
+    natural_part = split_page_mapping(merged, parts)
     for i in order:
         g = groups[i]
         natural = [0] * len(parts)
         for p in g.pages:
-            natural[split_page_id(p, merged, parts)[0]] += 1
+            natural[natural_part(p)[0]] += 1
         fits = [j for j in range(len(parts)) if room[j] - load[j][1] >= len(g.pages)]
         if not fits:
             if g.reqs:
