@@ -54,6 +54,7 @@ class WeightPrefetch:
                  weight_plan, store, device_group, chunk_bytes: int):
         self.cmd, self.me = cmd, me
         self.old_model, self.new_model, self.store = old_model, new_model, store
+        self.old_params = dict(unique_parameters(old_model))  # the rows are sent from these, chunk after chunk
         self.new_weights_end = packed_layout(new_model)[1]
         self.weight_plan = weight_plan
         self.plan: WeightPrefetchPlan = weight_prefetch_plan(weight_plan, chunk_bytes)
@@ -131,7 +132,7 @@ class WeightPrefetch:
         if self.failed or chunk != self.next_chunk:
             self.failed = self.failed or f"prefetch chunk {chunk} out of order (expected {self.next_chunk})"
             return
-        old = dict(unique_parameters(self.old_model))
+        old = self.old_params
         arena = self.store.arena
         ops = []
         for i, piece in enumerate(self.chunks[chunk]):
