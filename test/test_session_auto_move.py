@@ -238,14 +238,16 @@ def test_hinted_session_moves_off_a_loaded_instance_before_its_turn(engine):
     second_input = [9, 8, 7, 6, 5]
     sid = engine.open_session(0)
     t1 = engine.generate(input_ids=first_input, sampling_params=sp,
-                         session_params={"id": sid, "next_turn_in_s": 3.0})
+                         session_params={"id": sid, "next_turn_in_s": 1.0})
     home = next(i for i, s in _by_instance(engine).items() if s["sessions_pinned"] == 1)
     other = next(i for i in _by_instance(engine) if i != home)
     # Load `other`: a long decode (one running request at most) and a request waiting behind it there
-    # (it shares the long one's prompt prefix, so the placement puts it on the same instance).
+    # (it shares the long one's prompt prefix, so the placement puts it on the same instance). The hint (1 s)
+    # makes the move due at once; the decode (3,400 tokens, the most the pool holds beside the session) must
+    # outlast the move, which takes a few controller iterations.
     long_prompt = [(i * 13) % 400 + 50 for i in range(400)]
     background = []
-    for k, n in enumerate((1500, 4)):
+    for k, n in enumerate((3400, 4)):
         th = threading.Thread(target=engine.generate, kwargs=dict(
             input_ids=long_prompt + [k + 3] * 4, sampling_params={"max_new_tokens": n, "ignore_eos": True}))
         th.start()
@@ -255,7 +257,7 @@ def test_hinted_session_moves_off_a_loaded_instance_before_its_turn(engine):
                                "the long request running")
     assert loaded == other, "the long request should go to the instance without the pinned session"
     _wait_for(lambda: _by_instance(engine)[other]["waiting"] >= 1, "a request waiting behind the long one")
-    moved = engine.move_session(sid, other)  # the session is now on the loaded instance, its turn due in ~3 s
+    moved = engine.move_session(sid, other)  # the session is now on the loaded instance, its turn due now
     assert moved["instance"] == other
     # ... and the controller moves it back to the idle instance before the turn arrives
     _wait_for(lambda: _by_instance(engine)[home]["sessions_pinned"] == 1
