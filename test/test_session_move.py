@@ -69,3 +69,46 @@ def test_bad_moves_are_refused(engine):
     with pytest.raises(ValueError, match="no instance 7"):
         engine.move_session(sid, 7)
     engine.close_session(sid)
+
+
+def test_move_session_across_tp_degrees(tmp_path_factory):
+    """4 CPU devices as TP2 + TP1 + TP1: a session's KV moves from where its first turn ran to an instance of the
+    other TP degree and on to a third; each rank of a TP2 side sends or writes its own heads. The next turn finds
+    the whole prefix there and answers as the conversation sent from scratch; every page comes back."""
+    import sglang
+    from sglang.srt.demo_model import DemoModelSpec, make_demo_model
+
+    model = str(tmp_path_factory.mktemp("session-move-tp-model"))
+    make_demo_model(model, DemoModelSpec(arch="llama", seed=11, num_key_value_heads=2))
+    eng = sglang.Engine(model_path=model, device="cpu", dtype="float32", log_level="warning", dp_size=4,
+                        enable_gyges=True, page_size=4, max_total_tokens=512)
+    try:
+        eng.gyges_transform([0, 1], 2)
+        tp_of = {i["id"]: i["tp"] for i in eng.gyges_topology()["instances"]}
+        assert sorted(tp_of.values()) == [1, 1, 2]
+        sp = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+        first_input = [(i * 31) % 450 + 3 for i in range(70)]
+        second_input = [9, 8, 7, 6, 5]
+        sid = eng.open_session(0)
+        t1 = eng.generate(input_ids=first_input, sampling_params=sp, session_params={"id": sid})
+        home = next(s["instance_id"] for s in eng.get_internal_state() if s["sessions_pinned"] == 1)
+        path = [home]
+        for _ in range(3):  # each move to the other TP degree: TP2 both exports and adopts at least once
+            other = sorted((i for i in tp_of if tp_of[i] != tp_of[path[-1]]), key=lambda i: i in path)
+            moved = eng.move_session(sid, other[0])
+            assert moved["instance"] == other[0] and moved["tokens"] >= 64 and moved["bytes"] > 0
+            path.append(other[0])
+        states = {s["instance_id"]: s for s in eng.get_internal_state()}
+        assert states[path[-1]]["sessions_pinned"] == 1
+        assert all(states[i]["sessions_pinned"] == 0 for i in tp_of if i != path[-1])
+        t2 = eng.generate(input_ids=second_input, sampling_params=sp,
+                          session_params={"id": sid, "rid": t1["meta_info"]["id"]})
+        assert t2["meta_info"]["cached_tokens"] >= 64
+        eng.close_session(sid)
+        assert eng.flush_cache()
+        whole = eng.generate(input_ids=first_input + t1["output_ids"] + second_input, sampling_params=sp)
+        assert whole["meta_info"]["cached_tokens"] == 0 and whole["output_ids"] == t2["output_ids"]
+        assert eng.flush_cache()
+        assert all(s["free_pages"] == s["num_pages"] for s in eng.get_internal_state())
+    finally:
+        eng.shutdown()

@@ -619,7 +619,7 @@ def create_app(tokenizer_manager, metrics: Optional[MetricsCollector] = None, ru
         "description": "{session_id, instance, tokens, bytes}: the session's KV now lives on `instance`."}))
     async def move_session(request: Request):
         """Move an open session's pinned KV to another instance ({"session_id", "instance": leader device id}),
-        while both keep serving (same TP degree on both sides)."""
+        while both keep serving (any TP degrees on either side)."""
         data = await read_json(request)
         return ORJSONResponse(await _map_errors(tm.move_session(data.get("session_id"), data.get("instance"))))
 

@@ -814,8 +814,6 @@ class Controller:
         budget = self.args.session_kv_budget
         instances = []
         for view in self.views.values():
-            if view.instance.tp != 1:  # moving a session's KV is TP1 only for now (the scheduler refuses)
-                continue
             r = view.report
             load = self._instance_load(view)
             free = r.kv_capacity_tokens - r.kv_used_tokens + r.kv_evictable_tokens - r.kv_pinned_tokens

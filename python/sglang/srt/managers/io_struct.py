@@ -531,6 +531,21 @@ class TransformCmd:
 
 
 @dataclass
+class SessionPagesRead:
+    # Leader -> its followers, exporting a session's KV for a move: the pool pages whose heads each rank sends
+    # to the leader (host_tier.read_pages_all_heads).
+    pages: List[int]
+
+
+@dataclass
+class SessionPagesWrite:
+    # Leader -> its followers, adopting a moved session: the pool pages to write.
+    pages: List[int]
+    # uint8 [len(pages), bytes of every KV head] (read_pages_all_heads' layout); each rank writes its heads.
+    kv: Any
+
+
+@dataclass
 class WeightPrefetchStart:
     # The split whose weight rows the instance's devices fetch while it keeps serving (weight_prefetch.py).
     cmd: TransformCmd

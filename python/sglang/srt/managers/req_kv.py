@@ -6,7 +6,7 @@ cache (pages holding cached prefixes, evictable when unreferenced):
     admit(req)           match the longest cached page-aligned prefix, lock it, start the page table
     reserve(req, n)      make sure the page table covers n tokens, evicting cached leaves if needed
     release(req)         insert the request's computed, page-aligned KV into the cache, unlock, free the rest
-    export/import_session   a session's pinned path as (tokens, page bytes), closed on the source and adopted +
+    export/import_session   a session's pinned path as (tokens, page bytes of every KV head), closed on the source and adopted +
                          pinned on the destination (Controller: MoveSessionReq -> SessionKVTransfer)
     sessions             open sessions' pinned paths (mem_cache/session_pins.py): kept between turns, given
                          up least recently used first when running requests need their pages
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -208,30 +208,27 @@ class ReqKVManager:
             self.tree.dec_lock_ref(match.last_node)
 
     # ---- moving a session between instances -----------------------------------------------------------------
-    def export_session(self, session_id: str, pool) -> tuple:
-        """(token ids, uint8 [pages, bytes_per_page] copy of their pages) of the session's pinned path; the
-        session is then closed here (its own pages freed). ValueError when it is not pinned here."""
-        from sglang.srt.mem_cache.host_tier import pool_page_bytes
-
+    def export_session(self, session_id: str, read_pages: Callable[[List[int]], torch.Tensor]) -> tuple:
+        """(token ids, read_pages(their pages): uint8 [pages, bytes of every KV head], see host_tier.
+        read_pages_all_heads) of the session's pinned path; the session is then closed here (its own pages
+        freed). ValueError when it is not pinned here."""
         pin = self.sessions.pins.get(session_id)
         if pin is None:
             raise ValueError(f"session {session_id!r} has no KV pinned on this instance")
         tokens, pages = self.tree.path_of(pin.node)
-        kv = pool_page_bytes(pool).index_select(0, torch.tensor(pages, dtype=torch.int64)).cpu()
+        kv = read_pages(pages)
         self.close_session(session_id)
         return tokens, kv
 
-    def import_session(self, session_id: str, tokens: Sequence[int], kv, pool) -> tuple:
-        """Adopt a moved session: the pages of `tokens` not cached here are allocated (evicting cache, never
-        pins), written from kv and inserted into the radix cache, and the path is pinned for the session.
-        Returns (tokens adopted, bytes written); ValueError when the page layout differs or memory is short."""
-        from sglang.srt.mem_cache.host_tier import pool_page_bytes
-
+    def import_session(self, session_id: str, tokens: Sequence[int], kv,
+                       write_pages: Callable[[List[int], torch.Tensor], None]) -> tuple:
+        """Adopt a moved session (kv from export_session, at any TP degree): the pages of `tokens` not cached here
+        are allocated (evicting cache, never pins), written by write_pages and inserted into the radix cache,
+        and the path is pinned for the session. Returns (tokens adopted, bytes written); ValueError when the
+        page layout differs or memory is short."""
         ps = self.page_size
-        dev = pool_page_bytes(pool)
-        if kv.shape[1] != dev.shape[1] or kv.shape[0] * ps != len(tokens):
-            raise ValueError(f"the session's pages ({kv.shape[1]} bytes) do not match this instance's layout "
-                             f"({dev.shape[1]} bytes per page): move between instances of the same TP degree")
+        if kv.shape[0] * ps != len(tokens):
+            raise ValueError(f"{kv.shape[0]} pages of KV for {len(tokens)} tokens (page size {ps})")
         match = self.tree.match_prefix(tokens)
         start = match.num_tokens // ps
         self.tree.inc_lock_ref(match.last_node)
@@ -240,13 +237,17 @@ class ReqKVManager:
             if pages is None:
                 raise ValueError(f"instance has no room for the session's {kv.shape[0] - start} pages")
             if pages:
-                dev[torch.tensor(pages, dtype=torch.int64, device=dev.device)] = kv[start:].to(dev.device)
+                try:
+                    write_pages(pages, kv[start:])
+                except ValueError:
+                    self.allocator.free(pages)
+                    raise
                 already = self.tree.insert(tokens, match.pages + pages) // ps
                 self.allocator.free(pages[:max(0, already - start)])
         finally:
             self.tree.dec_lock_ref(match.last_node)
         self.sessions.pin(session_id, tokens)
-        return len(tokens), len(pages) * dev.shape[1]
+        return len(tokens), len(pages) * kv.shape[1]
 
     def alloc_unpinned(self, n: int) -> Optional[List[int]]:
         """n pages from the free list and evictable cache (open sessions' pins are left alone)."""

@@ -44,12 +44,15 @@ from sglang.srt.managers.io_struct import (
     TokenizedGenerateReqInput,
     MoveSessionReqOutput,
     SessionKVTransfer,
+    SessionPagesRead,
+    SessionPagesWrite,
     TransformCmd,
     WeightPrefetchStart,
     WeightPrefetchStep,
 )
 from sglang.srt.managers.req_kv import ReqKVManager
-from sglang.srt.mem_cache.host_tier import HostKVCopy, HostKVTier, follower_store
+from sglang.srt.mem_cache.host_tier import (HostKVCopy, HostKVTier, follower_store, pool_page_bytes,
+                                             read_pages_all_heads, write_pages_all_heads)
 from sglang.srt.managers.schedule_batch import (
     InstanceState,
     Req,
@@ -387,22 +390,34 @@ class Scheduler:
         answer. Both sides do it between two iterations; requests keep running."""
         if msg.kv is None:
             try:
-                if self.tp.size > 1:
-                    raise ValueError("moving a session from a TP > 1 instance is not supported yet")
-                msg.tokens, msg.kv = self.kv.export_session(msg.session_id, self.runner.kv_pool)
+                msg.tokens, msg.kv = self.kv.export_session(msg.session_id, self.read_pages_all_heads)
             except ValueError as e:
                 msg.error = str(e)
             self.send_to_controller.send_pyobj(msg)
             return
         try:
-            if self.tp.size > 1:
-                raise ValueError("moving a session to a TP > 1 instance is not supported yet")
-            tokens, nbytes = self.kv.import_session(msg.session_id, msg.tokens, msg.kv, self.runner.kv_pool)
+            tokens, nbytes = self.kv.import_session(msg.session_id, msg.tokens, msg.kv, self.write_pages_all_heads)
             self.kv_moved_bytes += nbytes
             reply = MoveSessionReqOutput(msg.req_id, True, "", tokens, nbytes)
         except ValueError as e:
             reply = MoveSessionReqOutput(msg.req_id, False, str(e))
         self.send_to_controller.send_pyobj(reply)
+
+    def read_pages_all_heads(self, pages: List[int]) -> torch.Tensor:
+        """The pages' KV with every head (host_tier.read_pages_all_heads); the followers send their slices."""
+        if self.tp.size > 1:
+            self.tp.broadcast_object(SessionPagesRead(list(pages)))
+        return read_pages_all_heads(self.runner.kv_pool, list(pages), self.tp)
+
+    def write_pages_all_heads(self, pages: List[int], kv: torch.Tensor) -> None:
+        """Write KV of every head into the pages; each follower writes its heads' slice."""
+        width = pool_page_bytes(self.runner.kv_pool).shape[1] * self.tp.size
+        if kv.shape[1] != width:  # checked here first: the followers would fail on it out of step
+            raise ValueError(f"the session's pages hold {kv.shape[1]} bytes of KV, this instance's {width} "
+                             f"(a different model or page size)")
+        if self.tp.size > 1:
+            self.tp.broadcast_object(SessionPagesWrite(list(pages), kv))
+        write_pages_all_heads(self.runner.kv_pool, list(pages), kv, self.tp)
 
     def finish_now(self, req: Req, reason) -> None:
         req.finished_reason = reason
@@ -718,6 +733,12 @@ def follower_loop(runner, tp_group) -> Optional[TransformCmd]:
             return msg
         if isinstance(msg, HostKVCopy):  # the leader's host KV tier copies this rank's slice too
             follower_store(runner, msg.capacity_pages).apply(msg)
+            continue
+        if isinstance(msg, SessionPagesRead):  # the leader exports a session's KV: this rank's heads
+            read_pages_all_heads(runner.kv_pool, msg.pages, tp_group)
+            continue
+        if isinstance(msg, SessionPagesWrite):  # the leader adopts a moved session: this rank's heads
+            write_pages_all_heads(runner.kv_pool, msg.pages, msg.kv, tp_group)
             continue
         if isinstance(msg, (WeightPrefetchStart, WeightPrefetchStep)):  # the leader's split prefetches weights
             from sglang.srt.managers import weight_prefetch

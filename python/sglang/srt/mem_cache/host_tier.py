@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from gyges.topology import bitrev
 from sglang.srt.mem_cache.kv_pool import HeadCentricKVPool
 
 
@@ -44,6 +45,38 @@ class HostKVCopy:
 def pool_page_bytes(pool: HeadCentricKVPool) -> torch.Tensor:
     """The pool as [num_pages, bytes_per_page] uint8 (a view: writes go to the pool)."""
     return pool.kv_buffer.reshape(pool.num_pages, -1).view(torch.uint8)
+
+
+def read_pages_all_heads(pool: HeadCentricKVPool, pages: List[int], tp_group) -> Optional[torch.Tensor]:
+    """Every rank of the instance calls it: the pages' bytes with every KV head, on the leader (None elsewhere).
+
+    uint8 [len(pages), all heads' page bytes] on CPU, head blocks in head order: shard rank R's slice (its
+    pool's page) at columns [R * page_bytes, (R + 1) * page_bytes). The same bytes at any TP degree: a TP1
+    pool's page is exactly this row, so KV read at one TP can be written at another (write_pages_all_heads)."""
+    local = pool_page_bytes(pool).index_select(0, torch.tensor(pages, dtype=torch.int64,
+                                                               device=pool.kv_buffer.device)).cpu()
+    if tp_group.size == 1:
+        return local
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(local) for _ in range(tp_group.size)] if tp_group.is_leader else None
+    dist.gather(local, parts, dst=tp_group.ranks[0], group=tp_group.cpu_group)
+    if not tp_group.is_leader:
+        return None
+    bits = tp_group.size.bit_length() - 1
+    return torch.cat([parts[bitrev(r, bits)] for r in range(tp_group.size)], dim=1)  # group rank -> shard order
+
+
+def write_pages_all_heads(pool: HeadCentricKVPool, pages: List[int], kv: torch.Tensor, tp_group) -> None:
+    """Every rank of the instance calls it with the same `kv` (read_pages_all_heads' layout): each writes its
+    shard's heads into its pool's pages."""
+    dev = pool_page_bytes(pool)
+    width = dev.shape[1]
+    if kv.shape[1] != width * tp_group.size:
+        raise ValueError(f"the pages hold {kv.shape[1]} bytes of KV, this instance {width * tp_group.size} "
+                         f"(a different model or page size)")
+    r = tp_group.shard_rank
+    dev[torch.tensor(pages, dtype=torch.int64, device=dev.device)] = kv[:, r * width:(r + 1) * width].to(dev.device)
 
 
 class HostPageStore:
