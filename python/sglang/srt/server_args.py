@@ -200,6 +200,11 @@ class ServerArgs:
                                          "the top pages of its KV pool (reserved for it), this many bytes per "
                                          "device between two iterations; the pause copies them into place instead "
                                          "of receiving them. 0: the rows are received in the pause.")
+    gyges_host_carry_bytes: int = _f(64 << 20, "Host KV tier across merges and splits (--enable-hierarchical-"
+                                     "cache): at most this many bytes of each device's host store, most recently "
+                                     "used pages first, are re-laid for the new TP degree in the pause (about "
+                                     "0.5 GB/s on 2 CPU cores); the rest is dropped and recomputed when needed. "
+                                     "0: the new instance starts with an empty host tier.")
     gyges_cost_model: Optional[str] = _f(None, "JSON file of the step-time and transformation cost models "
                                          "measured on this machine (written by benchmark/measure_costs.py); "
                                          "default: built-in constants, and no merges for speed.")
@@ -264,7 +269,7 @@ class ServerArgs:
         for name in ("watchdog_timeout", "grammar_compile_timeout", "gyges_transform_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}")
-        for name in ("gyges_precopy_chunk_bytes", "gyges_prefetch_chunk_bytes"):
+        for name in ("gyges_precopy_chunk_bytes", "gyges_prefetch_chunk_bytes", "gyges_host_carry_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: off), got {getattr(self, name)}")
         if self.hicache_size is not None:

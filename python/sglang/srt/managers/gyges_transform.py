@@ -12,6 +12,8 @@
                     (a merge runs 4 before 3: its weights shrink, and the KV of a part of higher TP lands
                     where a part of lower TP still had weights; a split runs 3 first: KV leaves the pages
                     its weights grow into)
+      4b. host KV   the host tier's pages re-laid in every rank's host store (mem_cache/host_carry.py, CPU
+                    group); the new leader's tier adopts the renumbered index
       5. resume     new leaders adopt their re-based requests and cache; followers follow
       6. report     D's first device sends TransformDone with the measured breakdown to the controller
 
@@ -58,6 +60,8 @@ from sglang.srt.mem_cache.page_allocator import first_ids, intersect_runs, runs_
 from sglang.srt.model_executor import regroup
 from sglang.srt.model_executor.weight_store import packed_layout
 from sglang.srt.managers.weight_prefetch import take_prefetched
+from sglang.srt.mem_cache.host_carry import HostCarryPlan, first_page_keys, place_by_first_page, plan_host_carry
+from sglang.srt.mem_cache.host_tier import HostPageStore, rank_store
 
 logger = logging.getLogger(__name__)
 
@@ -457,17 +461,20 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
             regroup._finish_round(pre.posted, flat, waited=True)
             pre.posted = None
     t_gather0 = time.perf_counter()
+    host_store = _host_store(runner)
     blobs = _all_gather_object((pickle.dumps(my_state) if my_state is not None else None,
                                 pre.summary() if pre is not None else None,
-                                fetched.summary() if fetched is not None else None), group)
+                                fetched.summary() if fetched is not None else None,
+                                host_store.flat.numel() if host_store is not None else 0), group)
     states = {}
-    for blob, _, _ in blobs:
+    for blob, _, _, _ in blobs:
         if blob is not None:
             st: InstanceState = pickle.loads(blob)
             states[st.devices[0]] = st
     gather_s = time.perf_counter() - t_gather0
-    summaries = [x for _, x, _ in blobs]
-    fetch_summaries = [x for _, _, x in blobs]
+    summaries = [x for _, x, _, _ in blobs]
+    fetch_summaries = [x for _, _, x, _ in blobs]
+    host_buffer_bytes = min(x for _, _, _, x in blobs)
     # The staged rows are used only when every device fetched every chunk (all or nothing, decided alike).
     staged = fetched is not None and all(x is not None and x["complete"] for x in fetch_summaries)
     # The pool's KV heads are the padded ones (gyges.heads): every TP degree dividing G splits them evenly.
@@ -504,6 +511,8 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
                 plan, staged = full, False
         if plan is None:
             plan = plan_transform(cmd, states, layout, flat.numel(), reserved_after, kept_ahead)
+        host_carry = _plan_host(cmd, states, plan, layout, host_buffer_bytes, src, dst,
+                                runner.server_args.gyges_host_carry_bytes)
     except ValueError as e:
         msg = f"{cmd.kind} of devices {devices} refused: {e}"
         logger.warning(msg)
@@ -532,10 +541,17 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     if cmd.kind != "merge":
         regroup.regroup_weights(weight_plan, me, runner.weight_store, old_model, new_model, group.device_group,
                                 stats, prefetched=fetched if staged else None)
+    host_stats = regroup.RegroupStats()
+    if host_carry is not None:  # the host tier's pages, re-laid in every rank's store (host memory, CPU group)
+        host_flat = host_store.flat[:host_carry.buffer_bytes]
+        regroup.execute_kv_plan(host_carry.kv_plan, me, host_flat, group.cpu_group, host_stats, KV_ROUND_BYTES)
     t_rebind0 = time.perf_counter()
     regroup.adopt_buffers(old_model, new_model)
     new_pool = regroup.reshape_pool(pool, cfg.kv_heads_per_rank(new_inst.tp))
     runner.rebind(new_model, new_group, new_cfg, new_pool)
+    if host_carry is not None:  # the same bytes, as pages of the new width (the new leader's tier adopts them)
+        runner._host_kv_store = HostPageStore(
+            new_pool, layout.pages_per_device(host_carry.buffer_bytes, new_inst.tp), flat=host_flat)
     rebind_s = time.perf_counter() - t_rebind0
     t_end = time.time()
 
@@ -543,7 +559,7 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
             "kv_staging": stats.kv_staging_peak_bytes, "weight_transient": stats.weight_transient_peak_bytes,
             "weight_recv": stats.weight_bytes_received, "weight_freed": stats.weight_bytes_freed,
             "weight_staged": stats.weight_bytes_staged, "gather_s": gather_s, "build_s": build_s,
-            "rebind_s": rebind_s}
+            "rebind_s": rebind_s, "host_s": host_stats.kv_seconds}
     t_report0 = time.perf_counter()
     everyone = _all_gather_object(mine, group)
     report_s = time.perf_counter() - t_report0
@@ -569,6 +585,11 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         "pause_ms": (max(e["t_end"] for e in everyone) - min(e["t_start"] for e in everyone)) * 1e3,
         "total_ms": (max(e["t_end"] for e in everyone) - cmd.issued_at) * 1e3,
         "kv_capacity_tokens": runner.max_total_num_tokens,
+        # the host KV tier carried over (mem_cache/host_carry.py; zeros without one)
+        "host_kv_bytes": host_carry.kv_plan.kv_bytes_moved if host_carry is not None else 0,
+        "host_kv_ms": max(e["host_s"] for e in everyone) * 1e3,
+        "host_pages_kept": host_carry.pages_kept if host_carry is not None else 0,
+        "host_pages_dropped": host_carry.pages_dropped if host_carry is not None else 0,
     }
     ahead = [x for x in summaries if x is not None]
     breakdown.update({  # pre-copy while serving (zeros when it did not apply)
@@ -592,6 +613,58 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     placements = {base: [r.rid for r in st.running + st.waiting] for base, st in plan.states.items()}
     return TransformOutcome(ok=True, ranks=list(new_inst.devices), state=state, breakdown=breakdown,
                             placements=placements)
+
+
+def _host_store(runner) -> Optional[HostPageStore]:
+    """This rank's host KV store for its current pool (made now on a follower that never got a copy order),
+    None without a host tier."""
+    args = runner.server_args
+    if not args.enable_hierarchical_cache or args.disable_radix_cache:
+        return None
+    store = getattr(runner, "_host_kv_store", None)
+    if store is not None and store.pool is runner.kv_pool:
+        return store
+    capacity = args.hicache_bytes(runner.kv_pool_bytes) // runner.kv_pool.bytes_per_page
+    return rank_store(runner, capacity) if capacity > 0 else None
+
+
+def _plan_host(cmd: TransformCmd, states: Dict[int, InstanceState], plan: TransformPlan, layout: KVLayout,
+               buffer_bytes: int, src: List[Instance], dst: List[Instance], max_bytes: int) -> Optional[HostCarryPlan]:
+    """The host tier's carry-over (host_carry.py; None when some device has no store, nothing is on host or
+    --gyges-host-carry-bytes is 0), and where a split sends the sessions kept on host and the hinted turns.
+    Fills plan.states' host fields."""
+    carry = None
+    if buffer_bytes > 0 and max_bytes > 0 and any(st.host is not None and st.host.nodes for st in states.values()):
+        device_paths = {base: [toks for toks, _ in out.tree_paths] + [toks for _, toks, _, _ in out.session_pins]
+                        for base, out in plan.states.items()}
+        try:
+            carry = plan_host_carry(cmd.kind, src, dst, {b: st.host for b, st in states.items()}, layout,
+                                    buffer_bytes, device_paths, KV_ROUND_BYTES, max_bytes)
+        except ValueError as e:  # never refuses the transformation: what was on host is recomputed
+            logger.warning("host KV tier not carried over (%s)", e)
+            carry = None
+    for base, out in plan.states.items():
+        out.host = carry.tiers.get(base) if carry is not None else None
+    if cmd.kind == "merge":
+        out = plan.states[dst[0].base]
+        for st in states.values():
+            out.host_sessions.update(st.host_sessions)
+            out.hinted.extend(st.hinted)
+        return carry
+    st = states[src[0].base]
+    ps = layout.page_size
+    keys = {base: {tuple(t[:ps]) for t, _ in out.tree_paths} | {tuple(t[:ps]) for _, t, _, _ in out.session_pins}
+            | first_page_keys(out.host) for base, out in plan.states.items()}
+    pinned_at = {sid: base for base, out in plan.states.items() for sid, _, _, _ in out.session_pins}
+    default = dst[0].base
+    for sid, base in place_by_first_page(st.host_sessions, keys, pinned_at, default).items():
+        plan.states[base].host_sessions[sid] = st.host_sessions[sid]
+    hinted = dict(st.hinted)
+    firsts = {k: tuple(h.tokens[:ps]) for k, h in hinted.items()}
+    by_session = {k: pinned_at[h.session_id] for k, h in hinted.items() if h.session_id in pinned_at}
+    for k, base in place_by_first_page(firsts, keys, by_session, default).items():
+        plan.states[base].hinted.append((k, hinted[k]))
+    return carry
 
 
 def _old_ranks(cmd: TransformCmd, me: int) -> List[int]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -66,7 +66,9 @@ class ReqKVManager:
         if self.host is not None:
             self.tree.on_evict = self._offload_evicted
         self.hinted: Dict[str, HintedPath] = {}  # session id (or "rid:" + rid) -> its hinted path
-        self._host_sessions: set = set()  # open sessions that ran a turn here (host tier on): their KV stays here
+        # open sessions that ran a turn here (host tier on): their KV stays here -> their path's first page's
+        # tokens (where a split sends them: the part that takes that path)
+        self._host_sessions: Dict[str, Tuple[int, ...]] = {}
         self._pending_hints: Dict[str, float] = {}  # rid of a running request -> next_turn_in_s
         self.sessions.next_turn_at = lambda sid: h.next_turn_at if (h := self.hinted.get(sid)) else None
         self.host_reloaded_tokens = 0  # tokens reloaded from host at admission (on the request's path)
@@ -150,19 +152,19 @@ class ReqKVManager:
         """A session's turn finished and was released: pin its computed tokens until the next turn."""
         self.sessions.pin(session_id, computed_tokens)
         if self.host is not None:
-            self._host_sessions.add(session_id)
+            self._host_sessions[session_id] = tuple(computed_tokens[:self.page_size])
 
     def home_sessions(self) -> List[str]:
         """Sessions whose KV this instance holds: pinned, or (with a host tier) unpinned but copied to host
         when evicted. The controller places their next turns here (its session map follows the reports)."""
         if self.host is None:
             return self.sessions.session_ids()
-        return sorted(self._host_sessions | set(self.sessions.pins))
+        return sorted(set(self._host_sessions) | set(self.sessions.pins))
 
     def close_session(self, session_id: str) -> int:
         """The session ended: forget its hint, unpin it and free its own pages (returns them)."""
         self.hinted.pop(session_id, None)
-        self._host_sessions.discard(session_id)
+        self._host_sessions.pop(session_id, None)
         return self.sessions.close(session_id)
 
     def flush(self) -> None:
@@ -294,6 +296,16 @@ class ReqKVManager:
         if self.host is not None:
             out.update(self.host.stats())
         return out
+
+    # ---- Gyges: what a transformation carries besides pages ---------------------------------------------
+    def export_hints(self) -> Tuple[Dict[str, Tuple[int, ...]], List[Tuple[str, HintedPath]]]:
+        """(sessions kept on host here -> their first page's tokens, hinted paths) for InstanceState."""
+        return dict(self._host_sessions), list(self.hinted.items())
+
+    def adopt_hints(self, host_sessions: Dict[str, Tuple[int, ...]], hinted: List[Tuple[str, HintedPath]]) -> None:
+        if self.host is not None:
+            self._host_sessions.update(host_sessions)
+        self.hinted.update(hinted)
 
     # ---- Gyges: ownership after a transformation ----------------------------------------------------
     def adopt(self, tree_paths, running: List[Req], ) -> None:

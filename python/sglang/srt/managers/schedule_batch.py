@@ -165,6 +165,13 @@ class InstanceState:
     new_token_ratio: float = 0.5
     # Open sessions' pinned paths: (session id, token ids, page ids, last_used) (mem_cache/session_pins.py).
     session_pins: List[Any] = field(default_factory=list)
+    # The host KV tier's index (mem_cache/host_carry.HostTierState; None: no tier): its pages stay in the
+    # ranks' host stores, which the transformation re-lays (slots re-based like page ids).
+    host: Any = None
+    # Sessions kept on host (unpinned) -> their path's first page's token ids (req_kv.ReqKVManager).
+    host_sessions: Dict[str, Any] = field(default_factory=dict)
+    # Hinted finished turns: [(session id or "rid:" + rid, req_kv.HintedPath)], kept ready for their next turn.
+    hinted: List[Any] = field(default_factory=list)
 
     def used_pages(self) -> set:
         pages = set()

@@ -51,7 +51,7 @@ from sglang.srt.managers.io_struct import (
     WeightPrefetchStep,
 )
 from sglang.srt.managers.req_kv import ReqKVManager
-from sglang.srt.mem_cache.host_tier import (HostKVCopy, HostKVTier, follower_store, pool_page_bytes,
+from sglang.srt.mem_cache.host_tier import (HostKVCopy, HostKVTier, rank_store, pool_page_bytes,
                                              read_pages_all_heads, write_pages_all_heads)
 from sglang.srt.managers.schedule_batch import (
     InstanceState,
@@ -123,8 +123,9 @@ class Scheduler:
         self.page_size = server_args.page_size
         host_tier = None
         if server_args.enable_hierarchical_cache:  # the host KV tier (mem_cache/host_tier.py), one per instance
-            host_tier = HostKVTier.for_pool(server_args.hicache_bytes(runner.kv_pool_bytes), self.page_size,
-                                            runner.kv_pool, tp_group.broadcast_object if tp_group.size > 1 else None)
+            host_tier = HostKVTier.for_runner(server_args.hicache_bytes(runner.kv_pool_bytes), self.page_size,
+                                              runner, tp_group.broadcast_object if tp_group.size > 1 else None,
+                                              carried=migrated.host if migrated is not None else None)
         self.kv = ReqKVManager(runner.num_pages, self.page_size, server_args.disable_radix_cache, runner.reserved_pages,
                                session_budget=server_args.session_kv_budget, host=host_tier)
         self.batches = BatchScheduler(SchedulerConfig.from_server_args(server_args, self.model_config.context_len),
@@ -650,6 +651,7 @@ class Scheduler:
     def export_state(self) -> InstanceState:
         """Plain-data copy of the requests and the cache (page ids of this instance)."""
         self.poll_grammars(wait=True)  # constrained requests still compiling move as waiting requests
+        host_sessions, hinted = self.kv.export_hints()
         return InstanceState(
             devices=list(self.tp.ranks),
             running=[portable_req(r) for r in self.running],
@@ -657,6 +659,9 @@ class Scheduler:
             tree_paths=self.kv.tree.export(),
             new_token_ratio=self.batches.new_token_ratio,
             session_pins=self.kv.sessions.export(),
+            host=self.kv.host.export() if self.kv.host is not None else None,
+            host_sessions=host_sessions,
+            hinted=hinted,
         )
 
     def adopt_state(self, state: InstanceState) -> None:
@@ -666,6 +671,7 @@ class Scheduler:
                 req.grammar = self.grammar_backend().restore(req.grammar["grammar_state"])
         self.kv.adopt(state.tree_paths, state.running)
         self.kv.sessions.adopt(state.session_pins)
+        self.kv.adopt_hints(state.host_sessions, state.hinted)
         self.batches.adopt(state.running, state.waiting, state.new_token_ratio)
 
     def _cached_prefix_hashes(self) -> List[int]:
@@ -732,7 +738,7 @@ def follower_loop(runner, tp_group) -> Optional[TransformCmd]:
         if msg is None or isinstance(msg, TransformCmd):
             return msg
         if isinstance(msg, HostKVCopy):  # the leader's host KV tier copies this rank's slice too
-            follower_store(runner, msg.capacity_pages).apply(msg)
+            rank_store(runner, msg.capacity_pages).apply(msg)
             continue
         if isinstance(msg, SessionPagesRead):  # the leader exports a session's KV: this rank's heads
             read_pages_all_heads(runner.kv_pool, msg.pages, tp_group)

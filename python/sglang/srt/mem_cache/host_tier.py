@@ -14,9 +14,9 @@ hint logic offloads / prefetches hinted paths between turns.
 Bytes: each rank of an instance keeps its own slice of every page (its KV heads), so the budget is per device,
 like the device pool. The index (trie, LRU, slots) lives on the instance leader; the copies are HostKVCopy
 orders that the leader applies to its HostPageStore and, on TP > 1, broadcasts first so that every follower
-applies the same order to its own store (scheduler.follower_loop). A Gyges transformation starts a new
-scheduler with an empty tier (pages of the old TP degree do not fit the new layout; what was only on host is
-recomputed).
+applies the same order to its own store (scheduler.follower_loop). Every rank's store hangs on its model
+runner (rank_store), so a Gyges transformation finds it: mem_cache/host_carry.py re-lays the stores' bytes at
+the new TP degree and the new leader's tier adopts the renumbered index (export / adopt).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from gyges.topology import bitrev
+from sglang.srt.mem_cache.host_carry import HostNode, HostTierState
 from sglang.srt.mem_cache.kv_pool import HeadCentricKVPool
 
 
@@ -82,12 +83,23 @@ def write_pages_all_heads(pool: HeadCentricKVPool, pages: List[int], kv: torch.T
 class HostPageStore:
     """The bytes: capacity_pages host slots of one page of this rank's pool each."""
 
-    def __init__(self, pool: HeadCentricKVPool, capacity_pages: int):
+    def __init__(self, pool: HeadCentricKVPool, capacity_pages: int, flat: Optional[torch.Tensor] = None):
+        """flat: host bytes to use (at least capacity_pages pages of the pool; a transformation's re-laid
+        store), else allocated."""
         self.pool = pool
         self.capacity_pages = capacity_pages
-        pin = pool.kv_buffer.is_cuda and torch.cuda.is_available()
-        # [capacity_pages, bytes_per_page] uint8 in host memory (pinned on CUDA for fast copies)
-        self.slots = torch.empty((capacity_pages, pool.bytes_per_page), dtype=torch.uint8, pin_memory=pin)
+        nbytes = capacity_pages * pool.bytes_per_page
+        if flat is None:
+            pin = pool.kv_buffer.is_cuda and torch.cuda.is_available()
+            flat = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)  # pinned on CUDA for fast copies
+        # [capacity_pages, bytes_per_page] uint8 in host memory: slot s is page s of a head-centric pool of this
+        # rank's heads (the same layout as the device pool's pages)
+        self.slots = flat[:nbytes].view(capacity_pages, pool.bytes_per_page)
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """The store's bytes, [capacity_pages * bytes_per_page] uint8 (a view)."""
+        return self.slots.view(-1)
 
     def apply(self, op: HostKVCopy) -> None:
         if not op.pages:
@@ -140,6 +152,24 @@ class HostKVTier:
         if capacity < 1:
             return None
         return cls(int(budget_bytes), page_size, HostPageStore(pool, capacity), broadcast)
+
+    @classmethod
+    def for_runner(cls, budget_bytes: int, page_size: int, runner,
+                   broadcast: Optional[Callable[[HostKVCopy], None]] = None,
+                   carried: Optional[HostTierState] = None) -> Optional["HostKVTier"]:
+        """The leader's tier over its runner's pool, with the store on the runner (rank_store) where a
+        transformation finds it. carried: the index of a store a transformation re-laid (host_carry.py):
+        that store and its capacity are kept, and its pages adopted."""
+        store = getattr(runner, "_host_kv_store", None)
+        if carried is not None and store is not None and store.pool is runner.kv_pool:
+            tier = cls(store.capacity_pages * store.pool.bytes_per_page, page_size, store, broadcast)
+            tier.adopt(carried)
+        else:
+            capacity = int(budget_bytes) // runner.kv_pool.bytes_per_page
+            if capacity < 1:
+                return None
+            tier = cls(int(budget_bytes), page_size, rank_store(runner, capacity), broadcast)
+        return tier
 
     # ---- queries ---------------------------------------------------------------------------------------
     @property
@@ -228,6 +258,38 @@ class HostKVTier:
         self._copy(HostKVCopy(False, list(pages), slots, self.capacity_pages))
         self.loaded_bytes += len(slots) * self.page_bytes
 
+    def export(self) -> HostTierState:
+        """The index as plain data (parents before children), for a transformation."""
+        nodes: List[HostNode] = []
+        stack = [(self.root, -1)]
+        while stack:
+            node, idx = stack.pop()
+            for child in node.children.values():
+                nodes.append((idx, child.key, child.slot))
+                stack.append((child, len(nodes) - 1))
+        return HostTierState(nodes, list(self._lru))
+
+    def adopt(self, state: HostTierState) -> None:
+        """Rebuild the index of a fresh tier from `state` (slots of this store, within its capacity)."""
+        made: List[_HostPage] = []
+        for parent, key, slot in state.nodes:
+            up = made[parent] if parent >= 0 else self.root
+            node = up.children.get(key)
+            if node is None:
+                node = _HostPage(key, up)
+                up.children[key] = node
+            if 0 <= slot < self.capacity_pages and node.slot < 0 and slot not in self._lru:
+                node.slot = slot
+                self._lru[slot] = node
+            made.append(node)
+        for slot in state.lru:  # least recently used first
+            if slot in self._lru:
+                self._lru.move_to_end(slot)
+        held = set(self._lru)
+        self._free_slots = [s for s in range(self.capacity_pages - 1, -1, -1) if s not in held]
+        for node in reversed(made):
+            self._prune(node)
+
     def clear(self) -> None:
         self.root = _HostPage((), None)
         self._free_slots = list(range(self.capacity_pages - 1, -1, -1))
@@ -280,9 +342,10 @@ class HostKVTier:
                 "host_dropped_pages": self.dropped_pages}
 
 
-def follower_store(runner, capacity_pages: int) -> HostPageStore:
-    """A follower rank's HostPageStore for its runner's current pool (created on the leader's first order, and
-    afresh after a transformation gave the runner another pool)."""
+def rank_store(runner, capacity_pages: int) -> HostPageStore:
+    """This rank's HostPageStore for its runner's current pool, kept on the runner: created on the leader's
+    first order (on followers), kept when a transformation re-laid it for the new pool (host_carry.py), else
+    made afresh after a transformation gave the runner another pool."""
     store = getattr(runner, "_host_kv_store", None)
     if store is None or store.pool is not runner.kv_pool or store.capacity_pages != capacity_pages:
         store = HostPageStore(runner.kv_pool, capacity_pages)
