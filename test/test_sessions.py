@@ -173,3 +173,49 @@ def test_split_plan_keeps_session_pages_together_before_plain_cache():
     targets = _assign_groups(groups, Instance.of([0, 1]), [Instance.of([0]), Instance.of([1])], layout, 0, 0)
     by_pages = {tuple(g.pages): t for g, t in zip(groups, targets)}
     assert by_pages[(2, 3, 4)] is not None  # room for one 3-page group per part: the session's comes first
+
+
+
+def _hinted_split(sizes: dict, hints: dict, room_pages: int = 64):
+    """A split plan of a TP2 instance caching pinned sessions of `sizes` pages whose hinted next turns are
+    `hints` (session -> seconds); each part has room_pages pages. Returns session -> part (None: dropped)."""
+    from gyges.plans import KVLayout
+    from sglang.srt.managers.gyges_transform import plan_transform
+    from sglang.srt.managers.io_struct import TransformCmd
+    from sglang.srt.managers.req_kv import HintedPath
+
+    layout = KVLayout(num_kv_heads=2, num_layers=1, page_size=4, head_dim=2, dtype_bytes=4)
+    pins, tree, next_page = [], [], 0
+    for k, (sid, n) in enumerate(sizes.items()):
+        toks = [100 * (k + 1) + i for i in range(4 * n)]
+        pages = list(range(next_page, next_page + n))
+        next_page += n
+        pins.append((sid, toks, pages, 1.0))
+        tree.append((toks, pages))
+    st = InstanceState(devices=[0, 1], running=[], waiting=[], tree_paths=tree, session_pins=pins,
+                       hinted=[(sid, HintedPath([], 1000.0 + t, sid)) for sid, t in hints.items()])
+    cmd = TransformCmd("t", "split", [[0, 1]], [[0], [1]], 0.0)
+    plan = plan_transform(cmd, {0: st}, layout, room_pages * layout.page_bytes(1))
+    where = {sid: None for sid in sizes}
+    for base, out in plan.states.items():
+        for sid, _, _, _ in out.session_pins:
+            where[sid] = base
+    return where
+
+
+def test_split_spreads_sessions_whose_hinted_turns_come_first():
+    sizes = {"big": 6, "a": 1, "b": 1, "c": 1}
+    where = _hinted_split(sizes, {})  # no hints: balanced by pages, the big session alone on its part
+    assert [s for s in "abc" if where[s] == where["big"]] == []
+    where = _hinted_split(sizes, {"big": 1.0, "a": 2.0, "b": 3.0, "c": 4.0})  # four turns expected: two per part
+    assert sorted(list(where.values()).count(p) for p in (0, 1)) == [2, 2]
+
+
+def test_split_keeps_room_for_the_turns_due_first():
+    # three sessions of 2 pages, parts of 3 pages: one is dropped, the one whose turn comes last
+    sizes = {"x": 2, "y": 2, "z": 2}
+    assert _hinted_split(sizes, {}, room_pages=3)["z"] is None  # without hints: the last in order
+    where = _hinted_split(sizes, {"x": 9.0, "y": 1.0, "z": 2.0}, room_pages=3)
+    assert where["x"] is None and where["y"] is not None and where["z"] is not None and where["y"] != where["z"]
+    # a session with a hint goes before one without
+    assert _hinted_split(sizes, {"z": 5.0}, room_pages=3)["z"] is not None

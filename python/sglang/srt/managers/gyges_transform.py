@@ -26,7 +26,9 @@ per iteration; step 2 places the parts' KV below those pages and step 4 copies t
 
 Nothing is recomputed: requests keep their KV, output, sampling seed and grammar state. Open sessions keep
 their pinned KV: a merge takes every source's pins; a split moves each session's pages (one page group,
-placed right after the running requests' groups) together to one part, which re-pins them.
+placed right after the running requests' groups; sessions with a hinted next turn first, soonest first, each
+counted as a request expected on its part) together to one part, which re-pins them. Hints, sessions kept on
+host and the host tier's pages travel too (mem_cache/host_carry.py).
 """
 
 from __future__ import annotations
@@ -131,8 +133,14 @@ def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: 
         st = states[merged.base]
         groups = _page_groups(st)
         pinned = {p for _, _, pages, _ in st.session_pins for p in pages}
+        # A pinned session's hinted next turn (req_kv.HintedPath): its group is placed by it (_assign_groups).
+        turn_at = dict(st.prefetched_turns)
+        turn_at.update({h.session_id: h.next_turn_at for _, h in st.hinted if h.session_id is not None})
+        page_turn = {p: turn_at[sid] for sid, _, pages, _ in st.session_pins if sid in turn_at for p in pages}
         for g in groups:
             g.pinned = any(p in pinned for p in g.pages)
+            turns = [page_turn[p] for p in g.pages if p in page_turn]
+            g.next_turn_at = min(turns) if turns else None
         targets = _assign_groups(groups, merged, dst, layout, buffer_bytes, reserved_after)
         kept = [i for i, t in enumerate(targets) if t is not None]
         assignment = split_page_assignment(layout, buffer_bytes, merged, dst,
@@ -174,6 +182,7 @@ class _PageGroup:
     reqs: List[Req] = field(default_factory=list)
     paths: List[Tuple[List[int], List[int]]] = field(default_factory=list)
     pinned: bool = False  # holds an open session's pinned pages (kept before plain cache)
+    next_turn_at: Optional[float] = None  # earliest hinted next turn of a session pinned in it (monotonic s)
 
 
 def _page_groups(st: InstanceState) -> List[_PageGroup]:
@@ -214,16 +223,19 @@ def _assign_groups(groups: List[_PageGroup], merged: Instance, parts: List[Insta
                    buffer_bytes: int, reserved_after: int) -> List[Optional[int]]:
     """Target part of each group, or None for cache-only groups that are dropped (evicted) for lack of room.
 
-    Groups with running requests are placed first, biggest first, on the part with the fewest running
-    requests (then pages) that has room, preferring where their pages already lie; open sessions' pinned
-    paths next, then other cached paths, while room is left. A running group that fits no part refuses the
+    Groups with running requests are placed first, biggest first, on the part with the fewest requests
+    expected (then pages) that has room, preferring where their pages already lie; open sessions' pinned
+    paths next: those with a hinted next turn first, soonest first, each counted as a request expected on its
+    part (the turns that come first are spread over the parts, and are the last to lose their room), then
+    the others; then other cached paths, while room is left. A running group that fits no part refuses the
     split.
     """
     room = [layout.pages_per_device(buffer_bytes, p.tp) - reserved_after for p in parts]
-    load = [[0, 0] for _ in parts]  # per part: [running requests, pages]
+    load = [[0, 0] for _ in parts]  # per part: [requests running or expected (hinted turns), pages]
     targets: List[Optional[int]] = [None] * len(groups)
     order = sorted(range(len(groups)), key=lambda i: (not groups[i].reqs, not groups[i].pinned,
-                                                      -len(groups[i].pages)))
+                                                      groups[i].next_turn_at is None,
+                                                      groups[i].next_turn_at or 0.0, -len(groups[i].pages)))
     natural_part = split_page_mapping(merged, parts)
     for i in order:
         g = groups[i]
@@ -238,7 +250,7 @@ def _assign_groups(groups: List[_PageGroup], merged: Instance, parts: List[Insta
             continue  # only cache: evicted by the split
         best = min(fits, key=lambda j: (load[j][0], load[j][1], -natural[j], j))
         targets[i] = best
-        load[best][0] += len(g.reqs)
+        load[best][0] += len(g.reqs) + (g.next_turn_at is not None)
         load[best][1] += len(g.pages)
     return targets
 
@@ -650,6 +662,7 @@ def _plan_host(cmd: TransformCmd, states: Dict[int, InstanceState], plan: Transf
         for st in states.values():
             out.host_sessions.update(st.host_sessions)
             out.hinted.extend(st.hinted)
+            out.prefetched_turns.update(st.prefetched_turns)
         return carry
     st = states[src[0].base]
     ps = layout.page_size
@@ -664,6 +677,9 @@ def _plan_host(cmd: TransformCmd, states: Dict[int, InstanceState], plan: Transf
     by_session = {k: pinned_at[h.session_id] for k, h in hinted.items() if h.session_id in pinned_at}
     for k, base in place_by_first_page(firsts, keys, by_session, default).items():
         plan.states[base].hinted.append((k, hinted[k]))
+    host_at = {sid: base for base, out in plan.states.items() for sid in out.host_sessions}
+    for sid, at in st.prefetched_turns.items():  # with the session's pinned pages
+        plan.states[pinned_at.get(sid, host_at.get(sid, default))].prefetched_turns[sid] = at
     return carry
 
 

@@ -69,7 +69,9 @@ class ReqKVManager:
         # open sessions that ran a turn here (host tier on): their KV stays here -> their path's first page's
         # tokens (where a split sends them: the part that takes that path)
         self._host_sessions: Dict[str, Tuple[int, ...]] = {}
-        self._pending_hints: Dict[str, float] = {}  # rid of a running request -> next_turn_in_s
+        self._pending_hints: Dict[str, float] = {}
+        # sessions whose hinted turn was prefetched (re-pinned) and has not come yet -> when it is expected
+        self._prefetched_turns: Dict[str, float] = {}  # rid of a running request -> next_turn_in_s
         self.sessions.next_turn_at = lambda sid: h.next_turn_at if (h := self.hinted.get(sid)) else None
         self.host_reloaded_tokens = 0  # tokens reloaded from host at admission (on the request's path)
         self.hint_prefetched_tokens = 0  # tokens reloaded from host ahead of a hinted turn (off it)
@@ -164,6 +166,7 @@ class ReqKVManager:
     def close_session(self, session_id: str) -> int:
         """The session ended: forget its hint, unpin it and free its own pages (returns them)."""
         self.hinted.pop(session_id, None)
+        self._prefetched_turns.pop(session_id, None)
         self._host_sessions.pop(session_id, None)
         return self.sessions.close(session_id)
 
@@ -171,6 +174,7 @@ class ReqKVManager:
         self.sessions.clear()
         self.tree.reset()
         self.hinted.clear()
+        self._prefetched_turns.clear()
         self._host_sessions.clear()
         if self.host is not None:
             self.host.clear()
@@ -264,6 +268,7 @@ class ReqKVManager:
         """A request arrived: its session's earlier hint is used up; its own hint waits for it to finish."""
         if session_id is not None:
             self.hinted.pop(session_id, None)
+            self._prefetched_turns.pop(session_id, None)
         if next_turn_in_s is not None:
             self._pending_hints[rid] = float(next_turn_in_s)
 
@@ -279,6 +284,8 @@ class ReqKVManager:
         for key, h in list(self.hinted.items()):
             if h.next_turn_at - HINT_LEAD_S <= now:  # the turn is near: its KV back on device, pinned
                 del self.hinted[key]
+                if h.session_id is not None:
+                    self._prefetched_turns[h.session_id] = h.next_turn_at
                 if self.host is not None:
                     self.hint_prefetched_tokens += self.reload(h.tokens)
                 if h.session_id is not None and h.session_id not in self.sessions:
@@ -298,14 +305,17 @@ class ReqKVManager:
         return out
 
     # ---- Gyges: what a transformation carries besides pages ---------------------------------------------
-    def export_hints(self) -> Tuple[Dict[str, Tuple[int, ...]], List[Tuple[str, HintedPath]]]:
-        """(sessions kept on host here -> their first page's tokens, hinted paths) for InstanceState."""
-        return dict(self._host_sessions), list(self.hinted.items())
+    def export_hints(self) -> Tuple[Dict[str, Tuple[int, ...]], List[Tuple[str, HintedPath]], Dict[str, float]]:
+        """(sessions kept on host here -> their first page's tokens, hinted paths, sessions whose hinted turn
+        was prefetched -> when it is expected) for InstanceState."""
+        return dict(self._host_sessions), list(self.hinted.items()), dict(self._prefetched_turns)
 
-    def adopt_hints(self, host_sessions: Dict[str, Tuple[int, ...]], hinted: List[Tuple[str, HintedPath]]) -> None:
+    def adopt_hints(self, host_sessions: Dict[str, Tuple[int, ...]], hinted: List[Tuple[str, HintedPath]],
+                    prefetched_turns: Dict[str, float]) -> None:
         if self.host is not None:
             self._host_sessions.update(host_sessions)
         self.hinted.update(hinted)
+        self._prefetched_turns.update(prefetched_turns)
 
     # ---- Gyges: ownership after a transformation ----------------------------------------------------
     def adopt(self, tree_paths, running: List[Req], ) -> None:

@@ -172,6 +172,8 @@ class InstanceState:
     host_sessions: Dict[str, Any] = field(default_factory=dict)
     # Hinted finished turns: [(session id or "rid:" + rid, req_kv.HintedPath)], kept ready for their next turn.
     hinted: List[Any] = field(default_factory=list)
+    # Sessions whose hinted turn was prefetched (re-pinned) and has not come yet -> when it is expected.
+    prefetched_turns: Dict[str, float] = field(default_factory=dict)
 
     def used_pages(self) -> set:
         pages = set()

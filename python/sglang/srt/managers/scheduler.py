@@ -651,7 +651,7 @@ class Scheduler:
     def export_state(self) -> InstanceState:
         """Plain-data copy of the requests and the cache (page ids of this instance)."""
         self.poll_grammars(wait=True)  # constrained requests still compiling move as waiting requests
-        host_sessions, hinted = self.kv.export_hints()
+        host_sessions, hinted, prefetched_turns = self.kv.export_hints()
         return InstanceState(
             devices=list(self.tp.ranks),
             running=[portable_req(r) for r in self.running],
@@ -662,6 +662,7 @@ class Scheduler:
             host=self.kv.host.export() if self.kv.host is not None else None,
             host_sessions=host_sessions,
             hinted=hinted,
+            prefetched_turns=prefetched_turns,
         )
 
     def adopt_state(self, state: InstanceState) -> None:
@@ -671,7 +672,7 @@ class Scheduler:
                 req.grammar = self.grammar_backend().restore(req.grammar["grammar_state"])
         self.kv.adopt(state.tree_paths, state.running)
         self.kv.sessions.adopt(state.session_pins)
-        self.kv.adopt_hints(state.host_sessions, state.hinted)
+        self.kv.adopt_hints(state.host_sessions, state.hinted, state.prefetched_turns)
         self.batches.adopt(state.running, state.waiting, state.new_token_ratio)
 
     def _cached_prefix_hashes(self) -> List[int]:
