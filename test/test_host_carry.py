@@ -4,8 +4,9 @@ Unit (no processes): a tier's index survives export -> adopt; the carry plan re-
 each page kept on host holds, head for head, the bytes it held before, at the new TP degree (merges of TP1 and
 TP2 parts, splits into TP1 and TP2 parts; hypothesis over random tries), a page on host in two merged parts is
 kept once, a split sends each path to the part that took its device cache, and what no part has room for is
-counted dropped. Live (Engine, 2 CPU devices): a session kept on host goes through a merge and a split; each next
-turn is placed where its KV went, reloads it from host and answers as the whole conversation from scratch.
+counted dropped. Live (Engine, 2 CPU devices): a session kept on host goes through a merge and a split (the host
+stores re-laid on a thread after the pause); each next turn is placed where its KV went, reloads it from host
+and answers as the whole conversation from scratch; a hinted session is prefetched by the merged instance.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def check_carry(kind, src, dst, tiers, nbytes, seed, device_paths=None):
     before = {d: t.clone() for d, t in stores([d for i in src for d in i.devices], nbytes, seed).items()}
     plan = plan_host_carry(kind, src, dst, tiers, LAYOUT, nbytes, device_paths)
     bufs = {d: bytearray(t.numpy().tobytes()) for d, t in before.items()}
-    execute_kv_plan(plan.kv_plan, bufs)
+    execute_kv_plan(plan.make_kv_plan(), bufs)
     after = {d: torch.frombuffer(b, dtype=torch.uint8) for d, b in bufs.items()}
     old = {}  # page path -> its heads before
     for inst in src:
@@ -178,6 +179,13 @@ def _flood(eng, seed: int, n: int) -> None:
                  sampling_params={"max_new_tokens": 2, "ignore_eos": True})
 
 
+def _wait_for(cond, what: str, limit_s: float = 30.0) -> None:
+    end = time.monotonic() + limit_s
+    while not cond():
+        assert time.monotonic() < end, f"never happened: {what}"
+        time.sleep(0.02)
+
+
 def _on_host_only(eng, n_flood: int, seed: int) -> int:
     """Flood until no instance pins the session (it is kept on host); returns the host pages held."""
     for k in range(4):
@@ -215,7 +223,8 @@ def test_session_on_host_survives_merge_and_split(engine):
             done = eng.gyges_transform([0, 1], tp)
             assert done["kind"] == kind and done["host_pages_kept"] > 0 and done["host_pages_dropped"] == 0
             assert done["host_kv_bytes"] > 0, done
-            assert all(s["host_pages_held"] > 0 for s in _states(eng).values())
+            _wait_for(lambda: all(not s["host_carry_pending"] and s["host_pages_held"] > 0
+                                  for s in _states(eng).values()), "the host tier re-laid after the pause")
             before = {i: s["host_reloaded_tokens"] for i, s in _states(eng).items()}
         params = {"id": sid} if rid is None else {"id": sid, "rid": rid}
         out = eng.generate(input_ids=new_input, sampling_params=sp, session_params=params)
@@ -249,6 +258,7 @@ def test_hinted_turn_is_prefetched_after_a_merge(engine):
     t_end = time.monotonic()
     assert _on_host_only(eng, 12, seed=77) > 0
     assert eng.gyges_transform([0, 1], 2)["host_pages_kept"] > 0
+    _wait_for(lambda: not _states(eng)[0]["host_carry_pending"], "the host tier re-laid after the pause")
     assert time.monotonic() < t_end + 10.0, "the flood and merge took past the prefetch time; cannot check it"
     (before,) = _states(eng).values()
     assert before["sessions_pinned"] == 0 and before["hinted_paths"] == 1
@@ -276,7 +286,7 @@ def test_carry_is_bounded_to_the_most_recently_used_pages():
     assert plan.pages_kept == 6  # 3 per part
     held = sum(1 for t in tiers.values() for _, _, s in t.nodes if s >= 0)
     assert plan.pages_dropped == held - 6
-    moved_from = {(m.src_device, m.src_offset // LAYOUT.page_bytes(1)) for m in plan.kv_plan.moves}
+    moved_from = {(m.src_device, m.src_offset // LAYOUT.page_bytes(1)) for m in plan.make_kv_plan().moves}
     recent = {(b, s) for b, t in tiers.items() for s in t.lru[-3:]}
     assert moved_from <= recent  # only the 3 most recently used pages of each part leave their place
     assert plan_host_carry("merge", src, dst, tiers, LAYOUT, nbytes, max_bytes=0).pages_kept == 0

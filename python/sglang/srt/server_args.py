@@ -202,9 +202,9 @@ class ServerArgs:
                                          "of receiving them. 0: the rows are received in the pause.")
     gyges_host_carry_bytes: int = _f(64 << 20, "Host KV tier across merges and splits (--enable-hierarchical-"
                                      "cache): at most this many bytes of each device's host store, most recently "
-                                     "used pages first, are re-laid for the new TP degree in the pause (about "
-                                     "0.5 GB/s on 2 CPU cores); the rest is dropped and recomputed when needed. "
-                                     "0: the new instance starts with an empty host tier.")
+                                     "used pages first, are re-laid for the new TP degree (on a thread after the "
+                                     "pause, while the new instance serves); the rest is dropped and recomputed "
+                                     "when needed. 0: the new instance starts with an empty host tier.")
     gyges_cost_model: Optional[str] = _f(None, "JSON file of the step-time and transformation cost models "
                                          "measured on this machine (written by benchmark/measure_costs.py); "
                                          "default: built-in constants, and no merges for speed.")

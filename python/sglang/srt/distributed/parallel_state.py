@@ -37,7 +37,7 @@ from gyges.topology import bitrev
 logger = logging.getLogger(__name__)
 
 # tuple of global ranks -> (device group, cpu group, ShmCommunicator or None); filled by create_aligned_groups.
-_GROUPS: Dict[Tuple[int, ...], Tuple[Any, Any, Any]] = {}
+_GROUPS: Dict[Tuple[int, ...], Tuple[Any, Any, Any, Any]] = {}
 # groups whose communicators this rank has used once (create_aligned_groups warms every group it is in)
 _WARMED: List[Tuple[int, ...]] = []
 _WORLD_WARMED = False  # the world group's communicator used once
@@ -120,12 +120,15 @@ def create_aligned_groups(world_size: int, collective: str = "auto") -> None:
         device_group = dist.new_group(ranks, backend=device_backend, timeout=IDLE_TIMEOUT)
         cpu_group = dist.new_group(ranks, backend="gloo", timeout=IDLE_TIMEOUT)  # separate even on CPU: object broadcasts never
         # interleave with the forward pass's collectives
+        # a third (gloo) for work in a background thread while the group serves (the host KV tier's re-layout
+        # after a transformation, mem_cache/host_carry.py): never interleaves with the other two
+        side_group = dist.new_group(ranks, backend="gloo", timeout=IDLE_TIMEOUT)
         shm = None
         if use_shm and dist.get_rank() in ranks:
             from sglang.srt.distributed.shm_communicator import ShmCommunicator
 
             shm = ShmCommunicator.create(ranks, cpu_group)
-        _GROUPS[tuple(ranks)] = (device_group, cpu_group, shm)
+        _GROUPS[tuple(ranks)] = (device_group, cpu_group, shm, side_group)
     warm_groups()
 
 
@@ -147,7 +150,7 @@ def warm_groups() -> None:
     if not _WORLD_WARMED:  # first the world group itself (world_min runs on it at start-up)
         dist.all_reduce(torch.ones(1, dtype=torch.int64, device=device))
         _WORLD_WARMED = True
-    for ranks, (device_group, cpu_group, _shm) in _GROUPS.items():
+    for ranks, (device_group, cpu_group, _shm, side_group) in _GROUPS.items():
         if me not in ranks or ranks in _WARMED:
             continue
         probe = torch.ones(1, dtype=torch.int64, device=device)
@@ -156,6 +159,7 @@ def warm_groups() -> None:
             raise RuntimeError(f"warm-up all-reduce on group {list(ranks)} gave {int(probe.item())}, "
                                f"expected {len(ranks)}")
         dist.barrier(group=cpu_group)
+        dist.barrier(group=side_group)
         _WARMED.append(ranks)
 
 
@@ -192,6 +196,7 @@ class TPGroup:
     device_group: Any = None
     cpu_group: Any = None
     shm: Any = None  # ShmCommunicator of this group (CPU, --tp-collective shm) or None: gloo / nccl
+    side_group: Any = None  # gloo, for a background thread's transfers while the group serves
 
     @property
     def is_leader(self) -> bool:
@@ -275,6 +280,6 @@ def get_tp_group(ranks: Sequence[int]) -> TPGroup:
     me = dist.get_rank()
     if me not in ranks:
         raise ValueError(f"rank {me} is not in TP group {ranks}")
-    device_group, cpu_group, shm = _GROUPS[key]
+    device_group, cpu_group, shm, side_group = _GROUPS[key]
     return TPGroup(rank=ranks.index(me), size=len(ranks), ranks=ranks, device_group=device_group,
-                   cpu_group=cpu_group, shm=shm)
+                   cpu_group=cpu_group, shm=shm, side_group=side_group)

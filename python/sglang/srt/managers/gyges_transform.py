@@ -12,8 +12,9 @@
                     (a merge runs 4 before 3: its weights shrink, and the KV of a part of higher TP lands
                     where a part of lower TP still had weights; a split runs 3 first: KV leaves the pages
                     its weights grow into)
-      4b. host KV   the host tier's pages re-laid in every rank's host store (mem_cache/host_carry.py, CPU
-                    group); the new leader's tier adopts the renumbered index
+      4b. host KV   the host tier's carry planned (mem_cache/host_carry.py); after the pause every rank
+                    re-lays its host store on a thread over the side CPU group while the new instance serves,
+                    and the new leader's tier adopts the renumbered index when its thread is done
       5. resume     new leaders adopt their re-based requests and cache; followers follow
       6. report     D's first device sends TransformDone with the measured breakdown to the controller
 
@@ -63,7 +64,7 @@ from sglang.srt.model_executor import regroup
 from sglang.srt.model_executor.weight_store import packed_layout
 from sglang.srt.managers.weight_prefetch import take_prefetched
 from sglang.srt.mem_cache.host_carry import HostCarryPlan, first_page_keys, place_by_first_page, plan_host_carry
-from sglang.srt.mem_cache.host_tier import HostPageStore, rank_store
+from sglang.srt.mem_cache.host_tier import HostCarryInFlight, HostPageStore, rank_store, settle_carry
 
 logger = logging.getLogger(__name__)
 
@@ -553,17 +554,19 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     if cmd.kind != "merge":
         regroup.regroup_weights(weight_plan, me, runner.weight_store, old_model, new_model, group.device_group,
                                 stats, prefetched=fetched if staged else None)
-    host_stats = regroup.RegroupStats()
-    if host_carry is not None:  # the host tier's pages, re-laid in every rank's store (host memory, CPU group)
-        host_flat = host_store.flat[:host_carry.buffer_bytes]
-        regroup.execute_kv_plan(host_carry.kv_plan, me, host_flat, group.cpu_group, host_stats, KV_ROUND_BYTES)
     t_rebind0 = time.perf_counter()
     regroup.adopt_buffers(old_model, new_model)
     new_pool = regroup.reshape_pool(pool, cfg.kv_heads_per_rank(new_inst.tp))
     runner.rebind(new_model, new_group, new_cfg, new_pool)
-    if host_carry is not None:  # the same bytes, as pages of the new width (the new leader's tier adopts them)
-        runner._host_kv_store = HostPageStore(
-            new_pool, layout.pages_per_device(host_carry.buffer_bytes, new_inst.tp), flat=host_flat)
+    if host_carry is not None:
+        # The host tier's pages are re-laid in every rank's store on a thread while the new instance serves
+        # (the side CPU group); the same bytes then become pages of the new width, which the new leader's
+        # tier adopts once its own thread is done (Scheduler._attach_carried_host).
+        runner._host_kv_store = None
+        runner._host_carry = HostCarryInFlight(
+            host_carry, me, host_store.flat[:host_carry.buffer_bytes], group, new_pool,
+            layout.pages_per_device(host_carry.buffer_bytes, new_inst.tp), KV_ROUND_BYTES,
+            runner.server_args.gyges_transform_timeout)
     rebind_s = time.perf_counter() - t_rebind0
     t_end = time.time()
 
@@ -571,7 +574,7 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
             "kv_staging": stats.kv_staging_peak_bytes, "weight_transient": stats.weight_transient_peak_bytes,
             "weight_recv": stats.weight_bytes_received, "weight_freed": stats.weight_bytes_freed,
             "weight_staged": stats.weight_bytes_staged, "gather_s": gather_s, "build_s": build_s,
-            "rebind_s": rebind_s, "host_s": host_stats.kv_seconds}
+            "rebind_s": rebind_s}
     t_report0 = time.perf_counter()
     everyone = _all_gather_object(mine, group)
     report_s = time.perf_counter() - t_report0
@@ -597,9 +600,8 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         "pause_ms": (max(e["t_end"] for e in everyone) - min(e["t_start"] for e in everyone)) * 1e3,
         "total_ms": (max(e["t_end"] for e in everyone) - cmd.issued_at) * 1e3,
         "kv_capacity_tokens": runner.max_total_num_tokens,
-        # the host KV tier carried over (mem_cache/host_carry.py; zeros without one)
-        "host_kv_bytes": host_carry.kv_plan.kv_bytes_moved if host_carry is not None else 0,
-        "host_kv_ms": max(e["host_s"] for e in everyone) * 1e3,
+        # the host KV tier carried over (mem_cache/host_carry.py; zeros without one), re-laid after the pause
+        "host_kv_bytes": host_carry.bytes_kept if host_carry is not None else 0,
         "host_pages_kept": host_carry.pages_kept if host_carry is not None else 0,
         "host_pages_dropped": host_carry.pages_dropped if host_carry is not None else 0,
     }
@@ -621,6 +623,8 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         "prefetch_used": bool(staged),
         "prefetch_weight_bytes_copied": sum(e["weight_staged"] for e in everyone),  # in the pause, on device
     })
+    if host_carry is not None:
+        runner._host_carry.start()
     state = plan.states.get(me) if new_inst.leader == me else None
     placements = {base: [r.rid for r in st.running + st.waiting] for base, st in plan.states.items()}
     return TransformOutcome(ok=True, ranks=list(new_inst.devices), state=state, breakdown=breakdown,
@@ -633,6 +637,7 @@ def _host_store(runner) -> Optional[HostPageStore]:
     args = runner.server_args
     if not args.enable_hierarchical_cache or args.disable_radix_cache:
         return None
+    settle_carry(runner)  # the previous transformation's re-layout, if still in flight
     store = getattr(runner, "_host_kv_store", None)
     if store is not None and store.pool is runner.kv_pool:
         return store

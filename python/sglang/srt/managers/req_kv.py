@@ -62,9 +62,8 @@ class ReqKVManager:
         self.reserved_pages = reserved_pages
         self.tree = RadixCache(page_size, self.allocator, disable=disable_radix_cache)
         self.sessions = SessionPins(self.tree, int(session_budget * (num_pages - reserved_pages)))
-        self.host = host if not disable_radix_cache else None
-        if self.host is not None:
-            self.tree.on_evict = self._offload_evicted
+        self.host = None
+        self.attach_host(host if not disable_radix_cache else None)
         self.hinted: Dict[str, HintedPath] = {}  # session id (or "rid:" + rid) -> its hinted path
         # open sessions that ran a turn here (host tier on): their KV stays here -> their path's first page's
         # tokens (where a split sends them: the part that takes that path)
@@ -159,8 +158,6 @@ class ReqKVManager:
     def home_sessions(self) -> List[str]:
         """Sessions whose KV this instance holds: pinned, or (with a host tier) unpinned but copied to host
         when evicted. The controller places their next turns here (its session map follows the reports)."""
-        if self.host is None:
-            return self.sessions.session_ids()
         return sorted(set(self._host_sessions) | set(self.sessions.pins))
 
     def close_session(self, session_id: str) -> int:
@@ -304,6 +301,13 @@ class ReqKVManager:
             out.update(self.host.stats())
         return out
 
+    def attach_host(self, host: Optional[HostKVTier]) -> None:
+        """Use `host` as the host tier from now on (at start, or when a transformation's re-layout of it is
+        done); None keeps evicted KV dropped."""
+        self.host = host
+        if host is not None and not self.tree.disable:
+            self.tree.on_evict = self._offload_evicted
+
     # ---- Gyges: what a transformation carries besides pages ---------------------------------------------
     def export_hints(self) -> Tuple[Dict[str, Tuple[int, ...]], List[Tuple[str, HintedPath]], Dict[str, float]]:
         """(sessions kept on host here -> their first page's tokens, hinted paths, sessions whose hinted turn
@@ -312,8 +316,7 @@ class ReqKVManager:
 
     def adopt_hints(self, host_sessions: Dict[str, Tuple[int, ...]], hinted: List[Tuple[str, HintedPath]],
                     prefetched_turns: Dict[str, float]) -> None:
-        if self.host is not None:
-            self._host_sessions.update(host_sessions)
+        self._host_sessions.update(host_sessions)  # (only a source with a host tier has any)
         self.hinted.update(hinted)
         self._prefetched_turns.update(prefetched_turns)
 

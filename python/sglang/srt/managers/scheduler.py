@@ -51,7 +51,7 @@ from sglang.srt.managers.io_struct import (
     WeightPrefetchStep,
 )
 from sglang.srt.managers.req_kv import ReqKVManager
-from sglang.srt.mem_cache.host_tier import (HostKVCopy, HostKVTier, rank_store, pool_page_bytes,
+from sglang.srt.mem_cache.host_tier import (HostKVCopy, HostKVTier, rank_store, settle_carry, pool_page_bytes,
                                              read_pages_all_heads, write_pages_all_heads)
 from sglang.srt.managers.schedule_batch import (
     InstanceState,
@@ -122,10 +122,14 @@ class Scheduler:
         self.model_config = runner.model_config
         self.page_size = server_args.page_size
         host_tier = None
+        # The index of a host tier a transformation re-lays in the background (attached when it is done).
+        self._host_pending = None
         if server_args.enable_hierarchical_cache:  # the host KV tier (mem_cache/host_tier.py), one per instance
-            host_tier = HostKVTier.for_runner(server_args.hicache_bytes(runner.kv_pool_bytes), self.page_size,
-                                              runner, tp_group.broadcast_object if tp_group.size > 1 else None,
-                                              carried=migrated.host if migrated is not None else None)
+            carried = migrated.host if migrated is not None else None
+            if carried is not None and getattr(runner, "_host_carry", None) is not None:
+                self._host_pending = carried
+            else:
+                host_tier = self._new_host_tier(carried)
         self.kv = ReqKVManager(runner.num_pages, self.page_size, server_args.disable_radix_cache, runner.reserved_pages,
                                session_budget=server_args.session_kv_budget, host=host_tier)
         self.batches = BatchScheduler(SchedulerConfig.from_server_args(server_args, self.model_config.context_len),
@@ -185,6 +189,7 @@ class Scheduler:
                 break
             self.poll_grammars()
             self.step()
+            self._attach_carried_host(wait=False)
             self.kv.background()  # hinted turns' KV: offloaded early, reloaded before the turn (req_kv.py)
             self.report_load()
             if self._precopy is not None and self._precopy.advance():  # pre-copied: the pause may start
@@ -427,6 +432,7 @@ class Scheduler:
     def flush_cache(self) -> bool:
         if self.batches.has_work or self.grammar_pending:
             return False
+        self._attach_carried_host(wait=True)
         self.kv.flush()
         return True
 
@@ -637,6 +643,9 @@ class Scheduler:
             "cached_pages": self.kv.tree.cached_pages(),
             **self.kv.sessions.stats(),
             **self.kv.host_stats(),
+            "host_carry_pending": self._host_pending is not None,  # a transformation still re-lays the host tier
+            # the latest re-layout on this rank (after the pause): its thread's time and the bytes it moved
+            **getattr(self.runner, "host_carry_last", {"host_carry_ms": 0.0, "host_carry_bytes_moved": 0}),
             "kv_moved_bytes": self.kv_moved_bytes,
             "kv_used_tokens": self.kv.used_pages() * self.page_size,
             "kv_capacity_tokens": self.kv.num_pages * self.page_size,
@@ -648,9 +657,27 @@ class Scheduler:
     # ======================================================================================================
     # Gyges: moving this instance's state
     # ======================================================================================================
+    def _new_host_tier(self, carried) -> Optional[HostKVTier]:
+        return HostKVTier.for_runner(self.args.hicache_bytes(self.runner.kv_pool_bytes), self.page_size,
+                                     self.runner, self.tp.broadcast_object if self.tp.size > 1 else None,
+                                     carried=carried)
+
+    def _attach_carried_host(self, wait: bool) -> None:
+        """The host tier re-laid after a transformation: once this rank's re-layout is done (or at once with
+        wait), the tier adopts the carried index (a fresh tier when the re-layout failed)."""
+        if self._host_pending is None:
+            return
+        carry = getattr(self.runner, "_host_carry", None)
+        if carry is not None and not wait and not carry.done.is_set():
+            return
+        carried, self._host_pending = self._host_pending, None
+        store = settle_carry(self.runner)
+        self.kv.attach_host(self._new_host_tier(carried if store is not None else None))
+
     def export_state(self) -> InstanceState:
         """Plain-data copy of the requests and the cache (page ids of this instance)."""
         self.poll_grammars(wait=True)  # constrained requests still compiling move as waiting requests
+        self._attach_carried_host(wait=True)
         host_sessions, hinted, prefetched_turns = self.kv.export_hints()
         return InstanceState(
             devices=list(self.tp.ranks),

@@ -12,9 +12,11 @@ bytes are re-laid exactly as the device pool's are, with the same plans, and onl
                split  each first-page subtree of the trie goes to one part: where the device cache's path or
                       pinned session with that first page went, else the part with the most room left; a subtree
                       that fits no part is dropped; gyges.plans.split_page_assignment / kv_split_plan
-    execute  regroup.execute_kv_plan over the CPU group, in the pause after the device KV (host memory: gloo)
-    adopt    every rank's store becomes a view of the same bytes at its new page width (rebind_store); the new
-             leader's tier adopts the renumbered index (HostKVTier.adopt)
+             (the index in the pause; the head-block moves, make_kv_plan, later on the thread)
+    execute  after the pause, on a thread over the group's side CPU group while the new instances serve
+             (host_tier.HostCarryInFlight): the moves, then regroup.execute_kv_plan (host memory: gloo)
+    adopt    every rank's store becomes a view of the same bytes at its new page width; the new leader's tier
+             adopts the renumbered index when its thread is done (HostKVTier.adopt)
 
 Pure planning (no torch): plan_host_carry and the trie helpers take plain data.
 """
@@ -22,7 +24,7 @@ Pure planning (no torch): plan_host_carry and the trie helpers take plain data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from gyges.plans import KVLayout, KVPlan, kv_merge_plan, kv_split_plan, merge_page_mapping, split_page_assignment
 from gyges.topology import Instance
@@ -43,11 +45,18 @@ class HostTierState:
 
 @dataclass
 class HostCarryPlan:
-    kv_plan: KVPlan  # the stores' head-block moves (offsets within each rank's store bytes)
     tiers: Dict[int, HostTierState]  # resulting instance (base device) -> its tier's index, slots renumbered
     buffer_bytes: int  # bytes of every store the plan covers (the smallest store)
     pages_kept: int
     pages_dropped: int  # on host before, not after (no room on the part they went to, or beyond buffer_bytes)
+    page_bytes: int  # bytes of one page with every KV head
+    make_kv_plan: Callable[[], KVPlan]  # the stores' head-block moves (offsets within each rank's store bytes);
+    #                                     the costly part, computed off the pause (HostCarryInFlight)
+
+    @property
+    def bytes_kept(self) -> int:
+        """Bytes of the pages carried over, all devices together."""
+        return self.pages_kept * self.page_bytes
 
 
 class _Trie:
@@ -119,11 +128,11 @@ def _plan_merge(parts, merged, tiers, layout, buffer_bytes, before, max_staging_
             lru = [new_slot[s] for s in st.lru if s in new_slot]
         kept.append(mine)
         lru_by_part.append(lru)
-    plan = kv_merge_plan(layout, buffer_bytes, parts, kept, max_staging_bytes)
     lru = [s for group in zip(*_padded(lru_by_part)) for s in group if s is not None]  # interleaved by age
     out = HostTierState([(p, k, s) for p, k, s in trie.nodes], lru)
     n = sum(len(k) for k in kept)
-    return HostCarryPlan(plan, {merged.base: _pruned(out)}, buffer_bytes, n, before - n)
+    return HostCarryPlan({merged.base: _pruned(out)}, buffer_bytes, n, before - n, layout.page_bytes(1),
+                         lambda: kv_merge_plan(layout, buffer_bytes, parts, kept, max_staging_bytes))
 
 
 def _most_recent(st: HostTierState, pages: int) -> HostTierState:
@@ -142,8 +151,8 @@ def _padded(lists: List[List[int]]) -> List[List[Optional[int]]]:
 def _plan_split(merged, parts, st, layout, buffer_bytes, device_paths, before, max_staging_bytes) -> HostCarryPlan:
     empty = {p.base: HostTierState() for p in parts}
     if st is None or not st.nodes:
-        return HostCarryPlan(kv_split_plan(layout, buffer_bytes, merged, parts, used_pages=[]), empty,
-                             buffer_bytes, 0, before)
+        return HostCarryPlan(empty, buffer_bytes, 0, before, layout.page_bytes(1),
+                             lambda: kv_split_plan(layout, buffer_bytes, merged, parts, used_pages=[]))
     capacity = layout.pages_per_device(buffer_bytes, merged.tp)
     children: Dict[int, List[int]] = {}
     for i, (parent, _, _) in enumerate(st.nodes):
@@ -175,8 +184,6 @@ def _plan_split(merged, parts, st, layout, buffer_bytes, device_paths, before, m
         for i in g:
             node_part[i] = j
     assignment = split_page_assignment(layout, buffer_bytes, merged, parts, page_groups)
-    plan = kv_split_plan(layout, buffer_bytes, merged, parts, assignment=assignment,
-                         max_staging_bytes=max_staging_bytes)
     tiers = {}
     for j, part in enumerate(parts):
         index: Dict[int, int] = {}
@@ -189,7 +196,9 @@ def _plan_split(merged, parts, st, layout, buffer_bytes, device_paths, before, m
         lru = [assignment[s][1] for s in st.lru if s in assignment and assignment[s][0] == j]
         tiers[part.base] = _pruned(HostTierState(nodes, lru))
     n = len(assignment)
-    return HostCarryPlan(plan, tiers, buffer_bytes, n, before - n)
+    return HostCarryPlan(tiers, buffer_bytes, n, before - n, layout.page_bytes(1),
+                         lambda: kv_split_plan(layout, buffer_bytes, merged, parts, assignment=assignment,
+                                               max_staging_bytes=max_staging_bytes))
 
 
 def _pruned(st: HostTierState) -> HostTierState:

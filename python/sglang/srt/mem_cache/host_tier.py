@@ -22,6 +22,7 @@ the new TP degree and the new leader's tier adopts the renumbered index (export 
 from __future__ import annotations
 
 import itertools
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -342,10 +343,82 @@ class HostKVTier:
                 "host_dropped_pages": self.dropped_pages}
 
 
+class HostCarryInFlight:
+    """One rank's re-layout of its host store after a transformation (host_carry.py), on a thread over the
+    group's side CPU group while the new instance already serves: the store is not used meanwhile (the new
+    leader attaches its tier when settle() returns the store)."""
+
+    def __init__(self, plan, me: int, flat: torch.Tensor, group, new_pool: HeadCentricKVPool, capacity_pages: int,
+                 max_round_bytes: int, timeout_s: float):
+        import threading
+
+        self.plan, self.me, self.flat, self.group = plan, me, flat, group
+        self.new_pool, self.capacity_pages = new_pool, capacity_pages
+        self.max_round_bytes, self.timeout_s = max_round_bytes, timeout_s
+        self.error: Optional[BaseException] = None
+        self.seconds = 0.0  # planning the moves + executing them, on the thread
+        self.bytes_moved = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="host-kv-carry", daemon=True)
+
+    def start(self) -> "HostCarryInFlight":
+        """Every rank of the transformation starts it after the pause (its Python planning would contend for
+        the GIL with the pause's last steps)."""
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        from datetime import timedelta
+
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        from sglang.srt.model_executor import regroup
+
+        try:
+            _set_pg_timeout(timedelta(seconds=self.timeout_s), self.group.side_group)
+            t0 = time.perf_counter()
+            kv_plan = self.plan.make_kv_plan()  # the same on every rank (pure)
+            stats = regroup.RegroupStats()
+            regroup.execute_kv_plan(kv_plan, self.me, self.flat, self.group.side_group, stats, self.max_round_bytes)
+            self.seconds = time.perf_counter() - t0
+            self.bytes_moved = kv_plan.kv_bytes_moved
+        except BaseException as e:  # a peer died or hung: the tier starts empty (what was on host is recomputed)
+            self.error = e
+        finally:
+            self.done.set()
+
+    def settle(self) -> Optional[HostPageStore]:
+        """Wait for the re-layout (at most the transformation timeout); the store at the new width, or None."""
+        if not self.done.wait(self.timeout_s) or self.error is not None:
+            return None
+        return HostPageStore(self.new_pool, self.capacity_pages, flat=self.flat)
+
+
+def settle_carry(runner) -> Optional[HostPageStore]:
+    """Finish this rank's host re-layout in flight, if any (waits for it): its store becomes the runner's."""
+    carry = getattr(runner, "_host_carry", None)
+    if carry is None:
+        return None
+    runner._host_carry = None
+    store = carry.settle()
+    runner.host_carry_last = {"host_carry_ms": carry.seconds * 1e3, "host_carry_bytes_moved": carry.bytes_moved}
+    if store is not None and store.pool is runner.kv_pool:
+        runner._host_kv_store = store
+        return store
+    import logging
+
+    logging.getLogger(__name__).warning("host KV tier not carried over: %s",
+                                        carry.error or "the re-layout did not finish in time")
+    runner._host_kv_store = None
+    return None
+
+
 def rank_store(runner, capacity_pages: int) -> HostPageStore:
     """This rank's HostPageStore for its runner's current pool, kept on the runner: created on the leader's
-    first order (on followers), kept when a transformation re-laid it for the new pool (host_carry.py), else
-    made afresh after a transformation gave the runner another pool."""
+    first order (on followers), kept when a transformation re-laid it for the new pool (host_carry.py; a
+    re-layout in flight is waited for first), else made afresh after a transformation gave the runner another
+    pool."""
+    settle_carry(runner)
     store = getattr(runner, "_host_kv_store", None)
     if store is None or store.pool is not runner.kv_pool or store.capacity_pages != capacity_pages:
         store = HostPageStore(runner.kv_pool, capacity_pages)
