@@ -184,17 +184,21 @@ def _plan_split(merged, parts, st, layout, buffer_bytes, device_paths, before, m
         for i in g:
             node_part[i] = j
     assignment = split_page_assignment(layout, buffer_bytes, merged, parts, page_groups)
-    tiers = {}
-    for j, part in enumerate(parts):
-        index: Dict[int, int] = {}
-        nodes: List[HostNode] = []
-        for i, (parent, key, slot) in enumerate(st.nodes):
-            if node_part.get(i) != j:
-                continue
-            index[i] = len(nodes)
-            nodes.append((index[parent] if parent >= 0 else -1, key, assignment[slot][1] if slot in assignment else -1))
-        lru = [assignment[s][1] for s in st.lru if s in assignment and assignment[s][0] == j]
-        tiers[part.base] = _pruned(HostTierState(nodes, lru))
+    index: Dict[int, int] = {}  # node -> its index in its part's list
+    part_nodes: List[List[HostNode]] = [[] for _ in parts]
+    for i, (parent, key, slot) in enumerate(st.nodes):  # one pass: parents stay before children
+        j = node_part.get(i)
+        if j is None:
+            continue
+        index[i] = len(part_nodes[j])
+        part_nodes[j].append((index[parent] if parent >= 0 else -1, key,
+                              assignment[slot][1] if slot in assignment else -1))
+    part_lru: List[List[int]] = [[] for _ in parts]
+    for slot in st.lru:
+        if slot in assignment:
+            j, new = assignment[slot]
+            part_lru[j].append(new)
+    tiers = {part.base: _pruned(HostTierState(part_nodes[j], part_lru[j])) for j, part in enumerate(parts)}
     n = len(assignment)
     return HostCarryPlan(tiers, buffer_bytes, n, before - n, layout.page_bytes(1),
                          lambda: kv_split_plan(layout, buffer_bytes, merged, parts, assignment=assignment,
