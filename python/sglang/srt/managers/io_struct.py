@@ -252,16 +252,18 @@ class MoveSessionReq:
 class SessionKVTransfer:
     """Controller -> source leader (kv None: export the session); source leader -> Controller -> destination
     leader (kv set: import it). Page bytes travel by value (pickled through the controller), so both instances
-    keep serving; source and destination must have the same page layout (same TP degree)."""
+    keep serving; the bytes hold every KV head (host_tier.read_pages_all_heads), so the TP degrees may differ
+    (the model and page size must not)."""
 
     req_id: str
     session_id: str
     dst_instance: int
     # The session's pinned path (page-aligned token ids), filled by the source.
     tokens: Optional[List[int]] = None
-    # uint8 [len(tokens) // page_size, bytes_per_page]: the path's pages as the source pool holds them.
+    # uint8 [len(tokens) // page_size, bytes of every KV head per page]: the path's pages, head blocks in head
+    # order (host_tier.read_pages_all_heads; a TP1 pool's page as is).
     kv: Optional[Any] = None
-    # Refusal by the source (unknown session, TP > 1): answered to the client as a 400.
+    # Refusal by the source (unknown session, nothing pinned): answered to the client as a 400.
     error: Optional[str] = None
 
 
