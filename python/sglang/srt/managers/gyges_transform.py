@@ -63,7 +63,8 @@ from sglang.srt.mem_cache.page_allocator import first_ids, intersect_runs, runs_
 from sglang.srt.model_executor import regroup
 from sglang.srt.model_executor.weight_store import packed_layout
 from sglang.srt.managers.weight_prefetch import take_prefetched
-from sglang.srt.mem_cache.host_carry import HostCarryPlan, first_page_keys, place_by_first_page, plan_host_carry
+from sglang.srt.mem_cache.host_carry import (HostCarryPlan, first_page_keys, path_first_pages, place_by_first_page,
+                                             plan_host_carry)
 from sglang.srt.mem_cache.host_tier import HostCarryInFlight, HostPageStore, rank_store, settle_carry
 
 logger = logging.getLogger(__name__)
@@ -651,9 +652,9 @@ def _plan_host(cmd: TransformCmd, states: Dict[int, InstanceState], plan: Transf
     --gyges-host-carry-bytes is 0), and where a split sends the sessions kept on host and the hinted turns.
     Fills plan.states' host fields."""
     carry = None
+    device_paths = {base: [toks for toks, _ in out.tree_paths] + [toks for _, toks, _, _ in out.session_pins]
+                    for base, out in plan.states.items()}
     if buffer_bytes > 0 and max_bytes > 0 and any(st.host is not None and st.host.nodes for st in states.values()):
-        device_paths = {base: [toks for toks, _ in out.tree_paths] + [toks for _, toks, _, _ in out.session_pins]
-                        for base, out in plan.states.items()}
         try:
             carry = plan_host_carry(cmd.kind, src, dst, {b: st.host for b, st in states.items()}, layout,
                                     buffer_bytes, device_paths, KV_ROUND_BYTES, max_bytes)
@@ -671,8 +672,8 @@ def _plan_host(cmd: TransformCmd, states: Dict[int, InstanceState], plan: Transf
         return carry
     st = states[src[0].base]
     ps = layout.page_size
-    keys = {base: {tuple(t[:ps]) for t, _ in out.tree_paths} | {tuple(t[:ps]) for _, t, _, _ in out.session_pins}
-            | first_page_keys(out.host) for base, out in plan.states.items()}
+    keys = {base: path_first_pages(device_paths[base], ps) | first_page_keys(out.host)
+            for base, out in plan.states.items()}
     pinned_at = {sid: base for base, out in plan.states.items() for sid, _, _, _ in out.session_pins}
     default = dst[0].base
     for sid, base in place_by_first_page(st.host_sessions, keys, pinned_at, default).items():

@@ -68,9 +68,9 @@ class ReqKVManager:
         # open sessions that ran a turn here (host tier on): their KV stays here -> their path's first page's
         # tokens (where a split sends them: the part that takes that path)
         self._host_sessions: Dict[str, Tuple[int, ...]] = {}
-        self._pending_hints: Dict[str, float] = {}
+        self._pending_hints: Dict[str, float] = {}  # rid of a running request -> next_turn_in_s
         # sessions whose hinted turn was prefetched (re-pinned) and has not come yet -> when it is expected
-        self._prefetched_turns: Dict[str, float] = {}  # rid of a running request -> next_turn_in_s
+        self._prefetched_turns: Dict[str, float] = {}
         self.sessions.next_turn_at = lambda sid: h.next_turn_at if (h := self.hinted.get(sid)) else None
         self.host_reloaded_tokens = 0  # tokens reloaded from host at admission (on the request's path)
         self.hint_prefetched_tokens = 0  # tokens reloaded from host ahead of a hinted turn (off it)

@@ -79,7 +79,8 @@ def _slots_in_range(st: HostTierState, capacity: int) -> List[int]:
     return [s for _, _, s in st.nodes if 0 <= s < capacity]
 
 
-def _first_page_keys(paths: Sequence[Sequence[int]], page_size: int) -> set:
+def path_first_pages(paths: Sequence[Sequence[int]], page_size: int) -> set:
+    """The first pages (token ids) of token paths at least a page long."""
     return {tuple(p[:page_size]) for p in paths if len(p) >= page_size}
 
 
@@ -167,7 +168,7 @@ def _plan_split(merged, parts, st, layout, buffer_bytes, device_paths, before, m
             stack.extend(children.get(i, []))
         groups.append(sorted(members))
     ps = layout.page_size
-    wants = {p.base: _first_page_keys(device_paths.get(p.base, []), ps) for p in parts}
+    wants = {p.base: path_first_pages(device_paths.get(p.base, []), ps) for p in parts}
     room = [layout.pages_per_device(buffer_bytes, p.tp) for p in parts]
     used = [0] * len(parts)
     page_groups: List[Tuple[int, List[int]]] = []
