@@ -800,7 +800,7 @@ def transform_while_streaming(eng, prompt: List[int], tp: int) -> Dict:
     gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
     ends = times[1:]
     before = sorted(g for g, e in zip(gaps, ends) if e < t0)
-    pre_end = t0 + (bd.get("precopy_ms", 0.0) + bd.get("prefetch_ms", 0.0)) / 1e3
+    pre_end = t0 + max(bd.get("precopy_ms", 0.0), bd.get("prefetch_ms", 0.0)) / 1e3  # run side by side
     during = sorted(g for g, e in zip(gaps, ends) if t0 < e <= pre_end)
     around = [g for g, e in zip(gaps, ends) if t0 < e <= t1 + 0.5]
     step = before[len(before) // 2]
@@ -861,17 +861,18 @@ def engine_pause_table(engine: Dict) -> str:
         lines.append(f"| {mode} | {b['pause_ms']:.1f} | {b['precopy_ms']:.1f} | {b['kv_bytes']:,} | "
                      f"{b['precopy_kv_bytes']:,} | {b['precopy_pages_kept']} / {b['precopy_pages']} | "
                      + _token_gap_cells(x))
-    head = ("| split | pause ms | weight ms in the pause | weight bytes received in the pause | prefetch ms | "
-            "weight bytes prefetched | decode step before ms | largest token gap ms | = decode steps | "
-            "step during prefetch ms |")
+    head = ("| split | pause ms | KV bytes in the pause | KV ms | pages kept / pre-copied | weight bytes received "
+            "in the pause | weight ms | ahead ms (KV / weights) | decode step before ms | largest token gap ms | "
+            "= decode steps | step during pre-copy ms |")
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
-    for mode, label in (("stop-and-copy", "weights in the pause"), ("pre-copy", "weights prefetched")):
+    for mode, label in (("stop-and-copy", "stop-and-copy"), ("pre-copy", "KV pre-copied, weights prefetched")):
         x = engine[mode].get("streamed_split")
         if x is None:
             continue
         b = x["breakdown"]
-        lines.append(f"| {label} | {b['pause_ms']:.1f} | {b['weight_ms']:.1f} | {b['weight_bytes']:,} | "
-                     f"{b.get('prefetch_ms', 0.0):.1f} | {b.get('prefetch_weight_bytes', 0):,} | "
+        lines.append(f"| {label} | {b['pause_ms']:.1f} | {b['kv_bytes']:,} | {b['kv_ms']:.1f} | "
+                     f"{b['precopy_pages_kept']} / {b['precopy_pages']} | {b['weight_bytes']:,} | "
+                     f"{b['weight_ms']:.1f} | {b['precopy_ms']:.0f} / {b.get('prefetch_ms', 0.0):.0f} | "
                      + _token_gap_cells(x))
     return "\n".join(lines)
 
@@ -1118,7 +1119,7 @@ def main(argv=None) -> None:
     table = markdown_table(rows)
     layer_table = per_layer_table(result, jobs) if jobs else ""
     kv_table = kv_rate_table(result, jobs) if jobs else ""
-    pause_table = f"\n\nmerges while a request decodes (tiny demo, Engine):\n\n{engine_pause_table(engine)}" if engine else ""
+    pause_table = f"\n\nmerges and splits while a request decodes (tiny demo, Engine):\n\n{engine_pause_table(engine)}" if engine else ""
     bw = result["bandwidth"]
     info = machine_info()
     header = (f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} (CPU only, no GPU); "

@@ -330,12 +330,15 @@ def kv_merge_plan(layout: KVLayout, buffer_bytes: int, parts: Sequence[Instance]
 
 def split_page_assignment(layout: KVLayout, buffer_bytes: int, merged: Instance, parts: Sequence[Instance],
                           page_groups: Sequence[Tuple[int, Sequence[int]]],
-                          first_page: Optional[Sequence[int]] = None) -> Dict[int, PageKey]:
+                          first_page: Optional[Sequence[int]] = None,
+                          fixed: Optional[Mapping[int, PageKey]] = None) -> Dict[int, PageKey]:
     """Where each used merged page goes on a split: page_groups are (target part index, pages) for each
-    request / cached path whose pages must stay together. A page stays at its natural place
-    (split_page_id) when that is its target part and in range; otherwise it takes the lowest free page
-    id of the target part. first_page[i]: pages below it are reserved on part i (weights grow back into
-    them on a split), so KV there is moved out. Raises ValueError when a part runs out of pages."""
+    request / cached path whose pages must stay together. A page in `fixed` whose entry names its target
+    part (and is in range) goes there: its KV was copied there ahead (split_precopy_slots). Any other page
+    stays at its natural place (split_page_id) when that is its target part, in range and not fixed to
+    another page; otherwise it takes the lowest free page id of the target part. first_page[i]: pages below
+    it are reserved on part i (weights grow back into them on a split), so KV there is moved out. Raises
+    ValueError when a part runs out of pages."""
     parts = tuple(parts)
     capacity = [layout.pages_per_device(buffer_bytes, p.tp) for p in parts]
     lowest = list(first_page) if first_page is not None else [0] * len(parts)
@@ -349,8 +352,20 @@ def split_page_assignment(layout: KVLayout, buffer_bytes: int, merged: Instance,
             if q in seen:
                 raise ValueError(f"merged page {q} appears in two groups")
             seen.add(q)
+    if fixed:
+        for target, pages in page_groups:
+            for q in pages:
+                at = fixed.get(q)
+                if at is not None and at[0] == target and lowest[target] <= at[1] < capacity[target] \
+                        and at[1] not in taken[target]:
+                    out[q] = (target, at[1])
+                    taken[target].add(at[1])
+    for target, pages in page_groups:
+        for q in pages:
+            if q in out:
+                continue
             nat, p = natural(q)
-            if nat == target and lowest[target] <= p < capacity[target]:
+            if nat == target and lowest[target] <= p < capacity[target] and p not in taken[target]:
                 out[q] = (target, p)
                 taken[target].add(p)
             else:
@@ -385,6 +400,40 @@ def kv_split_plan(layout: KVLayout, buffer_bytes: int, merged: Instance, parts: 
         assignment = {q: natural(q) for q in used_pages}
     page_map = {(0, q): tuple(dst) for q, dst in assignment.items()}
     return kv_regroup_plan(layout, buffer_bytes, (merged,), parts, page_map, max_staging_bytes)
+
+
+def split_precopy_slots(merged: Instance, parts: Sequence[Instance], free_runs: Sequence[Tuple[int, int]],
+                        candidates: Sequence[Tuple[int, int]], first_page: Sequence[int], capacity: Sequence[int],
+                        max_pages: int) -> Tuple[List[int], Dict[int, PageKey]]:
+    """Destinations for copying a split's KV ahead, while the merged instance still serves.
+
+    candidates: (merged page, target part index), in the order they should get a destination. free_runs: the
+    merged pool's free pages as [lo, hi) runs. Returns (merged pages to reserve, {merged page: (part, page)}).
+
+    An aligned block of S = merged.tp // min(part tp) merged pages [j*S, (j+1)*S) is the same bytes on every
+    device as the pages [j*S/s, (j+1)*S/s) of each part of stride s = merged.tp // part.tp, so one free block
+    gives every part S/s destination pages at once (on its own devices), none of which any used page overlaps.
+    A block is used only when every part page it gives is in [first_page[i], capacity[i]) (above the part's
+    weights, below its pool's end); at most max_pages merged pages are reserved, lowest blocks first, and only
+    as many blocks as the candidates need."""
+    parts = tuple(parts)
+    strides = [merged.tp // p.tp for p in parts]
+    S = max(strides)
+    want = [[q for q, t in candidates if t == i] for i in range(len(parts))]
+    need_blocks = max((-(-len(w) * strides[i] // S) for i, w in enumerate(want)), default=0)
+    blocks: List[int] = []
+    for lo, hi in free_runs:
+        j = -(-lo // S)
+        while (j + 1) * S <= hi and len(blocks) < min(need_blocks, max_pages // S):
+            if all(first_page[i] <= j * S // s and (j + 1) * S // s <= capacity[i] for i, s in enumerate(strides)):
+                blocks.append(j)
+            j += 1
+    out: Dict[int, PageKey] = {}
+    for i, s in enumerate(strides):
+        slots = (p for j in blocks for p in range(j * S // s, (j + 1) * S // s))
+        for q, p in zip(want[i], slots):
+            out[q] = (i, p)
+    return [q for j in blocks for q in range(j * S, (j + 1) * S)], out
 
 
 def execute_kv_plan(plan: KVPlan, buffers: Dict[int, bytearray]) -> None:  # or lists (slices copy)

@@ -190,11 +190,12 @@ class ServerArgs:
                                         "fails the transformation's instances (their requests get a 503, their "
                                         "workers are killed) and keeps serving on the others. The collectives "
                                         "of a transformation time out after the same limit.")
-    gyges_precopy_chunk_bytes: int = _f(0, "Pre-copy for merges of TP1 instances: while they keep serving, the KV "
-                                        "pages that no longer change (cached prefixes, full pages of running "
-                                        "requests) are copied into free pages of the merged layout, this many "
-                                        "bytes per device between two iterations; the pause then moves only the "
-                                        "pages written since. 0: no pre-copy (stop, move everything, resume).")
+    gyges_precopy_chunk_bytes: int = _f(0, "KV pre-copy for merges of TP1 instances and for splits: while the "
+                                        "instances keep serving, the KV pages that no longer change (cached "
+                                        "prefixes, full pages of running requests) are copied into free pages "
+                                        "where the new layout wants them, this many bytes per device between two "
+                                        "iterations; the pause then moves only the pages written since. 0: no "
+                                        "pre-copy (stop, move everything, resume).")
     gyges_prefetch_chunk_bytes: int = _f(0, "Weight prefetch for splits: while the merged instance keeps serving, "
                                          "every device fetches the weight rows it will lack after the split into "
                                          "the top pages of its KV pool (reserved for it), this many bytes per "

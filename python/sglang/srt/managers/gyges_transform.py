@@ -18,9 +18,11 @@
       5. resume     new leaders adopt their re-based requests and cache; followers follow
       6. report     D's first device sends TransformDone with the measured breakdown to the controller
 
-Pre-copy (merges of TP1 instances, --gyges-precopy-chunk-bytes > 0): before step 1 the source leaders keep
-serving while KVPrecopy copies the pages that no longer change into free pages of the merged layout, a bounded
-chunk per iteration (Scheduler.begin_transform / event_loop); step 3 then moves only the pages written since.
+Pre-copy (--gyges-precopy-chunk-bytes > 0): before step 1 the source instances keep serving while the pages that
+no longer change are copied to where they will be, a bounded chunk per iteration (Scheduler.begin_transform /
+advance_ahead); step 3 then moves only the pages written since. Merges of TP1 instances: KVPrecopy, into free
+pages of the merged layout. Splits: split_precopy.SplitKVPrecopy, into free aligned blocks of the merged pool that
+are whole pages of the parts' layouts, and step 2 sends each group to the part its pages were copied to.
 Weight prefetch (splits, --gyges-prefetch-chunk-bytes > 0, weight_prefetch.py): before step 1 the merged
 instance keeps serving while its devices fetch the rows the parts lack into the top pages of its pool, a chunk
 per iteration; step 2 places the parts' KV below those pages and step 4 copies the rows into place on the device.
@@ -59,10 +61,11 @@ from gyges.topology import Instance
 from sglang.srt.distributed.parallel_state import TPGroup, get_tp_group
 from sglang.srt.managers.io_struct import TransformCmd
 from sglang.srt.managers.schedule_batch import InstanceState, Req
-from sglang.srt.mem_cache.page_allocator import first_ids, intersect_runs, runs_count
+from sglang.srt.mem_cache.page_allocator import AllocationWatch, first_ids, intersect_runs, runs_count
 from sglang.srt.model_executor import regroup
 from sglang.srt.model_executor.weight_store import packed_layout
 from sglang.srt.managers.weight_prefetch import take_prefetched
+from sglang.srt.managers.split_precopy import valid_split_precopied
 from sglang.srt.mem_cache.host_carry import (HostCarryPlan, first_page_keys, path_first_pages, place_by_first_page,
                                              plan_host_carry)
 from sglang.srt.mem_cache.host_tier import HostCarryInFlight, HostPageStore, rank_store, settle_carry
@@ -82,6 +85,7 @@ class TransformPlan:
     states: Dict[int, InstanceState]  # new instance base device -> its re-based state
     running_requests: int
     dropped_groups: int = 0  # split: cached page groups no part had room for (their tokens are recomputed later)
+    precopied_kept: int = 0  # pages whose KV the pre-copy already put where the plan wants it (not moved now)
 
 
 @dataclass
@@ -108,9 +112,11 @@ def _precopied_first(natural, ahead: Dict[int, int]):
 
 def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: KVLayout,
                    buffer_bytes: int, reserved_after: int = 0,
-                   precopied: Optional[Dict[Tuple[int, int], int]] = None) -> TransformPlan:
+                   precopied: Optional[Dict[Tuple[int, int], int]] = None,
+                   precopied_pages: Optional[Dict[int, Tuple[int, int]]] = None) -> TransformPlan:
     """reserved_after: pages each resulting instance's weights occupy (KV must not be placed there).
-    precopied (merges): (source index, page) -> merged page that already holds the page's KV on every device."""
+    precopied (merges): (source index, page) -> merged page that already holds the page's KV on every device.
+    precopied_pages (splits): merged page -> (part index, page) that already holds its KV on the part's devices."""
     src = [Instance.of(d) for d in cmd.src_instances]
     dst = [Instance.of(d) for d in cmd.dst_instances]
     running = sum(len(s.running) for s in states.values())
@@ -133,22 +139,17 @@ def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: 
     if cmd.kind == "split":
         merged = src[0]
         st = states[merged.base]
-        groups = _page_groups(st)
-        pinned = {p for _, _, pages, _ in st.session_pins for p in pages}
-        # A pinned session's hinted next turn (req_kv.HintedPath): its group is placed by it (_assign_groups).
-        turn_at = dict(st.prefetched_turns)
-        turn_at.update({h.session_id: h.next_turn_at for _, h in st.hinted if h.session_id is not None})
-        page_turn = {p: turn_at[sid] for sid, _, pages, _ in st.session_pins if sid in turn_at for p in pages}
-        for g in groups:
-            g.pinned = any(p in pinned for p in g.pages)
-            turns = [page_turn[p] for p in g.pages if p in page_turn]
-            g.next_turn_at = min(turns) if turns else None
-        targets = _assign_groups(groups, merged, dst, layout, buffer_bytes, reserved_after)
+        ahead = precopied_pages or {}
+        groups, targets = split_group_targets(st, merged, dst, layout, buffer_bytes, reserved_after, ahead)
         kept = [i for i, t in enumerate(targets) if t is not None]
         assignment = split_page_assignment(layout, buffer_bytes, merged, dst,
                                            [(targets[i], groups[i].pages) for i in kept],
-                                           first_page=[reserved_after] * len(dst))
-        kv_plan = kv_split_plan(layout, buffer_bytes, merged, dst, assignment=assignment, max_staging_bytes=KV_ROUND_BYTES)
+                                           first_page=[reserved_after] * len(dst), fixed=ahead)
+        # Pages whose KV was copied to their destination while serving (SplitKVPrecopy) stay out of the moves.
+        in_place = {q for q, at in assignment.items() if ahead.get(q) == at}
+        kv_plan = kv_split_plan(layout, buffer_bytes, merged, dst,
+                                assignment={q: at for q, at in assignment.items() if q not in in_place},
+                                max_staging_bytes=KV_ROUND_BYTES)
         outs = {p.base: InstanceState(devices=list(p.devices), running=[], waiting=[], tree_paths=[],
                                       new_token_ratio=st.new_token_ratio) for p in dst}
 
@@ -172,8 +173,28 @@ def plan_transform(cmd: TransformCmd, states: Dict[int, InstanceState], layout: 
             part = session_part.get(req.session_id) or min(
                 dst, key=lambda p: (len(outs[p.base].running) + len(outs[p.base].waiting), p.base))
             outs[part.base].waiting.append(req)
-        return TransformPlan(kv_plan, outs, running, dropped_groups=len(groups) - len(kept))
+        return TransformPlan(kv_plan, outs, running, dropped_groups=len(groups) - len(kept),
+                             precopied_kept=len(in_place))
     raise ValueError(f"unknown transformation kind {cmd.kind!r}")
+
+
+def split_group_targets(st: InstanceState, merged: Instance, parts: List[Instance], layout: KVLayout,
+                        buffer_bytes: int, reserved_after: int, ahead: Optional[Dict[int, Tuple[int, int]]] = None
+                        ) -> Tuple[List["_PageGroup"], List[Optional[int]]]:
+    """A split's page groups and the part each goes to (None: a cache-only group dropped for lack of room).
+    ahead: merged page -> (part, page) of pages already copied there (a group goes where its pages were copied
+    when it fits)."""
+    groups = _page_groups(st)
+    pinned = {p for _, _, pages, _ in st.session_pins for p in pages}
+    # A pinned session's hinted next turn (req_kv.HintedPath): its group is placed by it (_assign_groups).
+    turn_at = dict(st.prefetched_turns)
+    turn_at.update({h.session_id: h.next_turn_at for _, h in st.hinted if h.session_id is not None})
+    page_turn = {p: turn_at[sid] for sid, _, pages, _ in st.session_pins if sid in turn_at for p in pages}
+    for g in groups:
+        g.pinned = any(p in pinned for p in g.pages)
+        turns = [page_turn[p] for p in g.pages if p in page_turn]
+        g.next_turn_at = min(turns) if turns else None
+    return groups, _assign_groups(groups, merged, parts, layout, buffer_bytes, reserved_after, ahead or {})
 
 
 @dataclass
@@ -222,11 +243,13 @@ def _page_groups(st: InstanceState) -> List[_PageGroup]:
 
 
 def _assign_groups(groups: List[_PageGroup], merged: Instance, parts: List[Instance], layout: KVLayout,
-                   buffer_bytes: int, reserved_after: int) -> List[Optional[int]]:
+                   buffer_bytes: int, reserved_after: int, ahead: Dict[int, Tuple[int, int]]) -> List[Optional[int]]:
     """Target part of each group, or None for cache-only groups that are dropped (evicted) for lack of room.
 
-    Groups with running requests are placed first, biggest first, on the part with the fewest requests
-    expected (then pages) that has room, preferring where their pages already lie; open sessions' pinned
+    Groups with running requests are placed first, biggest first, on the part their pages were copied to ahead
+    (`ahead`: the pre-copy chose it from the same rule a moment earlier) if it has room, else on the part with
+    the fewest requests expected (then pages) that has room, preferring where their pages already lie; open
+    sessions' pinned
     paths next: those with a hinted next turn first, soonest first, each counted as a request expected on its
     part (the turns that come first are spread over the parts, and are the last to lose their room), then
     the others; then other cached paths, while room is left. A running group that fits no part refuses the
@@ -242,15 +265,18 @@ def _assign_groups(groups: List[_PageGroup], merged: Instance, parts: List[Insta
     for i in order:
         g = groups[i]
         natural = [0] * len(parts)
+        copied = [0] * len(parts)
         for p in g.pages:
             natural[natural_part(p)[0]] += 1
+            if p in ahead:
+                copied[ahead[p][0]] += 1
         fits = [j for j in range(len(parts)) if room[j] - load[j][1] >= len(g.pages)]
         if not fits:
             if g.reqs:
                 raise ValueError(f"running requests need {len(g.pages)} KV pages together, more than any "
                                  f"resulting instance has free ({max(r - l[1] for r, l in zip(room, load))})")
             continue  # only cache: evicted by the split
-        best = min(fits, key=lambda j: (load[j][0], load[j][1], -natural[j], j))
+        best = min(fits, key=lambda j: (-copied[j], load[j][0], load[j][1], -natural[j], j))
         targets[i] = best
         load[best][0] += len(g.reqs) + (g.next_turn_at is not None)
         load[best][1] += len(g.pages)
@@ -304,7 +330,7 @@ class KVPrecopy:
         self.deadline = time.monotonic() + timeout_s
         self.page_map: Dict[Tuple[int, int], int] = {}  # (part index, page) -> merged page holding a copy
         self.reserved: List[int] = []
-        self.dirty: set = set()  # this part's pages allocated since start: their content may have changed
+        self.watch: Optional[AllocationWatch] = None  # this part's pages allocated since start (content may change)
         self.chunks: List = []
         self.next_chunk = 0
         self.posted = None
@@ -314,7 +340,6 @@ class KVPrecopy:
         self.t_start = time.time()
         self.t_end = self.t_start
         self.iterations = 0
-        self._observing = False
 
     # -- start ---------------------------------------------------------------------------------------
     def start(self, state: InstanceState) -> None:
@@ -340,7 +365,7 @@ class KVPrecopy:
         slots = [j * k + t for j in self.reserved for t in range(k)]
         self.page_map = dict(zip(candidates, slots))
         self.allocator.take(self.reserved)
-        self._observe()
+        self.watch = AllocationWatch(self.allocator)
         cfg = self.runner.model_config
         layout = KVLayout(cfg.heads.padded_kv_heads, cfg.num_layers, ps, cfg.head_dim,
                           torch.empty((), dtype=cfg.dtype).element_size())
@@ -357,24 +382,14 @@ class KVPrecopy:
                                                      group)
         _PRECOPIED[self.cmd.transform_id] = self
 
-    def _observe(self) -> None:
-        """Every page handed out from now on is dirty (about to be written: prefill, decode, host reload)."""
-        original = self.allocator.alloc
-        dirty = self.dirty
-
-        def alloc(n: int):
-            pages = original(n)
-            if pages:
-                dirty.update(pages)
-            return pages
-
-        self.allocator.alloc = alloc  # instance attribute over the method, removed by _unobserve
-        self._observing = True
-
-    def _unobserve(self) -> None:
-        if self._observing:
-            del self.allocator.alloc
-            self._observing = False
+    def stop(self) -> None:
+        """The pause starts: no more pages are watched, and a chunk still on the wire lands first."""
+        if self.watch is not None:
+            self.watch.stop()
+        if self.posted is not None:
+            self.landed.result()
+            regroup._finish_round(self.posted, self.flat, waited=True)
+            self.posted = None
 
     # -- between iterations ----------------------------------------------------------------------------
     def advance(self) -> bool:
@@ -413,14 +428,14 @@ class KVPrecopy:
 
     def summary(self) -> dict:
         """What the pause needs from this device (plain data, gathered from every device)."""
-        return {"complete": self.complete, "dirty": sorted(self.dirty), "page_map": self.page_map,
+        return {"complete": self.complete, "dirty": sorted(self.watch.pages), "page_map": self.page_map,
                 "t_start": self.t_start, "t_end": self.t_end, "sent": self.stats.kv_bytes_sent,
                 "local": self.stats.kv_bytes_local, "iterations": self.iterations,
                 "reserved": len(self.reserved)}
 
     def release(self) -> None:
-        """Nothing stays half-done: the reserved pages return to the allocator, the observer goes."""
-        self._unobserve()
+        """Nothing stays half-done: the reserved pages return to the allocator, the watch stops."""
+        self.stop()
         if self.reserved:
             self.allocator.free(self.reserved)
             self.reserved = []
@@ -469,11 +484,7 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     pre = _PRECOPIED.pop(cmd.transform_id, None)
     fetched = take_prefetched(cmd.transform_id)  # a split's weight prefetch (weight_prefetch.py)
     if pre is not None:
-        pre._unobserve()
-        if pre.posted is not None:  # given up with a chunk on the wire: it lands before anything reuses its pages
-            pre.landed.result()
-            regroup._finish_round(pre.posted, flat, waited=True)
-            pre.posted = None
+        pre.stop()  # given up with a chunk on the wire: it lands before anything reuses its pages
     t_gather0 = time.perf_counter()
     host_store = _host_store(runner)
     blobs = _all_gather_object((pickle.dumps(my_state) if my_state is not None else None,
@@ -511,20 +522,22 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         build_s = time.perf_counter() - t_plan0
         reserved_after = -(-new_weights_end // layout.page_bytes(new_inst.tp))
         kept_ahead = _valid_precopied(summaries, states, src) if cmd.kind == "merge" else {}
+        split_ahead = valid_split_precopied(summaries, states, src[0]) if cmd.kind == "split" else {}
         plan = None
         if staged:
             # The parts' KV goes below the staging region, unless that would leave behind a page the full pool
             # keeps: then the staged rows are dropped and received as without prefetch.
             try:
-                plan = plan_transform(cmd, states, layout, fetched.staging_start, reserved_after, kept_ahead)
+                plan = plan_transform(cmd, states, layout, fetched.staging_start, reserved_after, kept_ahead,
+                                      split_ahead)
             except ValueError:
                 plan = None
-            full = plan_transform(cmd, states, layout, flat.numel(), reserved_after, kept_ahead) \
+            full = plan_transform(cmd, states, layout, flat.numel(), reserved_after, kept_ahead, split_ahead) \
                 if plan is None or plan.dropped_groups else None
             if full is not None and (plan is None or full.dropped_groups < plan.dropped_groups):
                 plan, staged = full, False
         if plan is None:
-            plan = plan_transform(cmd, states, layout, flat.numel(), reserved_after, kept_ahead)
+            plan = plan_transform(cmd, states, layout, flat.numel(), reserved_after, kept_ahead, split_ahead)
         host_carry = _plan_host(cmd, states, plan, layout, host_buffer_bytes, src, dst,
                                 runner.server_args.gyges_host_carry_bytes)
     except ValueError as e:
@@ -607,13 +620,17 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         "host_pages_dropped": host_carry.pages_dropped if host_carry is not None else 0,
     }
     ahead = [x for x in summaries if x is not None]
-    breakdown.update({  # pre-copy while serving (zeros when it did not apply)
+    breakdown.update({  # KV pre-copy while serving, merges and splits (zeros when it did not apply)
         "precopy_ms": (max(x["t_end"] for x in ahead) - min(x["t_start"] for x in ahead)) * 1e3 if ahead else 0.0,
         "precopy_kv_bytes": sum(x["sent"] for x in ahead),
-        "precopy_pages": len(ahead[0]["page_map"]) if ahead else 0,
-        "precopy_pages_kept": len(kept_ahead),
+        "precopy_kv_bytes_local": sum(x["local"] for x in ahead),
+        "precopy_pages": max((len(x["page_map"]) for x in ahead), default=0),
+        "precopy_pages_kept": len(kept_ahead) + plan.precopied_kept,
         "precopy_iterations": max((x["iterations"] for x in ahead), default=0),
         "precopy_complete": bool(ahead) and all(x["complete"] for x in ahead),
+        # a split's pre-copy waits for each chunk between two iterations: the time that added to the iterations,
+        # slowest device (a merge's chunks cross the link without blocking an iteration: 0)
+        "precopy_step_ms": max((x.get("step_s", 0.0) for x in ahead), default=0.0) * 1e3,
     })
     fetched_ahead = [x for x in fetch_summaries if x is not None]
     breakdown.update({  # a split's weight prefetch while serving (zeros when it did not apply)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 
 def new_rid() -> str:
@@ -562,6 +562,25 @@ class WeightPrefetchStart:
 @dataclass
 class WeightPrefetchStep:
     # Transform id of the split being prefetched.
+    transform_id: str
+    # Index of the chunk every device moves now (0, 1, ... in order).
+    chunk: int
+
+
+@dataclass
+class SplitPrecopyStart:
+    # The split whose KV the instance's devices copy ahead while it keeps serving (split_precopy.py).
+    cmd: TransformCmd
+    # Merged page -> (index of the part in the split's parts sorted by first device, page there): where each
+    # page's KV is copied (pages the leader reserved; every device builds the same KV plan from this).
+    page_map: Dict[int, Tuple[int, int]]
+    # --gyges-precopy-chunk-bytes: the most bytes a device sends plus receives per iteration.
+    chunk_bytes: int
+
+
+@dataclass
+class SplitPrecopyStep:
+    # Transform id of the split being pre-copied.
     transform_id: str
     # Index of the chunk every device moves now (0, 1, ... in order).
     chunk: int

@@ -46,6 +46,8 @@ from sglang.srt.managers.io_struct import (
     SessionKVTransfer,
     SessionPagesRead,
     SessionPagesWrite,
+    SplitPrecopyStart,
+    SplitPrecopyStep,
     TransformCmd,
     WeightPrefetchStart,
     WeightPrefetchStep,
@@ -157,6 +159,7 @@ class Scheduler:
         self._pending_transform: Optional[TransformCmd] = None
         self._precopy = None  # gyges_transform.KVPrecopy of an ordered merge, run between iterations
         self._prefetch = None  # weight_prefetch.WeightPrefetch of an ordered split, one chunk per iteration
+        self._split_precopy = None  # split_precopy.SplitKVPrecopy of an ordered split, one chunk per iteration
         self._finished_since_report: List[str] = []
         self.capacity_by_tp = None
         if server_args.enable_gyges:
@@ -183,7 +186,7 @@ class Scheduler:
             if self.batches.has_work:
                 block_ms = 0
             else:
-                block_ms = 1 if self._precopy or self._prefetch else 5 if self.grammar_pending else 200
+                block_ms = 1 if self._ahead_pending else 5 if self.grammar_pending else 200
             self.process_input(block_ms=block_ms)
             if self._pending_transform is not None:
                 break
@@ -192,12 +195,30 @@ class Scheduler:
             self._attach_carried_host(wait=False)
             self.kv.background()  # hinted turns' KV: offloaded early, reloaded before the turn (req_kv.py)
             self.report_load()
-            if self._precopy is not None and self._precopy.advance():  # pre-copied: the pause may start
-                self._pending_transform, self._precopy = self._precopy.cmd, None
-            if self._prefetch is not None and self.prefetch_step():  # every row fetched: the pause may start
-                self._pending_transform, self._prefetch = self._prefetch.cmd, None
+            if self._ahead_pending:
+                self.advance_ahead()
         cmd, self._pending_transform = self._pending_transform, None
         return cmd
+
+    @property
+    def _ahead_pending(self) -> bool:
+        """A transformation's work while serving is under way (pre-copy, weight prefetch)."""
+        return self._precopy is not None or self._prefetch is not None or self._split_precopy is not None
+
+    def advance_ahead(self) -> None:
+        """One step of each piece of the ordered transformation's work while serving; once every piece is done
+        (or gave up), the pause is due."""
+        finished = []
+        if self._precopy is not None:
+            finished.append(self._precopy.advance())  # a merge's pre-copy (non-blocking)
+        if self._prefetch is not None:
+            finished.append(self.prefetch_step())
+        if self._split_precopy is not None:
+            finished.append(self.split_precopy_step())
+        if all(finished):
+            cmd = (self._precopy or self._prefetch or self._split_precopy).cmd
+            self._pending_transform = cmd
+            self._precopy = self._prefetch = self._split_precopy = None
 
     def step(self) -> bool:
         """One scheduling iteration. Returns whether a forward pass ran."""
@@ -253,8 +274,34 @@ class Scheduler:
                                       self.args.gyges_precopy_chunk_bytes, self.args.gyges_transform_timeout)
         if self._precopy is None:
             self._prefetch = self.start_prefetch(cmd)
-        if self._precopy is None and self._prefetch is None:
+            self._split_precopy = self.start_split_precopy(cmd, pages_now)
+        if not self._ahead_pending:
             self._pending_transform = cmd
+
+    def start_split_precopy(self, cmd: TransformCmd, pages_now: InstanceState):
+        """A split's KV pre-copy (split_precopy.py) when it applies and free pages can take copies, below the
+        weight prefetch's staging region when there is one; the followers start theirs from the broadcast."""
+        from sglang.srt.managers.split_precopy import SplitKVPrecopy, split_precopy_applies
+        from sglang.srt.model_executor import regroup
+
+        chunk = self.args.gyges_precopy_chunk_bytes
+        if not split_precopy_applies(cmd, chunk):
+            return None
+        pages_now.session_pins = self.kv.sessions.export()
+        region = self._prefetch.staging_start if self._prefetch is not None else \
+            regroup.kv_flat_bytes(self.runner.kv_pool).numel()
+        return SplitKVPrecopy.start_on_leader(cmd, self.tp.ranks[0], self.runner, self.kv.allocator, pages_now,
+                                              region, chunk, self.args.gyges_transform_timeout,
+                                              self.tp.broadcast_object if self.tp.size > 1 else None)
+
+    def split_precopy_step(self) -> bool:
+        """One chunk of the split's KV pre-copy on every device; True when the pause may start."""
+        pre = self._split_precopy
+        if pre.done:
+            return True
+        self.tp.broadcast_object(SplitPrecopyStep(pre.cmd.transform_id, pre.next_chunk))
+        pre.step(pre.next_chunk)
+        return pre.done
 
     def start_prefetch(self, cmd: TransformCmd):
         """A split's weight prefetch (weight_prefetch.py) when it applies and the top of the pool is free; the
@@ -773,6 +820,15 @@ def follower_loop(runner, tp_group) -> Optional[TransformCmd]:
             continue
         if isinstance(msg, SessionPagesWrite):  # the leader adopts a moved session: this rank's heads
             write_pages_all_heads(runner.kv_pool, msg.pages, msg.kv, tp_group)
+            continue
+        if isinstance(msg, (SplitPrecopyStart, SplitPrecopyStep)):  # the leader's split copies KV ahead
+            from sglang.srt.managers import gyges_transform, split_precopy
+
+            if isinstance(msg, SplitPrecopyStart):
+                split_precopy.SplitKVPrecopy(msg.cmd, torch.distributed.get_rank(), runner, msg.page_map,
+                                             msg.chunk_bytes)
+            elif (pre := gyges_transform._PRECOPIED.get(msg.transform_id)) is not None:
+                pre.step(msg.chunk)
             continue
         if isinstance(msg, (WeightPrefetchStart, WeightPrefetchStep)):  # the leader's split prefetches weights
             from sglang.srt.managers import weight_prefetch

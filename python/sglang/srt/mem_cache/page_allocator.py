@@ -185,6 +185,31 @@ class PageAllocator:
         return f"PageAllocator(num_total={self._num_total}, num_free={self.num_free})"
 
 
+class AllocationWatch:
+    """Records every page an allocator hands out from now until stop(): what a pre-copy must not trust (a page
+    allocated since it was copied may hold new KV: prefill, decode, a host reload). Wraps `alloc` with an
+    instance attribute that stop() removes."""
+
+    def __init__(self, allocator: PageAllocator):
+        self.allocator = allocator
+        self.pages: set = set()
+        original, pages = allocator.alloc, self.pages
+
+        def alloc(n: int):
+            out = original(n)
+            if out:
+                pages.update(out)
+            return out
+
+        allocator.alloc = alloc
+        self._watching = True
+
+    def stop(self) -> None:
+        if self._watching:
+            del self.allocator.alloc
+            self._watching = False
+
+
 # -- page-id runs ([lo, hi) half-open, ascending, disjoint) ----------------------------------------------------
 Runs = List[Tuple[int, int]]
 
