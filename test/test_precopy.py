@@ -189,3 +189,93 @@ def test_worker_death_during_precopy_fails_its_instances_without_hanging(test_mo
             assert isinstance(results[name], ServerUnavailableError), results[name]
     finally:
         eng.shutdown()
+
+
+def test_split_precopy_without_prefetch_keeps_tokens_of_requests_decoding_through_it(test_model):
+    """KV pre-copy alone (weights received in the pause): two requests decode through a pre-copied merge and a
+    pre-copied split with the tokens and logprobs of a run without transformations; the split kept pre-copied
+    pages (cached prompts, the requests' full pages) and moved only the pages written since in its pause; every
+    page returns to the pools."""
+    eng = two_instance_engine(test_model, gyges_precopy_chunk_bytes=16384)  # 8 pages per iteration
+    try:
+        prompts = _prompts(6)
+        eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0})  # cached pages
+        params = {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}
+        reference = eng.generate(input_ids=prompts[4:], sampling_params=params, return_logprob=True)
+        assert eng.gyges_transform([0, 1], 2)["precopy_complete"]
+        results = {}
+        t = threading.Thread(target=lambda: results.update(outs=eng.generate(
+            input_ids=prompts[4:], sampling_params=params, return_logprob=True)))
+        t.start()
+        time.sleep(0.3)  # both are decoding on the merged instance
+        split = eng.gyges_transform([0, 1], 1)
+        t.join(120)
+        for o, r in zip(results["outs"], reference):
+            assert o["output_ids"] == r["output_ids"]
+            a = [x[0] for x in o["meta_info"]["output_token_logprobs"]]
+            b = [x[0] for x in r["meta_info"]["output_token_logprobs"]]
+            assert len(a) == len(b) == 400 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+        assert split["kind"] == "split" and split["precopy_complete"] and split["running_requests"] == 2, split
+        assert split["precopy_pages_kept"] > 0 and split["prefetch_weight_bytes"] == 0 < split["weight_bytes"], split
+        assert 0 < split["kv_bytes"] < split["precopy_kv_bytes"], split  # the pages written since, in the pause
+        _assert_all_pages_free(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_split_refused_after_its_precopy_returns_every_page(test_model):
+    """A request that fits a part when the split is ordered outgrows it while the split's KV is pre-copied in
+    64-byte chunks (one move per iteration): the pause refuses the split, the merged instance keeps serving the
+    request to the end with its tokens, and the pages the pre-copy reserved return to the pool."""
+    prompt = _prompts(12)[11][:40]
+    params = {"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}
+    eng = two_instance_engine(test_model, max_total_tokens=64, gyges_precopy_chunk_bytes=64)
+    try:
+        eng.generate(input_ids=_prompts(4), sampling_params={"max_new_tokens": 1, "temperature": 0})  # cached pages
+        assert eng.gyges_transform([0, 1], 2)["kind"] == "merge"
+        expected = eng.generate(input_ids=prompt, sampling_params=params)["output_ids"]  # 160 tokens: merged only
+        assert len(expected) == params["max_new_tokens"]
+        refused = None
+        for chunk in eng.generate(input_ids=prompt, sampling_params=params, stream=True):
+            if refused is None and len(chunk["output_ids"]) >= 4:  # 44 of a part's 64 tokens: copied, then too long
+                with pytest.raises(ValueError, match="running requests need") as refused:
+                    eng.gyges_transform([0, 1], 1)
+        assert refused is not None
+        assert chunk["output_ids"] == expected
+        assert eng.gyges_transform([0, 1], 1)["kind"] == "split"
+        _assert_all_pages_free(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_worker_death_during_split_precopy_fails_its_instance_without_hanging(test_model):
+    """A device dies while a split is pre-copying its KV: the chunk fails on the survivor, and the split and the
+    merged instance's requests fail with a clear error instead of waiting forever."""
+    from sglang.srt.managers.tokenizer_manager import ServerUnavailableError
+
+    eng = two_instance_engine(test_model, gyges_precopy_chunk_bytes=256, gyges_transform_timeout=30)
+    try:
+        prompts = _prompts(8)
+        assert eng.gyges_transform([0, 1], 2)["kind"] == "merge"
+        eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0})  # cached pages
+        results = {}
+
+        def run(name, ids):
+            results[name] = _try(lambda: eng.generate(input_ids=ids, sampling_params={
+                "max_new_tokens": 3000, "temperature": 0, "ignore_eos": True}))
+
+        threads = [threading.Thread(target=run, args=(f"r{i}", prompts[i])) for i in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        split = threading.Thread(target=lambda: results.update(split=_try(lambda: eng.gyges_transform([0, 1], 1))))
+        split.start()
+        time.sleep(0.05)
+        next(p for p in eng.tokenizer_manager.child_processes if p.name == "worker-1").kill()
+        for t in threads + [split]:
+            t.join(120)
+            assert not t.is_alive(), results
+        for name in ("r0", "r1", "split"):
+            assert isinstance(results[name], ServerUnavailableError), results[name]
+    finally:
+        eng.shutdown()

@@ -194,7 +194,7 @@ def split_group_targets(st: InstanceState, merged: Instance, parts: List[Instanc
         g.pinned = any(p in pinned for p in g.pages)
         turns = [page_turn[p] for p in g.pages if p in page_turn]
         g.next_turn_at = min(turns) if turns else None
-    return groups, _assign_groups(groups, merged, parts, layout, buffer_bytes, reserved_after, ahead or {})
+    return groups, _assign_groups(groups, merged, parts, layout, buffer_bytes, reserved_after, ahead)
 
 
 @dataclass
@@ -243,7 +243,8 @@ def _page_groups(st: InstanceState) -> List[_PageGroup]:
 
 
 def _assign_groups(groups: List[_PageGroup], merged: Instance, parts: List[Instance], layout: KVLayout,
-                   buffer_bytes: int, reserved_after: int, ahead: Dict[int, Tuple[int, int]]) -> List[Optional[int]]:
+                   buffer_bytes: int, reserved_after: int,
+                   ahead: Optional[Dict[int, Tuple[int, int]]] = None) -> List[Optional[int]]:
     """Target part of each group, or None for cache-only groups that are dropped (evicted) for lack of room.
 
     Groups with running requests are placed first, biggest first, on the part their pages were copied to ahead
@@ -262,6 +263,7 @@ def _assign_groups(groups: List[_PageGroup], merged: Instance, parts: List[Insta
                                                       groups[i].next_turn_at is None,
                                                       groups[i].next_turn_at or 0.0, -len(groups[i].pages)))
     natural_part = split_page_mapping(merged, parts)
+    ahead = ahead or {}
     for i in order:
         g = groups[i]
         natural = [0] * len(parts)
@@ -514,9 +516,9 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         new_inst = next(i for i in dst if me in i.devices)
         new_cfg = regroup.new_model_config(cfg, new_inst.tp)
         new_group = get_tp_group(list(new_inst.devices))
-        if fetched is not None or pre is not None:  # built while serving
-            new_model = (fetched or pre).new_model
-        else:
+        # Built while serving by a merge's pre-copy or a split's weight prefetch (a split's KV pre-copy builds none).
+        new_model = fetched.new_model if fetched is not None else pre.new_model if pre is not None else None
+        if new_model is None:
             new_model = regroup.build_model_on_meta(type(runner.model), new_cfg, new_group)
         _, new_weights_end = packed_layout(new_model)
         build_s = time.perf_counter() - t_plan0

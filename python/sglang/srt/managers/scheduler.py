@@ -160,6 +160,7 @@ class Scheduler:
         self._precopy = None  # gyges_transform.KVPrecopy of an ordered merge, run between iterations
         self._prefetch = None  # weight_prefetch.WeightPrefetch of an ordered split, one chunk per iteration
         self._split_precopy = None  # split_precopy.SplitKVPrecopy of an ordered split, one chunk per iteration
+        self._split_precopy_due: Optional[TransformCmd] = None  # the split whose KV pre-copy starts next iteration
         self._finished_since_report: List[str] = []
         self.capacity_by_tp = None
         if server_args.enable_gyges:
@@ -203,12 +204,18 @@ class Scheduler:
     @property
     def _ahead_pending(self) -> bool:
         """A transformation's work while serving is under way (pre-copy, weight prefetch)."""
-        return self._precopy is not None or self._prefetch is not None or self._split_precopy is not None
+        return self._precopy is not None or self._prefetch is not None or self._split_precopy is not None \
+            or self._split_precopy_due is not None
 
     def advance_ahead(self) -> None:
         """One step of each piece of the ordered transformation's work while serving; once every piece is done
         (or gave up), the pause is due."""
         finished = []
+        if self._split_precopy_due is not None:  # a split's KV pre-copy starts one iteration after its prefetch
+            cmd, self._split_precopy_due = self._split_precopy_due, None
+            self._split_precopy = self.start_split_precopy(cmd)
+            if self._split_precopy is not None:
+                return
         if self._precopy is not None:
             finished.append(self._precopy.advance())  # a merge's pre-copy (non-blocking)
         if self._prefetch is not None:
@@ -267,6 +274,7 @@ class Scheduler:
         """Pause for `cmd` at once, or first pre-copy its KV while serving (gyges_transform.KVPrecopy: merges
         of TP1 instances with --gyges-precopy-chunk-bytes > 0); the pause starts when the pre-copy is done."""
         from sglang.srt.managers.gyges_transform import start_precopy
+        from sglang.srt.managers.split_precopy import split_precopy_applies
 
         pages_now = InstanceState(devices=list(self.tp.ranks), running=list(self.running), waiting=[],
                                   tree_paths=self.kv.tree.export())  # read only: which pages hold what now
@@ -274,11 +282,14 @@ class Scheduler:
                                       self.args.gyges_precopy_chunk_bytes, self.args.gyges_transform_timeout)
         if self._precopy is None:
             self._prefetch = self.start_prefetch(cmd)
-            self._split_precopy = self.start_split_precopy(cmd, pages_now)
+            if self._prefetch is None:
+                self._split_precopy = self.start_split_precopy(cmd)
+            elif split_precopy_applies(cmd, self.args.gyges_precopy_chunk_bytes):
+                self._split_precopy_due = cmd  # started after the next step: one start per iteration's stall
         if not self._ahead_pending:
             self._pending_transform = cmd
 
-    def start_split_precopy(self, cmd: TransformCmd, pages_now: InstanceState):
+    def start_split_precopy(self, cmd: TransformCmd):
         """A split's KV pre-copy (split_precopy.py) when it applies and free pages can take copies, below the
         weight prefetch's staging region when there is one; the followers start theirs from the broadcast."""
         from sglang.srt.managers.split_precopy import SplitKVPrecopy, split_precopy_applies
@@ -287,12 +298,14 @@ class Scheduler:
         chunk = self.args.gyges_precopy_chunk_bytes
         if not split_precopy_applies(cmd, chunk):
             return None
-        pages_now.session_pins = self.kv.sessions.export()
-        region = self._prefetch.staging_start if self._prefetch is not None else \
-            regroup.kv_flat_bytes(self.runner.kv_pool).numel()
+        pages_now = InstanceState(devices=list(self.tp.ranks), running=list(self.running), waiting=[],
+                                  tree_paths=self.kv.tree.export(), session_pins=self.kv.sessions.export())
+        fetch = self._prefetch
+        region = fetch.staging_start if fetch is not None else regroup.kv_flat_bytes(self.runner.kv_pool).numel()
         return SplitKVPrecopy.start_on_leader(cmd, self.tp.ranks[0], self.runner, self.kv.allocator, pages_now,
                                               region, chunk, self.args.gyges_transform_timeout,
-                                              self.tp.broadcast_object if self.tp.size > 1 else None)
+                                              self.tp.broadcast_object if self.tp.size > 1 else None,
+                                              fetch.new_weights_end if fetch is not None else None)
 
     def split_precopy_step(self) -> bool:
         """One chunk of the split's KV pre-copy on every device; True when the pause may start."""

@@ -57,13 +57,15 @@ def pool_layout(runner) -> KVLayout:
                     torch.empty((), dtype=cfg.dtype).element_size())
 
 
-def weight_pages(runner, part: Instance) -> int:
+def weight_pages(runner, part: Instance, weights_end: Optional[int] = None) -> int:
     """Pages (of `part`'s layout) that `part`'s weights occupy at the start of every device's arena after a split:
-    the part's model built on meta, packed as the pause packs it."""
-    cfg = runner.model_config
-    model = regroup.build_model_on_meta(type(runner.model), regroup.new_model_config(cfg, part.tp),
-                                        get_tp_group(list(part.devices)))
-    return -(-packed_layout(model)[1] // pool_layout(runner).page_bytes(part.tp))
+    weights_end (bytes) when known, else from the part's model built on meta, packed as the pause packs it."""
+    if weights_end is None:
+        cfg = runner.model_config
+        model = regroup.build_model_on_meta(type(runner.model), regroup.new_model_config(cfg, part.tp),
+                                            get_tp_group(list(part.devices)))
+        weights_end = packed_layout(model)[1]
+    return -(-weights_end // pool_layout(runner).page_bytes(part.tp))
 
 
 def split_precopy_applies(cmd: TransformCmd, chunk_bytes: int) -> bool:
@@ -72,23 +74,29 @@ def split_precopy_applies(cmd: TransformCmd, chunk_bytes: int) -> bool:
 
 
 def choose_split_precopy(cmd: TransformCmd, runner, allocator, state: InstanceState, buffer_bytes: int,
-                         free_share: float) -> Tuple[List[int], Dict[int, Tuple[int, int]]]:
+                         free_share: float, own_weights_end: Optional[int] = None
+                         ) -> Tuple[List[int], Dict[int, Tuple[int, int]]]:
     """Leader: (merged pages to reserve, {merged page: (part index, page)}) for the pre-copy of `cmd`'s split, from
     the instance's pages now (`state`, read only). buffer_bytes: the parts' KV region (the weight prefetch's staging
-    region starts there)."""
+    region starts there); own_weights_end: the leader's part's weight bytes when already known (the prefetch)."""
     from sglang.srt.managers.gyges_transform import split_group_targets
 
     layout = pool_layout(runner)
     merged = Instance.of(cmd.src_instances[0])
     parts = sorted((Instance.of(d) for d in cmd.dst_instances), key=lambda i: i.base)
+    me = min(merged.devices)
+    own = next(p for p in parts if me in p.devices)
     by_tp: Dict[int, int] = {}
+    if own_weights_end is not None:
+        by_tp[own.tp] = weight_pages(runner, own, own_weights_end)
     for p in parts:
         if p.tp not in by_tp:
             by_tp[p.tp] = weight_pages(runner, p)
     first_page = [by_tp[p.tp] for p in parts]
-    me = min(merged.devices)
-    own = next(p for p in parts if me in p.devices)
-    groups, targets = split_group_targets(state, merged, parts, layout, buffer_bytes, by_tp[own.tp])
+    try:
+        groups, targets = split_group_targets(state, merged, parts, layout, buffer_bytes, by_tp[own.tp])
+    except ValueError:  # the running requests fit no part now: the pause refuses the split, nothing to copy
+        return [], {}
     ps = layout.page_size
     full = {p for _, pages in state.tree_paths for p in pages}
     for r in state.running:
@@ -108,16 +116,21 @@ class SplitKVPrecopy:
         self.cmd, self.me, self.runner = cmd, me, runner
         self.page_map = dict(page_map)  # merged page -> (part index, page there) holding its copy
         self.flat = regroup.kv_flat_bytes(runner.kv_pool)
-        merged = Instance.of(cmd.src_instances[0])
-        parts = tuple(sorted((Instance.of(d) for d in cmd.dst_instances), key=lambda i: i.base))
-        plan = kv_regroup_plan(pool_layout(runner), self.flat.numel(), (merged,), parts,
-                               {(0, q): at for q, at in self.page_map.items()})
-        self.bytes_planned = plan.kv_bytes_moved
-        self.chunks = regroup.executor_rounds(plan, chunk_bytes)
+        self.layout = pool_layout(runner)
+        self.merged = Instance.of(cmd.src_instances[0])
+        self.parts = tuple(sorted((Instance.of(d) for d in cmd.dst_instances), key=lambda i: i.base))
+        # Chunks of pages (the same on every device): a device holds page_bytes(merged tp) of each page and sends
+        # plus receives about that much for it. Each chunk's moves are planned when it runs (no hazards: every
+        # destination is free, so the pages' plans are independent), which keeps the start off the iteration.
+        per_chunk = max(1, chunk_bytes // self.layout.page_bytes(self.merged.tp))
+        pages = sorted(self.page_map)
+        self.chunks: List[List[int]] = [pages[i:i + per_chunk] for i in range(0, len(pages), per_chunk)]
+        self.bytes_planned = len(pages) * self.layout.page_bytes(1)
         self.device_group = get_tp_group(cmd.devices).device_group
         self.slabs = regroup.StagingSlabs(self.flat.device, 1)
         self.stats = regroup.RegroupStats()
         self.posted = None  # steps wait for their chunk: nothing is ever left on the wire
+        self.new_model = None  # the pause builds the part's model (a weight prefetch, when on, built it already)
         self.next_chunk = 0
         self.failed = ""
         self.step_seconds = 0.0  # time the steps took, i.e. what the pre-copy added to the iterations
@@ -132,11 +145,13 @@ class SplitKVPrecopy:
 
     @classmethod
     def start_on_leader(cls, cmd: TransformCmd, me: int, runner, allocator, state: InstanceState, buffer_bytes: int,
-                        chunk_bytes: int, timeout_s: float, broadcast) -> Optional["SplitKVPrecopy"]:
+                        chunk_bytes: int, timeout_s: float, broadcast,
+                        new_weights_end: Optional[int] = None) -> Optional["SplitKVPrecopy"]:
         """Reserve, broadcast the page map to the followers, and start; None when no page can be copied ahead."""
         from sglang.srt.managers.gyges_transform import PRECOPY_FREE_SHARE
 
-        reserved, page_map = choose_split_precopy(cmd, runner, allocator, state, buffer_bytes, PRECOPY_FREE_SHARE)
+        reserved, page_map = choose_split_precopy(cmd, runner, allocator, state, buffer_bytes, PRECOPY_FREE_SHARE,
+                                                  new_weights_end)
         if not page_map:
             return None
         allocator.take(reserved)
@@ -170,8 +185,10 @@ class SplitKVPrecopy:
             self.failed = self.failed or f"pre-copy chunk {chunk} out of order (expected {self.next_chunk})"
             return
         t0 = time.perf_counter()
+        plan = kv_regroup_plan(self.layout, self.flat.numel(), (self.merged,), self.parts,
+                               {(0, q): self.page_map[q] for q in self.chunks[chunk]})
         try:
-            rnd = regroup._start_round(self.chunks[chunk], self.me, self.flat, self.device_group,
+            rnd = regroup._start_round(plan.moves, self.me, self.flat, self.device_group,
                                        _SPLIT_PRECOPY_TAG + chunk, self.stats, self.slabs)
             regroup._finish_round(rnd, self.flat)
         except RuntimeError as e:  # a peer died: the pause's collectives then fail the split as without it
