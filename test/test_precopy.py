@@ -159,34 +159,42 @@ def test_partly_prefetched_split_receives_the_rest_in_the_pause(test_model):
         eng.shutdown()
 
 
+def _kill_worker_during_precopy(eng, tp: int) -> None:
+    """Two long requests decode; the transformation to `tp` on devices 0-1 is ordered and device 1's worker is
+    killed while it pre-copies: the requests and the transformation fail with ServerUnavailableError, nothing
+    waits forever."""
+    from sglang.srt.managers.tokenizer_manager import ServerUnavailableError
+
+    prompts = _prompts(8)
+    eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0})  # cached pages
+    results = {}
+
+    def run(name, ids):
+        results[name] = _try(lambda: eng.generate(input_ids=ids, sampling_params={
+            "max_new_tokens": 3000, "temperature": 0, "ignore_eos": True}))
+
+    threads = [threading.Thread(target=run, args=(f"r{i}", prompts[i])) for i in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    transform = threading.Thread(target=lambda: results.update(
+        transform=_try(lambda: eng.gyges_transform([0, 1], tp))))
+    transform.start()
+    time.sleep(0.05)
+    next(p for p in eng.tokenizer_manager.child_processes if p.name == "worker-1").kill()
+    for t in threads + [transform]:
+        t.join(120)
+        assert not t.is_alive(), results
+    for name in ("r0", "r1", "transform"):
+        assert isinstance(results[name], ServerUnavailableError), results[name]
+
+
 def test_worker_death_during_precopy_fails_its_instances_without_hanging(test_model):
     """A peer dies while a merge is pre-copying: the survivor's chunk never lands; the transformation and the
     requests of both instances fail with a clear error instead of waiting forever."""
-    from sglang.srt.managers.tokenizer_manager import ServerUnavailableError
-
     eng = two_instance_engine(test_model, gyges_precopy_chunk_bytes=1024, gyges_transform_timeout=30)
     try:
-        prompts = _prompts(8)
-        eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0})  # cached pages
-        results = {}
-
-        def run(name, ids):
-            results[name] = _try(lambda: eng.generate(input_ids=ids, sampling_params={
-                "max_new_tokens": 3000, "temperature": 0, "ignore_eos": True}))
-
-        threads = [threading.Thread(target=run, args=(f"r{i}", prompts[i])) for i in range(2)]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)
-        merge = threading.Thread(target=lambda: results.update(merge=_try(lambda: eng.gyges_transform([0, 1], 2))))
-        merge.start()
-        time.sleep(0.05)
-        next(p for p in eng.tokenizer_manager.child_processes if p.name == "worker-1").kill()
-        for t in threads + [merge]:
-            t.join(120)
-            assert not t.is_alive(), results
-        for name in ("r0", "r1", "merge"):
-            assert isinstance(results[name], ServerUnavailableError), results[name]
+        _kill_worker_during_precopy(eng, 2)
     finally:
         eng.shutdown()
 
@@ -251,31 +259,9 @@ def test_split_refused_after_its_precopy_returns_every_page(test_model):
 def test_worker_death_during_split_precopy_fails_its_instance_without_hanging(test_model):
     """A device dies while a split is pre-copying its KV: the chunk fails on the survivor, and the split and the
     merged instance's requests fail with a clear error instead of waiting forever."""
-    from sglang.srt.managers.tokenizer_manager import ServerUnavailableError
-
     eng = two_instance_engine(test_model, gyges_precopy_chunk_bytes=256, gyges_transform_timeout=30)
     try:
-        prompts = _prompts(8)
         assert eng.gyges_transform([0, 1], 2)["kind"] == "merge"
-        eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0})  # cached pages
-        results = {}
-
-        def run(name, ids):
-            results[name] = _try(lambda: eng.generate(input_ids=ids, sampling_params={
-                "max_new_tokens": 3000, "temperature": 0, "ignore_eos": True}))
-
-        threads = [threading.Thread(target=run, args=(f"r{i}", prompts[i])) for i in range(2)]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)
-        split = threading.Thread(target=lambda: results.update(split=_try(lambda: eng.gyges_transform([0, 1], 1))))
-        split.start()
-        time.sleep(0.05)
-        next(p for p in eng.tokenizer_manager.child_processes if p.name == "worker-1").kill()
-        for t in threads + [split]:
-            t.join(120)
-            assert not t.is_alive(), results
-        for name in ("r0", "r1", "split"):
-            assert isinstance(results[name], ServerUnavailableError), results[name]
+        _kill_worker_during_precopy(eng, 1)
     finally:
         eng.shutdown()
