@@ -209,6 +209,15 @@ class _PageGroup:
 
 
 def _page_groups(st: InstanceState) -> List[_PageGroup]:
+    """The requests and cached paths that share pages, grouped (in order of first appearance). Radix paths run
+    from the root and a request's cached pages are a prefix of its table, so pages are shared through a common
+    first page: grouping by first page is tried first (set operations, no per-page Python loop) and kept when the
+    groups come out disjoint; otherwise a union-find over every page groups them."""
+    items: List[Tuple[str, object, List[int]]] = [("req", r, r.page_table) for r in st.running]
+    items += [("path", p, p[1]) for p in st.tree_paths]
+    groups = _collect_groups(items, lambda pages: pages[0])
+    if sum(len(g.pages) for g in groups) == len(set().union(*(g.pages for g in groups))):
+        return groups
     parent: Dict[int, int] = {}
 
     def find(x: int) -> int:
@@ -217,20 +226,22 @@ def _page_groups(st: InstanceState) -> List[_PageGroup]:
             x = parent[x]
         return x
 
-    items: List[Tuple[str, object, List[int]]] = [("req", r, r.page_table) for r in st.running]
-    items += [("path", p, p[1]) for p in st.tree_paths]
     for _, _, pages in items:
         for a, b in zip(pages, pages[1:]):
             parent[find(a)] = find(b)
         for a in pages:
             find(a)
+    return _collect_groups(items, lambda pages: find(pages[0]))
+
+
+def _collect_groups(items: List[Tuple[str, object, List[int]]], key_of) -> List[_PageGroup]:
     groups: Dict[int, _PageGroup] = {}
     order: List[int] = []
     for kind, obj, pages in items:
         if not pages:
             key = -1 - len(order)  # a request without pages yet (admitted, nothing computed): its own group
         else:
-            key = find(pages[0])
+            key = key_of(pages)
         if key not in groups:
             groups[key] = _PageGroup()
             order.append(key)
@@ -238,7 +249,12 @@ def _page_groups(st: InstanceState) -> List[_PageGroup]:
         (g.reqs if kind == "req" else g.paths).append(obj)
     for key in order:
         g = groups[key]
-        g.pages = sorted({p for r in g.reqs for p in r.page_table} | {p for _, ps in g.paths for p in ps})
+        pages = set()
+        for r in g.reqs:
+            pages.update(r.page_table)
+        for _, ps in g.paths:
+            pages.update(ps)
+        g.pages = sorted(pages)
     return [groups[k] for k in order]
 
 

@@ -298,8 +298,10 @@ class Scheduler:
         chunk = self.args.gyges_precopy_chunk_bytes
         if not split_precopy_applies(cmd, chunk):
             return None
+        _, hinted, prefetched_turns = self.kv.export_hints()  # groups are placed by hints as in the pause
         pages_now = InstanceState(devices=list(self.tp.ranks), running=list(self.running), waiting=[],
-                                  tree_paths=self.kv.tree.export(), session_pins=self.kv.sessions.export())
+                                  tree_paths=self.kv.tree.export(), session_pins=self.kv.sessions.export(),
+                                  hinted=hinted, prefetched_turns=prefetched_turns)
         fetch = self._prefetch
         region = fetch.staging_start if fetch is not None else regroup.kv_flat_bytes(self.runner.kv_pool).numel()
         return SplitKVPrecopy.start_on_leader(cmd, self.tp.ranks[0], self.runner, self.kv.allocator, pages_now,
