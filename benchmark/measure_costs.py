@@ -54,10 +54,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import cpu_model_name  # noqa: E402
 
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8}
-# The engine's attention (layers/attention/torch_native_backend.py) gathers [sequences, longest context] keys and
-# runs SDPA on [sequences, longest new tokens] queries: a mixed batch costs as if every sequence were the longest.
-# The grid's batches are uniform, so the fit cannot see it; StepTimeModel.batch_time applies it.
-ENGINE_ATTENTION_PADDING = 1.0
+def attention_padding(attention_backend: Optional[str], device: str, dtype: str) -> float:
+    """StepTimeModel.padding of the attention backend the engine runs with these flags on this machine: 0 for
+    sgl_kernel's CPU paged attention (the default on CPU since it builds: no padding between requests) and the
+    Triton kernels, 1 for the torch-native backend (layers/attention/torch_native_backend.py gathers [sequences,
+    longest context] keys and runs SDPA on [sequences, longest new tokens] queries: a mixed batch costs as if
+    every sequence were the longest). It matters only for mixed batches (a long prefill chunk or a long context
+    beside short decodes), which the grid's uniform cases cannot show, so it is set, not fitted: with 1 on the
+    CPU backend, the simulated bench_traces Gyges run stays merged for 430 s where the live one splits back 10
+    times."""
+    import torch
+    from sglang.srt.layers.attention.selection import resolve_attention_backend
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        str(dtype), torch.float32)
+    return 1.0 if resolve_attention_backend(attention_backend, device, torch_dtype) == "torch_native" else 0.0
 
 
 # =====================================================================================================
@@ -130,6 +141,8 @@ def start_engine(args, devices: int):
         kw["device_memory"] = args.device_memory
     if args.max_total_tokens:
         kw["max_total_tokens"] = args.max_total_tokens
+    if args.attention_backend:
+        kw["attention_backend"] = args.attention_backend
     return sglang.Engine(**kw)
 
 
@@ -286,13 +299,13 @@ def measure(args, log=print, engine_factory=start_engine, clock=time.perf_counte
 # =====================================================================================================
 # Fit and report
 # =====================================================================================================
-def fit_all(raw: Dict, model_path: str, dtype: str, statistic: str = "median"
+def fit_all(raw: Dict, model_path: str, dtype: str, padding: float, statistic: str = "median"
             ) -> Tuple[dict, List[Tuple[StepPoint, float]]]:
     """Fit both models to the raw measurements; returns what save_models wrote's parts and the step points
-    with their fitted times."""
+    with their fitted times. padding: the measured backend's attention padding (attention_padding)."""
     pts = [p for tp, cases in raw["steps"].items() for c in cases for p in step_points(c, int(tp), statistic)]
     step, step_report = fit_step_time(pts)
-    step = dataclasses.replace(step, padding=ENGINE_ATTENTION_PADDING)
+    step = dataclasses.replace(step, padding=padding)
     kvt, wb = model_sizes(model_path, dtype, max(int(tp) for tp in raw["steps"]) if raw["steps"] else 1)
     base = TransformCostModel(kv_bytes_per_token=kvt, weight_bytes=wb)
     tr_pts = transform_points(raw["transforms"])
@@ -342,6 +355,9 @@ def parse_args(argv=None):
                         "run on it sees) or min (the least disturbed)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", help="dtype the model is served in")
+    p.add_argument("--attention-backend", default=None, choices=["torch_native", "cpu", "triton"],
+                   help="attention backend the model is served with (default: the server's default for the device); "
+                        "decides the step-time model's attention padding")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--threads-per-device", type=int, default=None,
                    help="torch threads per CPU worker; default: the server's (cores / devices)")
@@ -366,7 +382,8 @@ def main(argv=None, engine_factory=start_engine, clock=time.perf_counter) -> int
     if args.raw_json:
         with open(args.raw_json, "w") as f:
             json.dump(raw, f, indent=1)
-    parts, fitted = fit_all(raw, args.model_path, args.dtype, args.statistic)
+    parts, fitted = fit_all(raw, args.model_path, args.dtype,
+                            attention_padding(args.attention_backend, args.device, args.dtype), args.statistic)
     print(table(fitted))
     print()
     print(summary_table(fitted))

@@ -292,10 +292,10 @@ def measure_cost_model(a, model_dir: str, out: Path, log_dir: Path) -> Path:
         raw["transforms"] = probe.transforms
     finally:
         srv.stop()
-    parts, fitted = measure_costs.fit_all(raw, model_dir, "float32")
     from sglang.srt.server_args import prepare_server_args
 
-    parts["step"] = dataclasses.replace(parts["step"], padding=engine_attention_padding(prepare_server_args(srv.args[3:])))
+    parts, fitted = measure_costs.fit_all(raw, model_dir, "float32",
+                                          engine_attention_padding(prepare_server_args(srv.args[3:])))
     print(measure_costs.summary_table(fitted), file=sys.stderr)
     info = {"source": "benchmark/validate_sim.py: measure_costs.py's probe and fit over the HTTP API of "
                       "python -m sglang.launch_server " + " ".join(srv.args[3:]),
@@ -383,18 +383,8 @@ def live_run(policy: str, workload: List[TraceRequest], a, model_dir: str, cost_
 # Simulated
 # =====================================================================================================
 def engine_attention_padding(server_args) -> float:
-    """StepTimeModel.padding of the attention backend these server flags run on this machine: 0 for sgl_kernel's
-    CPU paged attention (the default on CPU since it builds: no padding between requests), 1 for the
-    torch-native backend (every sequence padded to the batch's longest query and context; the padding=1 that
-    measure_costs.fit_all writes). It matters only for mixed batches (a long prefill chunk or a long context
-    beside short decodes), which the grid's uniform cases cannot show: with 1 on the CPU backend, the
-    simulated bench_traces Gyges run stays merged for 430 s where the live one splits back 10 times."""
-    import torch
-    from sglang.srt.layers.attention.selection import resolve_attention_backend
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        str(server_args.dtype), torch.float32)
-    return 0.0 if resolve_attention_backend(server_args.attention_backend, server_args.device, dtype) == "cpu" else 1.0
+    """StepTimeModel.padding of the attention backend these server flags run on this machine."""
+    return measure_costs.attention_padding(server_args.attention_backend, server_args.device, server_args.dtype)
 
 
 def controller_policy(server_argv: Sequence[str]):

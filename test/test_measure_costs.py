@@ -132,7 +132,8 @@ def test_measure_fit_and_write_on_a_simulated_engine(tmp_path, capsys):
     assert d["format"] == "gyges-costmodel/1" and d["fit"]["tp"] == [1, 2]
     assert d["fit"]["step_time"]["call_overhead_s"] == pytest.approx(CALL_S, rel=1e-6)
     step = StepTimeModel.load(str(out))
-    assert step.padding == 1.0  # the engine's torch-native attention pads mixed batches
+    # The padding of the backend measured (the default on CPU: sgl_kernel's paged attention where it builds)
+    assert step.padding == measure_costs.attention_padding(None, "cpu", "float32")
     for tp in (1, 2):
         for b, ctx, reqs in ((1, 300, 1), (16, 16 * 700, 16), (256, 600, 1), (2048, 4096, 8)):
             assert step.step_time(b, ctx, tp, reqs) == pytest.approx(TRUTH.step_time(b, ctx, tp, reqs), rel=1e-6)
@@ -142,3 +143,11 @@ def test_measure_fit_and_write_on_a_simulated_engine(tmp_path, capsys):
     assert (tr.kv_bytes_per_token, tr.weight_bytes) == (kvt, wb)
     kinds = [b["kind"] for b in json.loads(raw.read_text())["transforms"]]
     assert kinds == ["merge", "split", "merge", "split"]  # to TP2 for its steps, back; a fill, merge, split
+
+
+def test_attention_padding_follows_the_backend():
+    """Only the torch-native backend pads a mixed batch to its longest sequence; sgl_kernel's CPU paged attention
+    reads each request's pages as they are."""
+    assert measure_costs.attention_padding("torch_native", "cpu", "float32") == 1.0
+    assert measure_costs.attention_padding("cpu", "cpu", "float32") == 0.0
+    assert measure_costs.attention_padding("cpu", "cpu", "bfloat16") == 0.0
