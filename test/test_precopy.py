@@ -67,6 +67,7 @@ def test_precopied_merges_and_splits_keep_tokens_with_requests_arriving(precopy_
     # moves only the pages written since.
     assert split["kind"] == "split" and split["precopy_complete"] and split["precopy_iterations"] > 1, split
     assert split["precopy_pages_kept"] > 0 and split["precopy_kv_bytes"] > 0, split
+    assert 0 < split["precopy_peak_extra_bytes"] <= 4096 and merge["precopy_peak_extra_bytes"] <= 4096  # one chunk
     # ... but fetch their weights while serving: the pause copies them on the device, receives nothing
     assert split["prefetch_used"] and split["prefetch_chunks"] > 1, split
     assert split["prefetch_weight_bytes"] == split["prefetch_weight_bytes_copied"] > 0 and split["weight_bytes"] == 0

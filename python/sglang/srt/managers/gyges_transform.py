@@ -449,7 +449,7 @@ class KVPrecopy:
         return {"complete": self.complete, "dirty": sorted(self.watch.pages), "page_map": self.page_map,
                 "t_start": self.t_start, "t_end": self.t_end, "sent": self.stats.kv_bytes_sent,
                 "local": self.stats.kv_bytes_local, "iterations": self.iterations,
-                "reserved": len(self.reserved)}
+                "reserved": len(self.reserved), "staging": self.slabs.nbytes}
 
     def release(self) -> None:
         """Nothing stays half-done: the reserved pages return to the allocator, the watch stops."""
@@ -649,6 +649,9 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         # a split's pre-copy waits for each chunk between two iterations: the time that added to the iterations,
         # slowest device (a merge's chunks cross the link without blocking an iteration: 0)
         "precopy_step_ms": max((x.get("step_s", 0.0) for x in ahead), default=0.0) * 1e3,
+        # memory the pre-copy took beyond the pool, busiest device: its reused staging slab (packed short runs;
+        # at most one chunk); the destination pages are free pages of the pool, taken for its duration
+        "precopy_peak_extra_bytes": max((x["staging"] for x in ahead), default=0),
     })
     fetched_ahead = [x for x in fetch_summaries if x is not None]
     breakdown.update({  # a split's weight prefetch while serving (zeros when it did not apply)

@@ -210,7 +210,8 @@ class SplitKVPrecopy:
         return {"complete": self.complete, "leader": leader, "page_map": self.page_map if leader else {},
                 "dirty": sorted(self.watch.pages) if leader else [], "t_start": self.t_start, "t_end": self.t_end,
                 "sent": self.stats.kv_bytes_sent, "local": self.stats.kv_bytes_local,
-                "iterations": self.next_chunk, "reserved": len(self.reserved), "step_s": self.step_seconds}
+                "iterations": self.next_chunk, "reserved": len(self.reserved), "step_s": self.step_seconds,
+                "staging": self.slabs.nbytes}
 
     def release(self) -> None:
         """The split is refused: the reserved pages go back to the merged pool (leader), the watch stops."""
