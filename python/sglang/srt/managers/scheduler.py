@@ -271,8 +271,10 @@ class Scheduler:
             logger.error("scheduler got an unknown message %r", type(msg))
 
     def begin_transform(self, cmd: TransformCmd) -> None:
-        """Pause for `cmd` at once, or first pre-copy its KV while serving (gyges_transform.KVPrecopy: merges
-        of TP1 instances with --gyges-precopy-chunk-bytes > 0); the pause starts when the pre-copy is done."""
+        """Pause for `cmd` at once, or first do its work while serving and pause when that is done: a merge of TP1
+        instances pre-copies its KV (gyges_transform.KVPrecopy, --gyges-precopy-chunk-bytes > 0); a split
+        prefetches its weights (weight_prefetch.py, --gyges-prefetch-chunk-bytes > 0) and pre-copies its KV
+        (split_precopy.py), the latter started one iteration later."""
         from sglang.srt.managers.gyges_transform import start_precopy
         from sglang.srt.managers.split_precopy import split_precopy_applies
 
