@@ -129,7 +129,6 @@ class SplitKVPrecopy:
         self.device_group = get_tp_group(cmd.devices).device_group
         self.slabs = regroup.StagingSlabs(self.flat.device, 1)
         self.stats = regroup.RegroupStats()
-        self.posted = None  # steps wait for their chunk: nothing is ever left on the wire
         self.new_model = None  # the pause builds the part's model (a weight prefetch, when on, built it already)
         self.next_chunk = 0
         self.failed = ""
