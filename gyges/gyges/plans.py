@@ -347,19 +347,17 @@ def split_page_assignment(layout: KVLayout, buffer_bytes: int, merged: Instance,
     pending: List[Tuple[int, int]] = []
     seen: set = set()  # pages met so far (a set: the split of a large cache has tens of thousands of pages)
     natural = split_page_mapping(merged, parts)
-    for target, pages in page_groups:
+    fixed = fixed or {}
+    for target, pages in page_groups:  # the pages copied ahead first: the natural places must avoid them
         for q in pages:
             if q in seen:
                 raise ValueError(f"merged page {q} appears in two groups")
             seen.add(q)
-    if fixed:
-        for target, pages in page_groups:
-            for q in pages:
-                at = fixed.get(q)
-                if at is not None and at[0] == target and lowest[target] <= at[1] < capacity[target] \
-                        and at[1] not in taken[target]:
-                    out[q] = (target, at[1])
-                    taken[target].add(at[1])
+            at = fixed.get(q)
+            if at is not None and at[0] == target and lowest[target] <= at[1] < capacity[target] \
+                    and at[1] not in taken[target]:
+                out[q] = (target, at[1])
+                taken[target].add(at[1])
     for target, pages in page_groups:
         for q in pages:
             if q in out:
@@ -422,11 +420,14 @@ def split_precopy_slots(merged: Instance, parts: Sequence[Instance], free_runs: 
     want = [[q for q, t in candidates if t == i] for i in range(len(parts))]
     need_blocks = max((-(-len(w) * strides[i] // S) for i, w in enumerate(want)), default=0)
     blocks: List[int] = []
+    limit = min(need_blocks, max_pages // S)
+    # Blocks j in [start, end) lie above every part's weights and inside every part's pool.
+    start = max(-(-first_page[i] * s // S) for i, s in enumerate(strides))
+    end = min((capacity[i] * s) // S for i, s in enumerate(strides))
     for lo, hi in free_runs:
-        j = -(-lo // S)
-        while (j + 1) * S <= hi and len(blocks) < min(need_blocks, max_pages // S):
-            if all(first_page[i] <= j * S // s and (j + 1) * S // s <= capacity[i] for i, s in enumerate(strides)):
-                blocks.append(j)
+        j = max(-(-lo // S), start)
+        while (j + 1) * S <= hi and j < end and len(blocks) < limit:
+            blocks.append(j)
             j += 1
     out: Dict[int, PageKey] = {}
     for i, s in enumerate(strides):

@@ -43,7 +43,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import torch
 import torch.distributed as dist
 
 from gyges.plans import (
@@ -266,8 +265,7 @@ def _assign_groups(groups: List[_PageGroup], merged: Instance, parts: List[Insta
     Groups with running requests are placed first, biggest first, on the part their pages were copied to ahead
     (`ahead`: the pre-copy chose it from the same rule a moment earlier) if it has room, else on the part with
     the fewest requests expected (then pages) that has room, preferring where their pages already lie; open
-    sessions' pinned
-    paths next: those with a hinted next turn first, soonest first, each counted as a request expected on its
+    sessions' pinned paths next: those with a hinted next turn first, soonest first, each counted as a request expected on its
     part (the turns that come first are spread over the parts, and are the last to lose their room), then
     the others; then other cached paths, while room is left. A running group that fits no part refuses the
     split.
@@ -385,8 +383,7 @@ class KVPrecopy:
         self.allocator.take(self.reserved)
         self.watch = AllocationWatch(self.allocator)
         cfg = self.runner.model_config
-        layout = KVLayout(cfg.heads.padded_kv_heads, cfg.num_layers, ps, cfg.head_dim,
-                          torch.empty((), dtype=cfg.dtype).element_size())
+        layout = regroup.pool_kv_layout(cfg, self.runner.kv_pool)
         plan = kv_regroup_plan(layout, self.flat.numel(), src, (merged,),
                                {key: (0, q) for key, q in self.page_map.items()})
         self.bytes_planned = plan.kv_bytes_moved
@@ -520,9 +517,7 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
     host_buffer_bytes = min(x for _, _, _, x in blobs)
     # The staged rows are used only when every device fetched every chunk (all or nothing, decided alike).
     staged = fetched is not None and all(x is not None and x["complete"] for x in fetch_summaries)
-    # The pool's KV heads are the padded ones (gyges.heads): every TP degree dividing G splits them evenly.
-    layout = KVLayout(cfg.heads.padded_kv_heads, cfg.num_layers, pool.page_size, cfg.head_dim,
-                      torch.empty((), dtype=cfg.dtype).element_size())
+    layout = regroup.pool_kv_layout(cfg, pool)
     src = [Instance.of(d) for d in cmd.src_instances]
     dst = [Instance.of(d) for d in cmd.dst_instances]
     t_plan0 = time.perf_counter()

@@ -32,8 +32,6 @@ import logging
 import time
 from typing import Dict, List, Optional, Tuple
 
-import torch
-
 from gyges.plans import KVLayout, kv_regroup_plan, split_precopy_slots
 from gyges.topology import Instance
 from sglang.srt.distributed.parallel_state import get_tp_group
@@ -51,10 +49,7 @@ _SPLIT_PRECOPY_TAG = 1 << 22
 
 
 def pool_layout(runner) -> KVLayout:
-    """The KV layout of the runner's pool (padded KV heads: every TP degree dividing G splits them evenly)."""
-    cfg = runner.model_config
-    return KVLayout(cfg.heads.padded_kv_heads, cfg.num_layers, runner.kv_pool.page_size, cfg.head_dim,
-                    torch.empty((), dtype=cfg.dtype).element_size())
+    return regroup.pool_kv_layout(runner.model_config, runner.kv_pool)
 
 
 def weight_pages(runner, part: Instance, weights_end: Optional[int] = None) -> int:

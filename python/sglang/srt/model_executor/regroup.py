@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from gyges.plans import KVPlan, ParamSpec, StagedRows, WeightPlan
+from gyges.plans import KVLayout, KVPlan, ParamSpec, StagedRows, WeightPlan
 from sglang.srt.distributed.parallel_state import TPGroup
 from sglang.srt.mem_cache.kv_pool import HeadCentricKVPool
 from sglang.srt.model_executor.weight_store import WeightStore, packed_layout, unique_parameters
@@ -50,6 +50,13 @@ class RegroupStats:
 def kv_flat_bytes(pool: HeadCentricKVPool) -> torch.Tensor:
     """The pool's storage as one uint8 tensor [buffer_bytes] (a view, no copy)."""
     return pool.kv_buffer.view(-1).view(torch.uint8)
+
+
+def pool_kv_layout(model_config, pool: HeadCentricKVPool) -> KVLayout:
+    """The plans' view of the pool: its KV heads are the padded ones (gyges.heads), so every TP degree dividing G
+    splits them evenly."""
+    return KVLayout(model_config.heads.padded_kv_heads, model_config.num_layers, pool.page_size,
+                    model_config.head_dim, torch.empty((), dtype=model_config.dtype).element_size())
 
 
 # A contiguous run of KV at least this long is sent straight from the pool and, when nothing reads its destination,
