@@ -7,6 +7,7 @@ bfloat16 and float16, from 1 element to several MB (the direct path, the reduce-
 split into several chunks), over repeated calls.
 """
 
+import dataclasses
 import os
 import socket
 
@@ -84,6 +85,16 @@ def _check_group(group: ps.TPGroup, rank: int, failures: list) -> None:
     want = torch.arange(12.0).reshape(3, 4).t() * sum(r + 1 for r in group.ranks)
     if not torch.equal(x, want):
         failures.append("non-contiguous")
+    # objects of different sizes per rank (None, a few bytes, past one 4 MiB chunk): same as gloo's
+    for objs in ([None if r % 2 else {"rank": r} for r in group.ranks],
+                 [list(range(r * 1000)) for r in group.ranks],
+                 [b"x" * (r * (3 << 20)) for r in group.ranks]):
+        ref = [None] * group.size
+        dist.all_gather_object(ref, objs[group.rank], group=group.cpu_group)
+        got = group.all_gather_object(objs[group.rank])
+        over_gloo = dataclasses.replace(group, shm=None).all_gather_object(objs[group.rank])  # GPU groups' path
+        if got != ref or got != objs or over_gloo != objs:
+            failures.append(f"all_gather_object size={group.size} ({type(objs[0]).__name__})")
     # other ops fall back to gloo
     t = torch.tensor([float(rank)])
     if group.all_reduce(t, op="min").item() != float(group.ranks[0]):

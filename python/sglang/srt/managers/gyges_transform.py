@@ -38,12 +38,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
-
-import torch.distributed as dist
 
 from gyges.plans import (
     KVLayout,
@@ -57,7 +54,7 @@ from gyges.plans import (
     weight_regroup_plan,
 )
 from gyges.topology import Instance
-from sglang.srt.distributed.parallel_state import TPGroup, get_tp_group
+from sglang.srt.distributed.parallel_state import get_tp_group
 from sglang.srt.managers.io_struct import TransformCmd
 from sglang.srt.managers.schedule_batch import InstanceState, Req
 from sglang.srt.mem_cache.page_allocator import AllocationWatch, first_ids, intersect_runs, runs_count
@@ -368,7 +365,7 @@ class KVPrecopy:
             full.update(r.page_table[:r.kv_len // ps])
         # Free pages travel as runs [lo, hi): a fresh pool is one run, not a list of every page id.
         mine = (sorted(full), self.allocator.free_runs())
-        everyone = _all_gather_object(mine, group)  # in device order = source instance order (TP1 parts)
+        everyone = group.all_gather_object(mine)  # in device order = source instance order (TP1 parts)
         src = [Instance.of(d) for d in self.cmd.src_instances]
         merged = Instance.of(self.cmd.dst_instances[0])
         k = merged.tp
@@ -482,12 +479,6 @@ def _valid_precopied(summaries: List[Optional[dict]], states: Dict[int, Instance
 # ------------------------------------------------------------------------------------------------------
 # execution (every device of the transformation)
 # ------------------------------------------------------------------------------------------------------
-def _all_gather_object(obj, group: TPGroup) -> list:
-    out = [None] * group.size
-    dist.all_gather_object(out, obj, group=group.cpu_group)
-    return out
-
-
 def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[InstanceState]) -> TransformOutcome:
     """Run this device's part of `cmd`. Every device of the transformation calls it at the same point."""
     t_start = time.time()
@@ -502,15 +493,10 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
         pre.stop()  # given up with a chunk on the wire: it lands before anything reuses its pages
     t_gather0 = time.perf_counter()
     host_store = _host_store(runner)
-    blobs = _all_gather_object((pickle.dumps(my_state) if my_state is not None else None,
-                                pre.summary() if pre is not None else None,
-                                fetched.summary() if fetched is not None else None,
-                                host_store.flat.numel() if host_store is not None else 0), group)
-    states = {}
-    for blob, _, _, _ in blobs:
-        if blob is not None:
-            st: InstanceState = pickle.loads(blob)
-            states[st.devices[0]] = st
+    blobs = group.all_gather_object((my_state, pre.summary() if pre is not None else None,
+                                     fetched.summary() if fetched is not None else None,
+                                     host_store.flat.numel() if host_store is not None else 0))
+    states: Dict[int, InstanceState] = {st.devices[0]: st for st, _, _, _ in blobs if st is not None}
     gather_s = time.perf_counter() - t_gather0
     summaries = [x for _, x, _, _ in blobs]
     fetch_summaries = [x for _, _, x, _ in blobs]
@@ -603,7 +589,7 @@ def execute_transform(cmd: TransformCmd, me: int, runner, my_state: Optional[Ins
             "weight_staged": stats.weight_bytes_staged, "gather_s": gather_s, "build_s": build_s,
             "rebind_s": rebind_s}
     t_report0 = time.perf_counter()
-    everyone = _all_gather_object(mine, group)
+    everyone = group.all_gather_object(mine)
     report_s = time.perf_counter() - t_report0
     breakdown = {
         "kind": cmd.kind,
