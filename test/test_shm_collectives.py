@@ -4,7 +4,8 @@ One spawned world of 4 ranks with --tp-collective shm: every aligned group ([0, 
 its own segment; the two pairs run at the same time, then the group of 4. Each rank compares TPGroup's
 all_reduce / all_gather (shm) with torch.distributed's gloo collectives on the same group, for float32,
 bfloat16 and float16, from 1 element to several MB (the direct path, the reduce-scatter path, and messages
-split into several chunks), over repeated calls.
+split into several chunks), over repeated calls; and object gathers and broadcasts (the leader's per-step
+message, parking the followers on gloo while the leader waits for requests).
 """
 
 import dataclasses
@@ -95,10 +96,63 @@ def _check_group(group: ps.TPGroup, rank: int, failures: list) -> None:
         over_gloo = dataclasses.replace(group, shm=None).all_gather_object(objs[group.rank])  # GPU groups' path
         if got != ref or got != objs or over_gloo != objs:
             failures.append(f"all_gather_object size={group.size} ({type(objs[0]).__name__})")
+    _check_broadcast(group, failures)
     # other ops fall back to gloo
     t = torch.tensor([float(rank)])
     if group.all_reduce(t, op="min").item() != float(group.ranks[0]):
         failures.append("min")
+
+
+def _check_broadcast(group: ps.TPGroup, failures: list) -> None:
+    """broadcast_object: over shm (no gloo call) from any root and for any size; after park_followers exactly
+    one message goes over gloo, and a parked follower's wait for it sleeps instead of spinning."""
+    import time
+
+    import torch.distributed as dist
+
+    gloo_calls = []
+    real = dist.broadcast_object_list
+
+    def counting(*args, **kwargs):
+        gloo_calls.append(1)
+        return real(*args, **kwargs)
+
+    dist.broadcast_object_list = counting
+    try:
+        for root in (0, group.size - 1):
+            for obj in (None, {"step": 3, "ids": list(range(50))}, b"", b"y" * (9 << 20)):  # 9 MiB: 3 chunks
+                got = group.broadcast_object(obj if group.rank == root else "not the root's", src_local=root)
+                if got != obj:
+                    failures.append(f"broadcast size={group.size} root={root} {type(obj).__name__}")
+        if gloo_calls:
+            failures.append(f"broadcast size={group.size}: {len(gloo_calls)} gloo calls while on shm")
+        # park, then a second of the leader's silence: the followers wait on gloo, asleep
+        for _ in range(2):
+            cpu = time.process_time()
+            if group.rank == 0:
+                group.park_followers()
+                group.park_followers()  # already parked: sends nothing
+                time.sleep(1.0)
+                got = group.broadcast_object("wake up")
+            else:
+                got = group.broadcast_object(None)
+                if time.process_time() - cpu > 0.5:
+                    failures.append(f"parked follower of size {group.size} spun: "
+                                    f"{time.process_time() - cpu:.2f} s CPU in a 1 s wait")
+            if got != "wake up" or group.shm.parked:
+                failures.append(f"park size={group.size}: got {got!r}, parked={group.shm.parked}")
+        if len(gloo_calls) != 2:
+            failures.append(f"park size={group.size}: {len(gloo_calls)} gloo broadcasts for two wake-ups")
+        # back on shm: a run of small messages, the decode step's pattern
+        del gloo_calls[:]
+        for i in range(100):
+            if group.broadcast_object(("batch", i) if group.rank == 0 else None) != ("batch", i):
+                failures.append(f"broadcast after park size={group.size} i={i}")
+                break
+        if gloo_calls:
+            failures.append(f"broadcast after park size={group.size}: gloo used")
+    finally:
+        dist.broadcast_object_list = real
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -16,6 +16,8 @@
 //     small (n <= kDirectBytes): copy in -> barrier -> every rank sums all slots in rank order into its tensor
 //     large: copy in -> barrier -> rank r sums its 1/size slice into out[p] -> barrier -> copy out[p] back
 //   all_gather: copy in -> barrier -> copy every rank's slot into out[r]
+//   broadcast_bytes: the root copies [int64 length][bytes] into its slot -> barrier -> the others copy it out
+//     (messages longer than a chunk take one call per chunk; only the first carries the length)
 //
 // Sums are accumulated in float32 in rank order 0..size-1, so every rank gets bit-identical results.
 // Waiting spins with a pause, then yields the core, then sleeps briefly (ranks may outnumber cores); it
@@ -211,6 +213,37 @@ class ShmGroup {
     }
   }
 
+  // The root's `data` to every rank: the root gets b"" back (it has the message), the others the root's bytes.
+  // The receivers do not know the length: the first chunk carries it.
+  pybind11::bytes broadcast_bytes(const std::string& data, int64_t root) {
+    TORCH_CHECK(root >= 0 && root < size_, "broadcast: root out of range");
+    std::string out;
+    {
+      pybind11::gil_scoped_release nogil;
+      int64_t total = rank_ == root ? static_cast<int64_t>(data.size()) : -1;
+      int64_t start = 0;
+      do {
+        const int parity = static_cast<int>(calls_++ & 1);
+        char* src = slot(parity, root);
+        const int64_t header = start == 0 ? static_cast<int64_t>(sizeof(int64_t)) : 0;
+        if (rank_ == root) {
+          if (header) std::memcpy(src, &total, sizeof(int64_t));
+          std::memcpy(src + header, data.data() + start, std::min(chunk_ - header, total - start));
+        }
+        barrier();
+        if (rank_ != root) {
+          if (header) {
+            std::memcpy(&total, src, sizeof(int64_t));
+            out.resize(static_cast<size_t>(total));
+          }
+          std::memcpy(&out[0] + start, src + header, std::min(chunk_ - header, total - start));
+        }
+        start += std::min(chunk_ - header, total - start);
+      } while (start < total);
+    }
+    return pybind11::bytes(out);
+  }
+
  private:
   char* slot(int parity, int64_t r) const { return base_ + size_ * kLine + (parity * size_ + r) * chunk_; }
   char* out_slot(int parity) const { return base_ + size_ * kLine + 2 * size_ * chunk_ + parity * chunk_; }
@@ -285,6 +318,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("barrier", &ShmGroup::barrier, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("all_reduce_", &ShmGroup::all_reduce_, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("all_gather_into", &ShmGroup::all_gather_into, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("broadcast_bytes", &ShmGroup::broadcast_bytes, pybind11::arg("data"), pybind11::arg("root"))
       .def_property_readonly("rank", &ShmGroup::rank)
       .def_property_readonly("size", &ShmGroup::size)
       .def_property_readonly("chunk_bytes", &ShmGroup::chunk_bytes);

@@ -187,6 +187,10 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+class _ParkOnGloo:
+    """The leader's message to its followers: wait for the next broadcast over gloo (TPGroup.park_followers)."""
+
+
 @dataclass
 class TPGroup:
     """One tensor-parallel instance seen from one of its ranks."""
@@ -235,12 +239,34 @@ class TPGroup:
         return torch.cat([parts[bitrev(s, bits)] for s in range(self.size)], dim=dim)
 
     def broadcast_object(self, obj: Any = None, src_local: int = 0) -> Any:
-        """Pickle `obj` from local rank src_local to every rank over the gloo CPU group."""
+        """Pickle `obj` from local rank src_local to every rank: over the shm segment when the group has one
+        (a memcpy and a barrier), else, or while the followers are parked (park_followers), over gloo."""
         if self.size == 1:
             return obj
-        box = [obj if self.rank == src_local else None]
-        dist.broadcast_object_list(box, src=self.ranks[src_local], group=self.cpu_group)
-        return box[0]
+        shm = self.shm
+        if shm is None or shm.parked:
+            box = [obj if self.rank == src_local else None]
+            dist.broadcast_object_list(box, src=self.ranks[src_local], group=self.cpu_group)
+            if shm is not None:
+                shm.parked = False  # woken: the next message is back on shm
+            return box[0]
+        if self.rank == src_local:
+            shm.broadcast_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), src_local)
+            if isinstance(obj, _ParkOnGloo):
+                shm.parked = True
+            return obj
+        msg = pickle.loads(shm.broadcast_bytes(b"", src_local))
+        if isinstance(msg, _ParkOnGloo):  # the leader waits for requests: so does this rank, on gloo
+            shm.parked = True
+            return self.broadcast_object(None, src_local)
+        return msg
+
+    def park_followers(self) -> None:
+        """Leader, before it waits for requests: the followers' next wait for a broadcast is a blocking gloo
+        receive instead of the shm segment's spin-and-sleep. The next broadcast_object wakes them over gloo
+        and brings the group back onto shm. No-op without an shm segment or when already parked."""
+        if self.size > 1 and self.shm is not None and not self.shm.parked:
+            self.broadcast_object(_ParkOnGloo())
 
     def all_gather_object(self, obj: Any) -> List[Any]:
         """Every rank's `obj` (pickled), in group-rank order. Over the shm segment when the group has one: two

@@ -5,9 +5,13 @@
         others map it, and the name is unlinked once all have (the memory goes when the last rank exits)
     all_reduce_(t)          in place, sum, t on CPU in float32 / bfloat16 / float16 (else: supports() False)
     all_gather(t) -> [size, *t.shape]   every rank's t in group-rank order
+    broadcast_bytes(data, root) -> bytes  the root's bytes on every other rank (b"" on the root)
 
 Segment size: size * (2 * chunk + 64) + 2 * chunk bytes; larger messages move in chunk-sized pieces.
-Only the forward pass's collectives use it; object broadcasts and transformations stay on gloo.
+The forward pass's collectives, the leader's per-iteration broadcasts to its followers and a transformation's
+state exchange use it (TPGroup); KV and weight transfers stay on gloo. A follower waiting here spins, yields
+and then sleeps 50 us at a time, so a leader about to wait for requests parks its followers on gloo first
+(TPGroup.park_followers; `parked` is kept here, one flag per group, the same on every rank).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class ShmCommunicator:
         self.ranks = list(ranks)
         self.rank = impl.rank
         self.size = impl.size
+        # The next object broadcast of this group goes over gloo: the leader parked its followers there
+        # before waiting for requests (flipped by the same messages on every rank, see TPGroup.broadcast_object).
+        self.parked = False
 
     @classmethod
     def create(cls, ranks: List[int], cpu_group, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> "ShmCommunicator":
@@ -71,6 +78,10 @@ class ShmCommunicator:
         out = torch.empty((self.size,) + tuple(t.shape), dtype=t.dtype)
         self._impl.all_gather_into(out, t)
         return out
+
+    def broadcast_bytes(self, data: bytes, root: int) -> bytes:
+        """`data` of local rank `root` to every rank: the others get it back, the root gets b""."""
+        return self._impl.broadcast_bytes(data, root)
 
     def barrier(self) -> None:
         self._impl.barrier()

@@ -188,6 +188,8 @@ class Scheduler:
                 block_ms = 0
             else:
                 block_ms = 1 if self._ahead_pending else 5 if self.grammar_pending else 200
+                if block_ms >= 5:  # waiting for requests: the followers wait on gloo, not spinning on shm
+                    self.tp.park_followers()
             self.process_input(block_ms=block_ms)
             if self._pending_transform is not None:
                 break
