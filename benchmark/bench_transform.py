@@ -781,32 +781,47 @@ def build_demo(args) -> str:
 
 
 def transform_while_streaming(eng, prompt: List[int], tp: int) -> Dict:
-    """Merge (tp=2) or split (tp=1) devices 0 and 1 while one request decodes (streamed, one token per chunk): the
-    breakdown plus the token gaps that request saw: median before, the largest around the transformation,
-    median during the pre-copy (merge) or weight prefetch (split)."""
+    """Merge (tp=2) or split (tp=1) devices 0 and 1 while one request decodes (streamed, one token per chunk) from
+    before the order until 0.3 s after the transformation (then it is dropped, i.e. aborted): the breakdown plus
+    the token gaps that request saw: median before, the largest while the instances copy ahead (pre-copy or weight
+    prefetch, from the order to the pause), the largest around the pause, and the median while copying ahead."""
     import threading
 
     times: List[float] = []
-    t = threading.Thread(target=lambda: times.extend(
-        time.perf_counter() for _ in eng.generate(input_ids=prompt, stream=True, sampling_params={
-            "max_new_tokens": 400, "temperature": 0, "ignore_eos": True})))
+    stop_after: List[float] = []  # set once the transformation returned
+
+    def consume():
+        for _ in eng.generate(input_ids=prompt, stream=True, sampling_params={
+                "max_new_tokens": 3000, "temperature": 0, "ignore_eos": True}):
+            times.append(time.perf_counter())
+            if stop_after and times[-1] > stop_after[0]:
+                break  # closing the stream aborts the request
+
+    t = threading.Thread(target=consume)
     t.start()
     while len(times) < 100:
+        if not t.is_alive():
+            raise RuntimeError("the streamed request ended before its 100th token")
         time.sleep(0.01)
     t0 = time.perf_counter()
     bd = eng.gyges_transform([0, 1], tp)
     t1 = time.perf_counter()
+    stop_after.append(t1 + 0.3)
     t.join()
     gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
     ends = times[1:]
     before = sorted(g for g, e in zip(gaps, ends) if e < t0)
-    pre_end = t0 + max(bd.get("precopy_ms", 0.0), bd.get("prefetch_ms", 0.0)) / 1e3  # run side by side
-    during = sorted(g for g, e in zip(gaps, ends) if t0 < e <= pre_end)
-    around = [g for g, e in zip(gaps, ends) if t0 < e <= t1 + 0.5]
+    ahead_ms = max(bd.get("precopy_ms", 0.0), bd.get("prefetch_ms", 0.0))  # the two run side by side
+    pre_end = t1 - (bd["pause_ms"] + bd.get("report_ms", 0.0)) / 1e3  # when the pause started, from the end
+    during = sorted(g for g, e in zip(gaps, ends) if t0 < e <= pre_end) if ahead_ms else []
+    around = [g for g, e in zip(gaps, ends) if pre_end < e <= t1 + 0.3]
+    after = sorted(g for g, e in zip(gaps, ends) if t1 + 0.05 < e)
     step = before[len(before) // 2]
-    return {"breakdown": bd, "gap_before_ms": step, "max_gap_ms": max(around, default=0.0),
+    merged_step = after[len(after) // 2] if tp > 1 and after else step  # the goal counts merged decode steps
+    return {"breakdown": bd, "gap_before_ms": step, "merged_step_ms": merged_step,
+            "max_gap_ms": max(around, default=0.0), "max_gap_ahead_ms": max(during, default=0.0),
             "gap_during_precopy_ms": during[len(during) // 2] if during else None,
-            "pause_in_steps": max(around, default=0.0) / step}
+            "pause_in_steps": max(around, default=0.0) / merged_step}
 
 
 def bench_engine(args, path: str) -> Dict:
@@ -843,17 +858,20 @@ def bench_engine(args, path: str) -> Dict:
 
 
 def _token_gap_cells(x: Dict) -> str:
-    """The streamed request's columns: decode step before, largest gap, gap in steps, step while copying ahead."""
+    """The streamed request's columns: decode step before, merged instance's step, largest gap at the pause, that
+    gap in merged decode steps, step while copying ahead, largest gap while copying ahead."""
     during = x["gap_during_precopy_ms"]
-    return (f"{x['gap_before_ms']:.1f} | {x['max_gap_ms']:.1f} | {x['pause_in_steps']:.1f} | "
-            f"{'n/a' if during is None else f'{during:.1f}'} |")
+    ahead = f"{x['max_gap_ahead_ms']:.1f}" if during is not None else "n/a"
+    return (f"{x['gap_before_ms']:.1f} | {x['merged_step_ms']:.1f} | {x['max_gap_ms']:.1f} | "
+            f"{x['pause_in_steps']:.1f} | {'n/a' if during is None else f'{during:.1f}'} | {ahead} |")
 
 
 def engine_pause_table(engine: Dict) -> str:
     """Stop-and-copy vs pre-copy merges (and splits without / with the weight prefetch) of the tiny demo through
     the Engine: what a decoding request sees."""
     head = ("| merge | pause ms | pre-copy ms | KV bytes in the pause | KV bytes pre-copied | pages kept / pre-copied | "
-            "decode step before ms | largest token gap ms | = decode steps | step during pre-copy ms |")
+            "decode step before ms | merged step ms | largest token gap at the pause ms | = merged steps | "
+            "step during pre-copy ms | largest gap during pre-copy ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for mode in ("stop-and-copy", "pre-copy"):
         x = engine[mode]["streamed"]
@@ -862,8 +880,9 @@ def engine_pause_table(engine: Dict) -> str:
                      f"{b['precopy_kv_bytes']:,} | {b['precopy_pages_kept']} / {b['precopy_pages']} | "
                      + _token_gap_cells(x))
     head = ("| split | pause ms | KV bytes in the pause | KV ms | pages kept / pre-copied | weight bytes received "
-            "in the pause | weight ms | ahead ms (KV / weights) | decode step before ms | largest token gap ms | "
-            "= decode steps | step during pre-copy ms |")
+            "in the pause | weight ms | ahead ms (KV / weights) | decode step before ms | merged step ms | "
+            "largest token gap at the pause ms | = merged steps | step during pre-copy ms | "
+            "largest gap during pre-copy ms |")
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
     for mode, label in (("stop-and-copy", "stop-and-copy"), ("pre-copy", "KV pre-copied, weights prefetched")):
         x = engine[mode].get("streamed_split")

@@ -305,6 +305,8 @@ PRECOPY_FREE_SHARE = 0.5
 _PRECOPY_TAG = 1 << 20
 # transform id -> this device's finished (or abandoned) pre-copy, read by execute_transform at the pause.
 _PRECOPIED: Dict[str, "KVPrecopy"] = {}
+# A merge pre-copy plans its moves this many chunks' worth of pages at a time (KVPrecopy.plan_more).
+PRECOPY_PLAN_CHUNKS = 4
 
 
 def precopy_applies(cmd: TransformCmd, cfg, chunk_bytes: int) -> bool:
@@ -326,10 +328,12 @@ class KVPrecopy:
                   free pages [cpu group]; every device computes the same choice: old page ids free on every part
                   (at most PRECOPY_FREE_SHARE of them) are taken from each part's allocator, and each of their
                   merged pages (old page j -> merged pages k*j .. k*j+k-1) becomes the destination of one full
-                  page; gyges.plans.kv_regroup_plan gives the moves (no hazards: destinations are free), cut into
-                  chunks of chunk_bytes per device (regroup.executor_rounds)
-        advance   (every iteration) a posted chunk that completed is written into place; the next one is posted
-                  (non-blocking isend/irecv on the merged group's device group, sources read straight from the pool)
+                  page. Nothing else: start is one iteration's stall, so the planning waits for advance
+        advance   (every iteration) the first builds the merged model on meta; then a posted chunk that completed
+                  is written into place and the next one is posted (non-blocking isend/irecv on the merged
+                  group's device group, sources read straight from the pool). Chunks are planned as they run:
+                  gyges.plans.kv_regroup_plan for the next few chunks' worth of pages (no hazards: destinations
+                  are free), cut into chunks of chunk_bytes per device (regroup.executor_rounds)
         pause     execute_transform keeps a pre-copied page's copy iff every chunk completed and the page is still
                   used and was not re-allocated since the start (`dirty`: the allocator's alloc is observed); the
                   pause's plan moves every other page; the reserved pages become ordinary pages of the merged pool
@@ -379,20 +383,36 @@ class KVPrecopy:
         self.page_map = dict(zip(candidates, slots))
         self.allocator.take(self.reserved)
         self.watch = AllocationWatch(self.allocator)
-        cfg = self.runner.model_config
-        layout = regroup.pool_kv_layout(cfg, self.runner.kv_pool)
-        plan = kv_regroup_plan(layout, self.flat.numel(), src, (merged,),
-                               {key: (0, q) for key, q in self.page_map.items()})
-        self.bytes_planned = plan.kv_bytes_moved
-        self.chunks = regroup.executor_rounds(plan, self.chunk_bytes)
+        # The moves are planned as the chunks run (plan_more), a few chunks' worth of pages at a time: planning
+        # all of them here stalled this iteration (~15-25 ms for 2,000 pages of the tiny demo).
+        self.layout = regroup.pool_kv_layout(self.runner.model_config, self.runner.kv_pool)
+        self.src, self.merged = src, merged
+        self.to_plan = sorted(self.page_map.items())  # (part index, page) -> merged page, in plan order
+        self.planned = 0  # entries of to_plan whose moves are in self.chunks
+        self.bytes_planned = 0
         self.slabs = regroup.StagingSlabs(self.flat.device, 1)
         self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="precopy")
         self.landed: Optional[concurrent.futures.Future] = None
         self.stats = regroup.RegroupStats()
-        # The merged model on meta, built now while serving: the pause would build it first.
-        self.new_model = regroup.build_model_on_meta(type(self.runner.model), regroup.new_model_config(cfg, k),
-                                                     group)
+        self.new_model = None  # the merged model on meta, built by the first advance (else by the pause)
+        self.group = group
         _PRECOPIED[self.cmd.transform_id] = self
+
+    def plan_more(self) -> None:
+        """Moves for the next pages of to_plan, about PRECOPY_PLAN_CHUNKS chunks' worth, appended to self.chunks.
+        The same on every device: the batch size follows from bytes already planned, which every device shares.
+        Batches are independent: every destination is a reserved free page no source reads."""
+        if self.planned:
+            per_page = max(1, self.bytes_planned // self.planned)
+            n = max(1, -(-PRECOPY_PLAN_CHUNKS * self.chunk_bytes // per_page))
+        else:
+            n = 16
+        batch = self.to_plan[self.planned:self.planned + n]
+        plan = kv_regroup_plan(self.layout, self.flat.numel(), self.src, (self.merged,),
+                               {key: (0, q) for key, q in batch})
+        self.planned += len(batch)
+        self.bytes_planned += plan.kv_bytes_moved
+        self.chunks.extend(regroup.executor_rounds(plan, self.chunk_bytes))
 
     def stop(self) -> None:
         """The pause starts: no more pages are watched, and a chunk still on the wire lands first."""
@@ -416,6 +436,13 @@ class KVPrecopy:
                 self.landed.result()  # raises what the transfer raised
                 regroup._finish_round(self.posted, self.flat, waited=True)
                 self.posted = None
+            if self.new_model is None:  # one iteration of its own: ~2-4 ms on the tiny demo
+                self.new_model = regroup.build_model_on_meta(
+                    type(self.runner.model), regroup.new_model_config(self.runner.model_config, self.merged.tp),
+                    self.group)
+                return False
+            while self.next_chunk == len(self.chunks) and self.planned < len(self.to_plan):
+                self.plan_more()
             if self.next_chunk < len(self.chunks):
                 self.posted = regroup._start_round(self.chunks[self.next_chunk], self.me, self.flat,
                                                    self.device_group, _PRECOPY_TAG + self.next_chunk, self.stats,

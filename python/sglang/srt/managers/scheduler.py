@@ -182,7 +182,8 @@ class Scheduler:
     # ======================================================================================================
     def event_loop(self) -> TransformCmd:
         """Serve until the controller orders a transformation; return that order (between iterations)."""
-        self.report_load()
+        if not (self._report_prefixes and self.batches.has_work):
+            self.report_load()  # after a transformation with requests to run: first their step, then the report
         while self._pending_transform is None:
             if self.batches.has_work:
                 block_ms = 0
