@@ -315,19 +315,23 @@ def test_short_requests_keep_flowing_while_a_long_one_waits_for_its_merge():
     assert isinstance(d, Place) and d.instance not in planned.devices  # not on the instances to be merged
 
 
-def test_held_long_request_does_not_block_short_ones_but_reserves_its_instance():
-    policy = GygesPolicy()
+def test_held_long_request_does_not_block_short_ones_and_reserves_its_instance_after_long_defer():
+    policy = GygesPolicy(long_defer_s=5.0)
     long_req = RequestInfo("long", 1800, 100, 0.0)
     insts = (load((0, 1), used=500, in_flight=100, running=1), load((2,), in_flight=600, running=2),
              load((3,), in_flight=600, running=2))
     state = ClusterState(4, 4, insts, 0.0, held=(long_req,))
-    # fits the TP2 now, but the TP2 is what the held long request waits for (merging (2, 3) would not
-    # serve it sooner: they hold too much)
+    # fits the TP2 now, but base work goes to the base instances first
     d = policy.on_request(RequestInfo("s", 100, 10, 0.1), state)
     assert isinstance(d, Place) and d.instance in (2, 3)
+    # TP1s full: the short spills onto the TP2 the long request waits for, while it has waited < long_defer_s
+    # (reserving it at once held every short request behind each long one on a 2-device host)
     full = (insts[0], load((2,), in_flight=1000, running=3), load((3,), in_flight=1000, running=3))
-    assert isinstance(policy.on_request(RequestInfo("s", 100, 10, 0.1), ClusterState(4, 4, full, 0.0,
-                                                                                     held=(long_req,))), Hold)
+    d = policy.on_request(RequestInfo("s", 100, 10, 1.0), ClusterState(4, 4, full, 1.0, held=(long_req,)))
+    assert isinstance(d, Place) and d.instance == 0
+    # once it has waited long_defer_s, the TP2 is kept for it
+    d = policy.on_request(RequestInfo("s", 100, 10, 6.0), ClusterState(4, 4, full, 6.0, held=(long_req,)))
+    assert isinstance(d, Hold)
 
 
 def test_reject_message_gives_the_limit():

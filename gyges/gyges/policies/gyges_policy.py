@@ -31,8 +31,10 @@ into those parts, and so splits soon (partially: TP4 -> 2 x TP2); one whose long
 large takes only what would fit those parts once that work ends. When no other instance of a request's size
 or larger serves, the fullest of the smallest such instances takes it regardless. Base-TP work goes to the
 base instances and the KV-rich merged ones of the smallest such size, larger ones only when those are full.
-The instances a held request waits for, and the members of the merge planned for it, take no new work of
-a smaller class (they would delay it). One merge starts per tick, for the oldest held request that plans
+The members of the merge planned for a held request take no new work of a smaller class (they would delay
+it); the instances it waits for take none once it has waited long_defer_s (before that, smaller work goes
+first: on 2 CPU devices merged into one TP2, reserving it for every long request that waited for room held
+all short work behind it, goodput 7.2 against static TP's 16.4 req/s at 17 req/s offered). One merge starts per tick, for the oldest held request that plans
 one.
 
 Merges for capacity. When base-TP requests have waited `capacity_merge_wait_s` for KV memory and merging a
@@ -378,6 +380,8 @@ class GygesPolicy(Policy):
                 continue
             kind, devs = plan
             if kind == "wait":
+                if state.now - h.arrival < self.long_defer_s:
+                    continue  # smaller work goes first for up to long_defer_s, as before a merge (plan_for)
                 out.update(devs)
             else:
                 out.update(i.base for i in state.instances if set(i.devices) <= set(devs))
